@@ -1,0 +1,366 @@
+//! The service directory.
+//!
+//! The directory is a list of records `{name, section, data, created_at}`; a record replaces
+//! its operator's section. Folding the records in order gives one [`Entry`] per operator. The
+//! embedded default reads `{"records": [...]}` JSON files from a folder in lexical order.
+//!
+//! Everything here is plain data and functions; the EPS server keeps one folded [`Directory`]
+//! in memory and consults it once per call.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// One change to the directory.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Record {
+    pub name: String,
+    pub section: String,
+    pub data: Value,
+    #[serde(default)]
+    pub created_at: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RecordFile {
+    records: Vec<Record>,
+}
+
+/// A way to reach an operator, e.g. `{type: grpc_server, settings: {address: "127.0.0.1:5556"}}`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+pub struct Channel {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub settings: Value,
+}
+
+/// Who may use a service or method: `group` (or `*` for everyone) gets `rights`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+pub struct Permission {
+    pub group: String,
+    #[serde(default)]
+    pub rights: Vec<String>,
+}
+
+/// A method of a service; its permissions, when given, replace the service's.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+pub struct Method {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub permissions: Option<Vec<Permission>>,
+}
+
+/// A service an operator offers to its peers.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+pub struct Service {
+    pub name: String,
+    #[serde(default)]
+    pub permissions: Vec<Permission>,
+    #[serde(default)]
+    pub methods: Vec<Method>,
+}
+
+/// Settings an operator publishes for a service, e.g. the proxy's `allowed_domains`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+pub struct ServiceSettings {
+    pub service: String,
+    #[serde(default)]
+    pub environment: Option<String>,
+    #[serde(default)]
+    pub settings: Value,
+}
+
+/// A pinned certificate.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+pub struct Certificate {
+    pub fingerprint: String,
+    #[serde(default)]
+    pub key_usage: Option<String>,
+}
+
+/// Everything the directory says about one operator.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+pub struct Entry {
+    pub name: String,
+    #[serde(default)]
+    pub channels: Vec<Channel>,
+    #[serde(default)]
+    pub groups: Vec<String>,
+    #[serde(default)]
+    pub services: Vec<Service>,
+    #[serde(default)]
+    pub settings: Vec<ServiceSettings>,
+    #[serde(default)]
+    pub certificates: Vec<Certificate>,
+}
+
+/// Why the directory could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum DirectoryError {
+    /// The folder or one of its files cannot be read.
+    #[error("{}: {reason}", path.display())]
+    Io { path: PathBuf, reason: String },
+    /// A file is not `{"records": [...]}`, or a record's data does not fit its section.
+    #[error("{where_}: {reason}")]
+    Invalid { where_: String, reason: String },
+}
+
+/// Why a caller may not call a method.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AccessError {
+    /// No service of the target offers the method.
+    #[error("{target} offers no method {method}")]
+    UnknownMethod { target: String, method: String },
+    /// The method exists but the caller has no `call` right for it.
+    #[error("{caller} may not call {target}.{method}")]
+    Forbidden {
+        caller: String,
+        target: String,
+        method: String,
+    },
+}
+
+/// The folded directory: one entry per operator.
+#[derive(Debug, Clone, Default)]
+pub struct Directory {
+    entries: HashMap<String, Entry>,
+}
+
+impl Directory {
+    /// Folds records in order; a later record replaces the earlier one of the same section.
+    pub fn from_records(records: &[Record]) -> Result<Self, DirectoryError> {
+        let mut entries: HashMap<String, Entry> = HashMap::new();
+        for (i, r) in records.iter().enumerate() {
+            let entry = entries.entry(r.name.clone()).or_insert_with(|| Entry {
+                name: r.name.clone(),
+                ..Entry::default()
+            });
+            let invalid = |e: serde_json::Error| DirectoryError::Invalid {
+                where_: format!("record {i} ({}, section {})", r.name, r.section),
+                reason: e.to_string(),
+            };
+            let data = r.data.clone();
+            match r.section.as_str() {
+                "channels" => entry.channels = serde_json::from_value(data).map_err(invalid)?,
+                "groups" => entry.groups = serde_json::from_value(data).map_err(invalid)?,
+                "services" => entry.services = serde_json::from_value(data).map_err(invalid)?,
+                "settings" => entry.settings = serde_json::from_value(data).map_err(invalid)?,
+                "certificates" => {
+                    entry.certificates = serde_json::from_value(data).map_err(invalid)?
+                }
+                other => {
+                    return Err(DirectoryError::Invalid {
+                        where_: format!("record {i} ({})", r.name),
+                        reason: format!(
+                            "unknown section {other:?}; expected channels, groups, services, settings or certificates"
+                        ),
+                    })
+                }
+            }
+        }
+        Ok(Self { entries })
+    }
+
+    /// Reads every `*.json` file of `dir` in lexical order and folds their records.
+    pub fn load_dir(dir: &Path) -> Result<Self, DirectoryError> {
+        let io = |path: &Path, e: std::io::Error| DirectoryError::Io {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        };
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| io(dir, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().and_then(|e| e.to_str()) == Some("json"))
+            .collect();
+        files.sort();
+        let mut records = Vec::new();
+        for path in files {
+            let text = std::fs::read(&path).map_err(|e| io(&path, e))?;
+            let file: RecordFile =
+                serde_json::from_slice(&text).map_err(|e| DirectoryError::Invalid {
+                    where_: path.display().to_string(),
+                    reason: e.to_string(),
+                })?;
+            records.extend(file.records);
+        }
+        Self::from_records(&records)
+    }
+
+    /// The entry of `name`, if the directory knows that operator.
+    pub fn entry(&self, name: &str) -> Option<&Entry> {
+        self.entries.get(name)
+    }
+
+    /// Number of operators.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// True when no operator is known.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+impl Entry {
+    /// The address of this operator's `grpc_server` channel.
+    pub fn grpc_address(&self) -> Option<&str> {
+        self.channels
+            .iter()
+            .find(|c| c.kind == "grpc_server")
+            .and_then(|c| c.settings.get("address"))
+            .and_then(Value::as_str)
+    }
+
+    /// True when the certificate with this fingerprint may speak for the operator: either no
+    /// fingerprint is pinned, or this one is.
+    pub fn accepts_fingerprint(&self, fingerprint: &str) -> bool {
+        self.certificates.is_empty()
+            || self
+                .certificates
+                .iter()
+                .any(|c| c.fingerprint.eq_ignore_ascii_case(fingerprint))
+    }
+
+    /// The settings this operator publishes for `service` (first match).
+    pub fn service_settings(&self, service: &str) -> Option<&Value> {
+        self.settings
+            .iter()
+            .find(|s| s.service == service)
+            .map(|s| &s.settings)
+    }
+
+    /// Checks that `caller` may call `method` on this operator.
+    pub fn authorize(&self, caller: &Entry, method: &str) -> Result<(), AccessError> {
+        let found = self.services.iter().find_map(|s| {
+            s.methods
+                .iter()
+                .find(|m| m.name == method)
+                .map(|m| m.permissions.as_ref().unwrap_or(&s.permissions))
+        });
+        let Some(permissions) = found else {
+            return Err(AccessError::UnknownMethod {
+                target: self.name.clone(),
+                method: method.to_string(),
+            });
+        };
+        let allowed = permissions.iter().any(|p| {
+            (p.group == "*" || caller.groups.iter().any(|g| *g == p.group))
+                && p.rights.iter().any(|r| r == "call")
+        });
+        if allowed {
+            Ok(())
+        } else {
+            Err(AccessError::Forbidden {
+                caller: caller.name.clone(),
+                target: self.name.clone(),
+                method: method.to_string(),
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn rec(name: &str, section: &str, data: Value) -> Record {
+        Record {
+            name: name.into(),
+            section: section.into(),
+            data,
+            created_at: None,
+        }
+    }
+
+    fn sample() -> Directory {
+        Directory::from_records(&[
+            rec("a", "groups", json!(["proxies"])),
+            rec("b", "groups", json!(["others"])),
+            rec("c", "groups", json!([])),
+            rec(
+                "t",
+                "services",
+                json!([{
+                    "name": "proxy",
+                    "permissions": [{"group": "proxies", "rights": ["call"]}],
+                    "methods": [
+                        {"name": "announce"},
+                        {"name": "open", "permissions": [{"group": "*", "rights": ["call"]}]},
+                        {"name": "closed", "permissions": []}
+                    ]
+                }]),
+            ),
+            rec(
+                "t",
+                "channels",
+                json!([{"type": "grpc_server", "settings": {"address": "127.0.0.1:1"}}]),
+            ),
+            rec(
+                "t",
+                "channels",
+                json!([{"type": "grpc_server", "settings": {"address": "127.0.0.1:2"}}]),
+            ),
+        ])
+        .unwrap()
+    }
+
+    #[test]
+    fn later_records_replace_sections() {
+        let d = sample();
+        assert_eq!(d.entry("t").unwrap().grpc_address(), Some("127.0.0.1:2"));
+        assert_eq!(d.entry("a").unwrap().groups, vec!["proxies".to_string()]);
+        assert!(d.entry("zz").is_none());
+    }
+
+    #[test]
+    fn permissions_follow_groups_methods_and_star() {
+        let d = sample();
+        let t = d.entry("t").unwrap();
+        let (a, b, c) = (
+            d.entry("a").unwrap(),
+            d.entry("b").unwrap(),
+            d.entry("c").unwrap(),
+        );
+        assert_eq!(t.authorize(a, "announce"), Ok(()));
+        assert!(matches!(
+            t.authorize(b, "announce"),
+            Err(AccessError::Forbidden { .. })
+        ));
+        assert_eq!(t.authorize(c, "open"), Ok(()));
+        assert!(matches!(
+            t.authorize(a, "closed"),
+            Err(AccessError::Forbidden { .. })
+        ));
+        assert!(matches!(
+            t.authorize(a, "nope"),
+            Err(AccessError::UnknownMethod { .. })
+        ));
+    }
+
+    #[test]
+    fn fingerprints_pin_only_when_present() {
+        let mut e = Entry::default();
+        assert!(e.accepts_fingerprint("ab"));
+        e.certificates.push(Certificate {
+            fingerprint: "AB".into(),
+            key_usage: None,
+        });
+        assert!(e.accepts_fingerprint("ab"));
+        assert!(!e.accepts_fingerprint("cd"));
+    }
+
+    #[test]
+    fn bad_section_is_an_error() {
+        let e = Directory::from_records(&[rec("a", "bogus", json!([]))]).unwrap_err();
+        assert!(e.to_string().contains("bogus"));
+        let e = Directory::from_records(&[rec("a", "groups", json!({"x": 1}))]).unwrap_err();
+        assert!(e.to_string().contains("groups"));
+    }
+}

@@ -1,0 +1,22 @@
+//! Shared parts of eps, used by more than one binary.
+//!
+//! # Layout
+//! - [`settings`]: loads settings directories (`EPS_SETTINGS`, `PROXY_SETTINGS`): YAML files
+//!   deep-merged in lexical order, `$DIR` and `vars:` substitution, errors that name file and key.
+//! - [`tls`]: certificates and keys from PEM files, rustls configs, fingerprints and the names
+//!   a certificate carries.
+//! - [`directory`]: the service directory: records folded into one entry per operator, and the
+//!   permission check for a call.
+//! - [`jsonrpc`]: JSON-RPC 2.0 types and error codes, plain functions over bytes.
+//! - [`http`]: the bounded HTTPS JSON-RPC server and the keep-alive client both sides of a local
+//!   link use.
+//! - [`pki`]: the development PKI (`eps certs`), also used by tests.
+//! - [`logging`]: the tracing setup every binary shares.
+
+pub mod directory;
+pub mod http;
+pub mod jsonrpc;
+pub mod logging;
+pub mod pki;
+pub mod settings;
+pub mod tls;

@@ -1,0 +1,141 @@
+//! TLS material and configs.
+//!
+//! Certificates and keys are PEM files. An operator's identity is the common name of its
+//! certificate (the development PKI also writes it as a DNS name). Fingerprints are the SHA-256
+//! of the DER certificate in lowercase hex, as the directory pins them.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// TLS settings of one listener or client.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSettings {
+    /// PEM file with the CA certificates that peers must chain to.
+    pub ca_certificate: PathBuf,
+    /// PEM file with this side's certificate (chain).
+    pub certificate: PathBuf,
+    /// PEM file with this side's private key. Never printed.
+    pub key: PathBuf,
+    /// On a server: require a client certificate from `ca_certificate`. On a client: ignored.
+    #[serde(default)]
+    pub verify_client: bool,
+}
+
+/// Why TLS material could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A PEM file is missing, unreadable or holds nothing usable.
+    #[error("{}: {reason}", path.display())]
+    File { path: PathBuf, reason: String },
+    /// rustls refused the combination (for example a key that does not match).
+    #[error("TLS configuration: {0}")]
+    Config(String),
+}
+
+/// The ring provider, used everywhere so that one crypto library is linked.
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Reads every certificate in a PEM file.
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs: Vec<_> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| file_err(path, e))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| file_err(path, e))?;
+    if certs.is_empty() {
+        return Err(TlsError::File {
+            path: path.to_path_buf(),
+            reason: "no certificate in file".into(),
+        });
+    }
+    Ok(certs)
+}
+
+/// Reads the first private key in a PEM file.
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| file_err(path, e))
+}
+
+fn file_err(path: &Path, e: impl std::fmt::Display) -> TlsError {
+    TlsError::File {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    }
+}
+
+/// A root store holding every certificate of `ca_file`.
+pub fn root_store(ca_file: &Path) -> Result<Arc<RootCertStore>, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for cert in load_certs(ca_file)? {
+        roots.add(cert).map_err(|e| file_err(ca_file, e))?;
+    }
+    Ok(Arc::new(roots))
+}
+
+/// A server config with this side's certificate; a client certificate from the CA is required
+/// when `verify_client` is set. `alpn` lists the protocols offered, in order of preference.
+pub fn server_config(s: &TlsSettings, alpn: &[&[u8]]) -> Result<Arc<ServerConfig>, TlsError> {
+    let builder = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let builder = if s.verify_client {
+        let verifier = WebPkiClientVerifier::builder_with_provider(
+            root_store(&s.ca_certificate)?,
+            provider(),
+        )
+        .build()
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+        builder.with_client_cert_verifier(verifier)
+    } else {
+        builder.with_no_client_auth()
+    };
+    let mut config = builder
+        .with_single_cert(load_certs(&s.certificate)?, load_key(&s.key)?)
+        .map_err(|e| TlsError::Config(format!("{}: {e}", s.certificate.display())))?;
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(Arc::new(config))
+}
+
+/// A client config that trusts `ca_certificate` and presents this side's certificate.
+pub fn client_config(s: &TlsSettings, alpn: &[&[u8]]) -> Result<Arc<ClientConfig>, TlsError> {
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_root_certificates(root_store(&s.ca_certificate)?)
+        .with_client_auth_cert(load_certs(&s.certificate)?, load_key(&s.key)?)
+        .map_err(|e| TlsError::Config(format!("{}: {e}", s.certificate.display())))?;
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(Arc::new(config))
+}
+
+/// SHA-256 of a DER certificate, lowercase hex: the form the directory pins.
+pub fn fingerprint(cert: &[u8]) -> String {
+    hex::encode(Sha256::digest(cert))
+}
+
+/// The common name of a certificate's subject, if it has one.
+pub fn common_name(cert: &[u8]) -> Option<String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert).ok()?;
+    let cn = parsed
+        .subject()
+        .iter_common_name()
+        .next()?
+        .as_str()
+        .ok()?
+        .to_string();
+    Some(cn)
+}
+
+/// The operator a certificate names: its common name.
+pub fn operator_name(cert: &[u8]) -> Option<String> {
+    common_name(cert)
+}
