@@ -1,0 +1,204 @@
+//! `eps server run`: loads settings and directory, binds the JSON-RPC and gRPC listeners and
+//! runs until SIGINT or SIGTERM.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use eps_core::directory::Directory;
+use eps_core::http::RpcClient;
+use eps_core::tls;
+use rustls::server::WebPkiClientVerifier;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::{Broker, LocalHandler};
+use crate::grpc::{self, Peers};
+use crate::peers::{DirectoryClientVerifier, SharedDirectory};
+use crate::settings::{DirectorySettings, Settings};
+
+/// Exit code for bad settings, before any port is bound.
+const EXIT_BAD_SETTINGS: u8 = 64;
+/// How long in-flight calls get to finish after a shutdown signal.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+pub fn main() -> ExitCode {
+    eps_core::logging::init("info");
+    let settings: Settings = match eps_core::settings::load_from_env("EPS_SETTINGS") {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("eps: bad settings: {e}");
+            return ExitCode::from(EXIT_BAD_SETTINGS);
+        }
+    };
+    if let Err(e) = settings.validate() {
+        eprintln!("eps: bad settings: {e}");
+        return ExitCode::from(EXIT_BAD_SETTINGS);
+    }
+    let prepared = match prepare(&settings) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("eps: bad settings: {e:#}");
+            return ExitCode::from(EXIT_BAD_SETTINGS);
+        }
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match rt.block_on(run(settings, prepared)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("eps server failed: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Everything built from settings before any port is bound.
+struct Prepared {
+    directory: SharedDirectory,
+    jsonrpc_tls: Option<Arc<rustls::ServerConfig>>,
+    grpc_tls: Arc<rustls::ServerConfig>,
+    peer_tls: Arc<rustls::ClientConfig>,
+    local: RpcClient,
+}
+
+fn prepare(s: &Settings) -> anyhow::Result<Prepared> {
+    let DirectorySettings::Files { path } = &s.directory;
+    let dir = Directory::load_dir(path).context("directory")?;
+    if dir.entry(&s.name).is_none() {
+        tracing::warn!(name = %s.name, "this operator is not in the directory: peers cannot call it");
+    }
+    let directory = SharedDirectory::new(dir);
+    let jsonrpc_tls = s
+        .jsonrpc_server
+        .tls
+        .as_ref()
+        .map(|t| tls::server_config(t, &[b"h2", b"http/1.1"]))
+        .transpose()
+        .context("jsonrpc_server.tls")?;
+    let g = &s.grpc_server.tls;
+    let inner = WebPkiClientVerifier::builder_with_provider(
+        tls::root_store(&g.ca_certificate).context("grpc_server.tls")?,
+        tls::provider(),
+    )
+    .build()
+    .context("grpc_server.tls")?;
+    let verifier = Arc::new(DirectoryClientVerifier::new(inner, directory.clone()));
+    let mut grpc_tls = rustls::ServerConfig::builder_with_provider(tls::provider())
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(tls::load_certs(&g.certificate)?, tls::load_key(&g.key)?)
+        .context("grpc_server.tls")?;
+    grpc_tls.alpn_protocols = vec![b"h2".to_vec()];
+    check_own_name(&s.name, &g.certificate)?;
+    let peer_tls = tls::client_config(s.peer_tls(), &[b"h2"]).context("grpc_client.tls")?;
+    let local = RpcClient::new(
+        &s.jsonrpc_client.url,
+        s.jsonrpc_client.tls.as_ref(),
+        s.grpc_client.call_timeout,
+    )
+    .context("jsonrpc_client")?;
+    Ok(Prepared {
+        directory,
+        jsonrpc_tls,
+        grpc_tls: Arc::new(grpc_tls),
+        peer_tls,
+        local,
+    })
+}
+
+fn check_own_name(name: &str, cert: &std::path::Path) -> anyhow::Result<()> {
+    let certs = tls::load_certs(cert)?;
+    let cn = tls::operator_name(&certs[0]);
+    if cn.as_deref() != Some(name) {
+        anyhow::bail!(
+            "{}: certificate names {:?}, but this server's name is {name:?}",
+            cert.display(),
+            cn
+        );
+    }
+    Ok(())
+}
+
+async fn run(s: Settings, p: Prepared) -> anyhow::Result<()> {
+    let rpc_listener = TcpListener::bind(s.jsonrpc_server.bind_address)
+        .await
+        .with_context(|| format!("binding jsonrpc_server {}", s.jsonrpc_server.bind_address))?;
+    let grpc_listener = TcpListener::bind(s.grpc_server.bind_address)
+        .await
+        .with_context(|| format!("binding grpc_server {}", s.grpc_server.bind_address))?;
+    let peers = Peers::new(
+        p.peer_tls,
+        p.directory.clone(),
+        s.grpc_client.connect_timeout,
+        s.grpc_client.call_timeout,
+        s.grpc_client.max_reconnect_backoff,
+        s.grpc_server.max_message_bytes,
+    );
+    let broker = Arc::new(Broker::new(
+        s.name.clone(),
+        p.directory.clone(),
+        peers,
+        p.local,
+        s.grpc_client.call_timeout,
+    ));
+    let shutdown = CancellationToken::new();
+    tracing::info!(
+        name = %s.name,
+        jsonrpc = %rpc_listener.local_addr()?,
+        grpc = %grpc_listener.local_addr()?,
+        delivers_to = %s.jsonrpc_client.url,
+        operators = p.directory.load().len(),
+        "EPS server ready"
+    );
+    let rpc = tokio::spawn(eps_core::http::serve(
+        rpc_listener,
+        p.jsonrpc_tls,
+        s.jsonrpc_server.limits.clone(),
+        Arc::new(LocalHandler(broker.clone())),
+        shutdown.clone(),
+    ));
+    let grpc = tokio::spawn(grpc::serve(
+        grpc_listener,
+        p.grpc_tls,
+        s.grpc_server.max_connections,
+        s.grpc_server.max_message_bytes,
+        broker,
+        p.directory.clone(),
+        shutdown.clone(),
+    ));
+    let DirectorySettings::Files { path } = &s.directory;
+    wait_for_shutdown(&p.directory, path).await;
+    tracing::info!("shutting down");
+    shutdown.cancel();
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        let _ = rpc.await;
+        let _ = grpc.await;
+    })
+    .await;
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM; on SIGHUP re-reads the directory (a bad one is logged and
+/// the current one kept).
+async fn wait_for_shutdown(directory: &SharedDirectory, path: &std::path::Path) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return,
+            _ = term.recv() => return,
+            _ = hup.recv() => match Directory::load_dir(path) {
+                Ok(d) => {
+                    tracing::info!(operators = d.len(), "directory reloaded");
+                    directory.store(d);
+                }
+                Err(e) => tracing::error!("directory not reloaded, keeping the current one: {e}"),
+            },
+        }
+    }
+}
