@@ -1,1 +1,39 @@
+//! The eps proxies.
+//!
+//! # Layout
+//! - [`clienthello`]: the ClientHello reader: bytes in, SNI out, no I/O.
+//! - [`announcements`]: announcement rules (suffixes, conflicts, expiry) over plain data.
+//! - [`public`]: `proxy run public`: the SNI router, pending tokens, the internal port.
+//! - [`private`]: `proxy run private`: the announcer and the dial-back.
+//! - [`relay`]: byte relaying with half-close and an idle timeout.
+//! - [`store`]: the embedded, atomically replaced announcement file.
+//! - [`settings`]: the `PROXY_SETTINGS` schema and its defaults.
+//! - [`run`]: wires settings, listeners and tasks for either role.
+
+pub mod announcements;
 pub mod clienthello;
+mod listener;
+pub mod private;
+pub mod public;
+pub mod relay;
+pub mod run;
+pub mod settings;
+pub mod store;
+
+use eps_core::directory::Entry;
+use eps_core::jsonrpc::{Request, RpcError};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+/// The caller an EPS server adds to every delivered call.
+#[derive(Debug, Clone, Deserialize)]
+pub(crate) struct ClientParams {
+    pub name: String,
+    pub entry: Entry,
+}
+
+/// Decodes a request's params, or says what is wrong with them.
+pub(crate) fn params<T: DeserializeOwned>(req: &Request) -> Result<T, RpcError> {
+    let raw = req.params.as_ref().map(|p| p.get()).unwrap_or("{}");
+    serde_json::from_str(raw).map_err(|e| RpcError::invalid_params(format!("invalid params: {e}")))
+}

@@ -1,0 +1,256 @@
+//! Announcements and the rules for accepting them (DESIGN §3.1), as plain data and functions.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use eps_core::jsonrpc;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::settings::{DEFAULT_ANNOUNCEMENT_TTL, MAX_ANNOUNCEMENT_TTL};
+
+/// A live announcement on the public side: `domain` is served by `operator` until `expires_at`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Announcement {
+    pub domain: String,
+    pub operator: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub expires_at: OffsetDateTime,
+}
+
+/// Why a domain was refused, as a JSON-RPC error code and message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Refusal {
+    pub code: i64,
+    pub message: String,
+}
+
+impl Refusal {
+    fn new(code: i64, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// Lowercases a host name and checks its syntax; `None` when it is not a DNS name.
+pub fn normalize_domain(domain: &str) -> Option<String> {
+    let d = domain.trim().to_ascii_lowercase();
+    let ok = !d.is_empty()
+        && d.len() <= 253
+        && !d.starts_with('.')
+        && !d.ends_with('.')
+        && !d.contains("..")
+        && d
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        && d.split('.').all(|l| !l.is_empty() && l.len() <= 63)
+        && d.parse::<std::net::IpAddr>().is_err();
+    ok.then_some(d)
+}
+
+/// True when `domain` falls under one of the `allowed` suffixes. A suffix with a leading dot
+/// (`.example.com`) allows names below it; one without also allows the name itself.
+pub fn allowed(domain: &str, allowed: &[String]) -> bool {
+    allowed.iter().any(|s| {
+        let s = s.trim().to_ascii_lowercase();
+        if s.is_empty() {
+            return false;
+        }
+        if s.starts_with('.') {
+            domain.ends_with(&s) && domain.len() > s.len()
+        } else {
+            domain == s || domain.ends_with(&format!(".{s}"))
+        }
+    })
+}
+
+/// The announcements a public proxy holds, keyed by domain.
+#[derive(Debug, Default, Clone)]
+pub struct Table {
+    by_domain: HashMap<String, Announcement>,
+}
+
+impl Table {
+    pub fn from_list(list: Vec<Announcement>) -> Self {
+        Self {
+            by_domain: list.into_iter().map(|a| (a.domain.clone(), a)).collect(),
+        }
+    }
+
+    /// The live announcement of exactly this (normalized) name.
+    pub fn lookup(&self, domain: &str, now: OffsetDateTime) -> Option<&Announcement> {
+        self.by_domain.get(domain).filter(|a| a.expires_at > now)
+    }
+
+    /// Live announcements, sorted by domain.
+    pub fn live(&self, now: OffsetDateTime) -> Vec<Announcement> {
+        let mut v: Vec<_> = self
+            .by_domain
+            .values()
+            .filter(|a| a.expires_at > now)
+            .cloned()
+            .collect();
+        v.sort_by(|a, b| a.domain.cmp(&b.domain));
+        v
+    }
+
+    /// Every stored announcement, expired ones included (for persisting).
+    pub fn all(&self) -> Vec<Announcement> {
+        let mut v: Vec<_> = self.by_domain.values().cloned().collect();
+        v.sort_by(|a, b| a.domain.cmp(&b.domain));
+        v
+    }
+
+    /// Removes expired announcements; returns how many.
+    pub fn prune(&mut self, now: OffsetDateTime) -> usize {
+        let before = self.by_domain.len();
+        self.by_domain.retain(|_, a| a.expires_at > now);
+        before - self.by_domain.len()
+    }
+
+    /// Number of stored announcements.
+    pub fn len(&self) -> usize {
+        self.by_domain.len()
+    }
+
+    /// Applies the rules to one requested domain from `operator`, whose directory settings
+    /// allow `allowed_suffixes`, and stores it when accepted.
+    pub fn announce(
+        &mut self,
+        operator: &str,
+        allowed_suffixes: &[String],
+        domain: &str,
+        expires_at: Option<OffsetDateTime>,
+        now: OffsetDateTime,
+    ) -> Result<Announcement, Refusal> {
+        let Some(domain) = normalize_domain(domain) else {
+            return Err(Refusal::new(
+                jsonrpc::INVALID_PARAMS,
+                format!("{domain:?} is not a valid domain name"),
+            ));
+        };
+        if !allowed(&domain, allowed_suffixes) {
+            return Err(Refusal::new(
+                jsonrpc::FORBIDDEN,
+                format!(
+                    "{operator} may not announce {domain}: allowed suffixes are {allowed_suffixes:?}"
+                ),
+            ));
+        }
+        if let Some(held) = self.lookup(&domain, now) {
+            if held.operator != operator {
+                return Err(Refusal::new(
+                    jsonrpc::CONFLICT,
+                    format!("{domain} is held by another operator"),
+                ));
+            }
+        }
+        let limit = now + MAX_ANNOUNCEMENT_TTL;
+        let expires_at = match expires_at {
+            None => now + DEFAULT_ANNOUNCEMENT_TTL.min(MAX_ANNOUNCEMENT_TTL),
+            Some(t) if t <= now => {
+                return Err(Refusal::new(
+                    jsonrpc::INVALID_PARAMS,
+                    format!("expires_at {t} is in the past"),
+                ))
+            }
+            Some(t) if t > limit + Duration::from_secs(60) => {
+                return Err(Refusal::new(
+                    jsonrpc::INVALID_PARAMS,
+                    format!("expires_at {t} is more than 7 days ahead"),
+                ))
+            }
+            Some(t) => t.min(limit),
+        };
+        let a = Announcement {
+            domain: domain.clone(),
+            operator: operator.to_string(),
+            expires_at,
+        };
+        self.by_domain.insert(domain, a.clone());
+        Ok(a)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t0() -> OffsetDateTime {
+        OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap()
+    }
+
+    fn suffixes() -> Vec<String> {
+        vec![".internal-server.local".into()]
+    }
+
+    #[test]
+    fn suffix_rules() {
+        assert!(allowed("a.internal-server.local", &suffixes()));
+        assert!(!allowed("internal-server.local", &suffixes()));
+        assert!(!allowed("evil-internal-server.local", &suffixes()));
+        assert!(!allowed("a.example.com", &suffixes()));
+        assert!(allowed("example.com", &["example.com".into()]));
+        assert!(allowed("a.example.com", &["example.com".into()]));
+        assert!(!allowed("aexample.com", &["example.com".into()]));
+    }
+
+    #[test]
+    fn foreign_domain_is_403_and_held_domain_is_409() {
+        let mut t = Table::default();
+        let now = t0();
+        let e = t
+            .announce("p", &suffixes(), "x.example.com", None, now)
+            .unwrap_err();
+        assert_eq!(e.code, jsonrpc::FORBIDDEN);
+        t.announce("p", &suffixes(), "Test.Internal-Server.local", None, now)
+            .unwrap();
+        assert!(t.lookup("test.internal-server.local", now).is_some());
+        let e = t
+            .announce("q", &suffixes(), "test.internal-server.local", None, now)
+            .unwrap_err();
+        assert_eq!(e.code, jsonrpc::CONFLICT);
+        // The holder may renew.
+        t.announce("p", &suffixes(), "test.internal-server.local", None, now)
+            .unwrap();
+    }
+
+    #[test]
+    fn expiry_rules() {
+        let mut t = Table::default();
+        let now = t0();
+        let far = now + Duration::from_secs(8 * 24 * 3600);
+        let e = t
+            .announce("p", &suffixes(), "a.internal-server.local", Some(far), now)
+            .unwrap_err();
+        assert_eq!(e.code, jsonrpc::INVALID_PARAMS);
+        let past = now - Duration::from_secs(1);
+        assert!(t
+            .announce("p", &suffixes(), "a.internal-server.local", Some(past), now)
+            .is_err());
+        let soon = now + Duration::from_secs(10);
+        t.announce("p", &suffixes(), "a.internal-server.local", Some(soon), now)
+            .unwrap();
+        assert!(t.lookup("a.internal-server.local", now).is_some());
+        let later = now + Duration::from_secs(11);
+        assert!(t.lookup("a.internal-server.local", later).is_none());
+        assert!(t.live(later).is_empty());
+        // An expired announcement no longer blocks another operator, and is pruned.
+        t.announce("q", &suffixes(), "a.internal-server.local", None, later)
+            .unwrap();
+        let mut t2 = Table::default();
+        t2.announce("p", &suffixes(), "b.internal-server.local", Some(soon), now)
+            .unwrap();
+        assert_eq!(t2.prune(later), 1);
+        assert_eq!(t2.len(), 0);
+    }
+
+    #[test]
+    fn bad_names_are_refused() {
+        for d in ["", "1.2.3.4", "a..internal-server.local", "a b.internal-server.local"] {
+            assert!(normalize_domain(d).is_none(), "{d}");
+        }
+    }
+}

@@ -1,0 +1,363 @@
+//! `proxy run private`: announces its domains and dials back for matching clients
+//! (DESIGN §3.1, §3.2 step 4).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use base64::Engine as _;
+use eps_core::http::{CallError, Handler, Peer, RpcClient};
+use eps_core::jsonrpc::{self, Outcome, Request, RpcError};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use time::OffsetDateTime;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use crate::announcements::normalize_domain;
+use crate::public::{rfc3339, TOKEN_LEN};
+use crate::relay;
+use crate::settings::{AnnouncementSetting, PrivateSettings};
+use crate::store::FileStore;
+use crate::ClientParams;
+
+/// Longest pause between announcement attempts while the EPS network is not reachable.
+const MAX_RETRY: Duration = Duration::from_secs(10);
+
+/// A domain this proxy wants announced.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+struct Wanted {
+    domain: String,
+    proxy: String,
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    expires_at: Option<OffsetDateTime>,
+}
+
+/// What a public proxy answered for one domain.
+#[derive(Debug, Clone, Deserialize)]
+struct DomainAnswer {
+    domain: String,
+    accepted: bool,
+    #[serde(default)]
+    expires_at: Option<String>,
+    #[serde(default)]
+    error: Option<RpcError>,
+}
+
+#[derive(Debug, Deserialize)]
+struct AnnounceAnswer {
+    connections: Vec<DomainAnswer>,
+}
+
+pub struct Private {
+    settings: PrivateSettings,
+    eps: RpcClient,
+    /// Announced from settings; never stored.
+    configured: Vec<Wanted>,
+    /// Added at runtime; kept in the store.
+    added: Mutex<Vec<Wanted>>,
+    store: FileStore,
+    store_lock: tokio::sync::Mutex<()>,
+    /// domain → (public proxy that accepted it, expires_at it gave).
+    accepted: RwLock<HashMap<String, (String, Option<String>)>>,
+    changed: Notify,
+    relays: Arc<Semaphore>,
+}
+
+impl Private {
+    pub fn new(s: &PrivateSettings, store: FileStore, eps: RpcClient) -> Result<Self, String> {
+        let added: Vec<Wanted> = store.load().map_err(|e| e.to_string())?;
+        let configured = s
+            .announcements
+            .iter()
+            .map(|a| wanted(a, &s.public_proxy))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            settings: s.clone(),
+            eps,
+            configured,
+            added: Mutex::new(added),
+            store,
+            store_lock: tokio::sync::Mutex::new(()),
+            accepted: RwLock::new(HashMap::new()),
+            changed: Notify::new(),
+            relays: Arc::new(Semaphore::new(s.max_relays)),
+        })
+    }
+
+    /// Everything to announce, grouped by public proxy; runtime entries win over settings.
+    fn wanted_by_proxy(&self) -> BTreeMap<String, Vec<Wanted>> {
+        let now = OffsetDateTime::now_utc();
+        let mut by_domain: BTreeMap<String, Wanted> = BTreeMap::new();
+        for w in self
+            .configured
+            .iter()
+            .chain(self.added.lock().expect("lock").iter())
+        {
+            by_domain.insert(w.domain.clone(), w.clone());
+        }
+        let mut out: BTreeMap<String, Vec<Wanted>> = BTreeMap::new();
+        for w in by_domain.into_values() {
+            if w.expires_at.is_none_or(|t| t > now) {
+                out.entry(w.proxy.clone()).or_default().push(w);
+            }
+        }
+        out
+    }
+
+    /// Announces `list` to `proxy` and records what it accepted.
+    async fn announce_to(
+        &self,
+        proxy: &str,
+        list: &[Wanted],
+    ) -> Result<Vec<DomainAnswer>, CallError> {
+        let connections: Vec<Value> = list
+            .iter()
+            .map(|w| json!({"domain": w.domain, "expires_at": w.expires_at.map(rfc3339)}))
+            .collect();
+        let answer: AnnounceAnswer = self
+            .eps
+            .call(
+                &format!("{proxy}.announceConnections"),
+                &json!({ "connections": connections }),
+            )
+            .await?;
+        let mut accepted = self.accepted.write().expect("lock");
+        for a in &answer.connections {
+            if a.accepted {
+                accepted.insert(a.domain.clone(), (proxy.to_string(), a.expires_at.clone()));
+            } else {
+                accepted.remove(&a.domain);
+                let e = a.error.clone().unwrap_or_else(|| RpcError::internal("refused"));
+                tracing::warn!(domain = %a.domain, %proxy, code = e.code, reason = %e.message, "announcement refused");
+            }
+        }
+        Ok(answer.connections)
+    }
+
+    /// Announces everything; true when every public proxy answered.
+    async fn announce_all(&self) -> bool {
+        let mut ok = true;
+        for (proxy, list) in self.wanted_by_proxy() {
+            match self.announce_to(&proxy, &list).await {
+                Ok(answers) => {
+                    let n = answers.iter().filter(|a| a.accepted).count();
+                    tracing::debug!(%proxy, accepted = n, of = answers.len(), "announced");
+                }
+                Err(e) => {
+                    ok = false;
+                    tracing::info!(%proxy, eps = %self.eps.url(), error = %e, "waiting for the EPS network to announce");
+                }
+            }
+        }
+        ok
+    }
+
+    /// Announces at start, on every change, every `reannounce_interval`, and sooner after a
+    /// failure.
+    pub async fn announcer(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut retry = Duration::from_millis(250);
+        let mut was_ok = false;
+        loop {
+            let ok = self.announce_all().await;
+            if ok && !was_ok {
+                tracing::info!(
+                    domains = self.accepted.read().expect("lock").len(),
+                    "announcements accepted"
+                );
+            }
+            was_ok = ok;
+            let wait = if ok {
+                retry = Duration::from_millis(250);
+                self.settings.reannounce_interval
+            } else {
+                retry = (retry * 2).min(MAX_RETRY);
+                retry
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.changed.notified() => {}
+                _ = shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    async fn incoming(&self, p: IncomingParams) -> Outcome {
+        let Some(caller) = p.client else {
+            return Err(RpcError::invalid_params(
+                "no _client: incomingConnection must come through the EPS server",
+            ));
+        };
+        let domain = normalize_domain(&p.domain)
+            .ok_or_else(|| RpcError::invalid_params("invalid domain"))?;
+        let announced_to = self
+            .accepted
+            .read()
+            .expect("lock")
+            .get(&domain)
+            .map(|(p, _)| p.clone());
+        if announced_to.as_deref() != Some(caller.name.as_str()) {
+            return Err(RpcError::new(
+                jsonrpc::FORBIDDEN,
+                format!("{domain} is not announced to {}", caller.name),
+            ));
+        }
+        let token = base64::engine::general_purpose::STANDARD
+            .decode(p.token.as_bytes())
+            .ok()
+            .filter(|t| t.len() == TOKEN_LEN)
+            .ok_or_else(|| RpcError::invalid_params("token must be 32 bytes in base64"))?;
+        let permit = self.relays.clone().try_acquire_owned().map_err(|_| {
+            RpcError::new(
+                jsonrpc::SERVICE_UNAVAILABLE,
+                "too many relays; raise private.max_relays",
+            )
+        })?;
+        let timeout = self.settings.connect_timeout;
+        let internal = &self.settings.internal_endpoint;
+        let (public, server) = tokio::join!(dial(&p.endpoint, timeout), dial(internal, timeout));
+        let mut public = public.map_err(|e| {
+            RpcError::new(
+                jsonrpc::PEER_UNREACHABLE,
+                format!("public endpoint {}: {e}", p.endpoint),
+            )
+        })?;
+        let server = server.map_err(|e| {
+            RpcError::new(
+                jsonrpc::PEER_UNREACHABLE,
+                format!("internal endpoint {internal}: {e}"),
+            )
+        })?;
+        public.write_all(&token).await.map_err(|e| {
+            RpcError::new(
+                jsonrpc::PEER_UNREACHABLE,
+                format!("public endpoint {}: {e}", p.endpoint),
+            )
+        })?;
+        let idle = self.settings.idle_timeout;
+        tokio::spawn(async move {
+            let t = relay::relay(public, server, idle).await;
+            tracing::debug!(%domain, up = t.b_to_a, down = t.a_to_b, ended = ?t.ended, "relay ended");
+            drop(permit);
+        });
+        Ok(jsonrpc::to_raw(&json!({"status": "connected"})))
+    }
+
+    async fn add(&self, p: AddParams) -> Outcome {
+        let w = wanted(
+            &AnnouncementSetting {
+                domain: p.domain,
+                proxy: p.proxy,
+                expires_at: p.expires_at,
+            },
+            &self.settings.public_proxy,
+        )
+        .map_err(RpcError::invalid_params)?;
+        let _s = self.store_lock.lock().await;
+        let snapshot = {
+            let mut added = self.added.lock().expect("lock");
+            added.retain(|x| x.domain != w.domain);
+            added.push(w.clone());
+            added.clone()
+        };
+        self.store
+            .save(&snapshot)
+            .await
+            .map_err(|e| RpcError::internal(e.to_string()))?;
+        let answers = self
+            .announce_to(&w.proxy, std::slice::from_ref(&w))
+            .await
+            .map_err(|e| match e {
+                CallError::Rpc(e) => e,
+                e => RpcError::new(
+                    jsonrpc::PEER_UNREACHABLE,
+                    format!("stored, to be announced when {} is reachable: {e}", w.proxy),
+                ),
+            })?;
+        let a = answers
+            .into_iter()
+            .find(|a| a.domain == w.domain)
+            .ok_or_else(|| RpcError::internal("public proxy did not answer for the domain"))?;
+        if !a.accepted {
+            // A refused domain is not kept: it would be refused at every re-announce.
+            let snapshot = {
+                let mut added = self.added.lock().expect("lock");
+                added.retain(|x| x.domain != w.domain);
+                added.clone()
+            };
+            let _ = self.store.save(&snapshot).await;
+            return Err(a
+                .error
+                .unwrap_or_else(|| RpcError::internal("refused")));
+        }
+        self.changed.notify_one();
+        Ok(jsonrpc::to_raw(
+            &json!({"domain": a.domain, "proxy": w.proxy, "expires_at": a.expires_at}),
+        ))
+    }
+
+    fn list(&self) -> Outcome {
+        let accepted = self.accepted.read().expect("lock");
+        let list: Vec<Value> = accepted
+            .iter()
+            .map(|(d, (p, exp))| json!({"domain": d, "proxy": p, "expires_at": exp}))
+            .collect::<Vec<_>>();
+        let mut list = list;
+        list.sort_by(|a, b| a["domain"].as_str().cmp(&b["domain"].as_str()));
+        Ok(jsonrpc::to_raw(&list))
+    }
+}
+
+fn wanted(a: &AnnouncementSetting, default_proxy: &str) -> Result<Wanted, String> {
+    let domain =
+        normalize_domain(&a.domain).ok_or_else(|| format!("{:?} is not a valid domain", a.domain))?;
+    Ok(Wanted {
+        domain,
+        proxy: a.proxy.clone().unwrap_or_else(|| default_proxy.to_string()),
+        expires_at: a.expires_at,
+    })
+}
+
+async fn dial(addr: &str, timeout: Duration) -> std::io::Result<TcpStream> {
+    let s = tokio::time::timeout(timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+    s.set_nodelay(true)?;
+    Ok(s)
+}
+
+#[derive(Deserialize)]
+struct IncomingParams {
+    domain: String,
+    token: String,
+    endpoint: String,
+    #[serde(rename = "_client", default)]
+    client: Option<ClientParams>,
+}
+
+#[derive(Deserialize)]
+struct AddParams {
+    domain: String,
+    #[serde(default)]
+    proxy: Option<String>,
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    expires_at: Option<OffsetDateTime>,
+}
+
+/// The private proxy's JSON-RPC methods.
+pub struct PrivateRpc(pub Arc<Private>);
+
+impl Handler for PrivateRpc {
+    async fn call(&self, req: Request, _peer: Peer) -> Outcome {
+        match req.method.as_str() {
+            "incomingConnection" => self.0.incoming(crate::params(&req)?).await,
+            "announceConnection" => self.0.add(crate::params(&req)?).await,
+            "getAnnouncements" => self.0.list(),
+            other => Err(RpcError::method_not_found(format!(
+                "the private proxy has no method {other:?}"
+            ))),
+        }
+    }
+}

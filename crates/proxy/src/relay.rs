@@ -1,0 +1,149 @@
+//! Relaying one TCP stream to another until both directions are done.
+//!
+//! Each direction copies through a fixed buffer that is allocated only once the socket first
+//! becomes readable, so idle relays hold no buffer. An end-of-stream is passed on as a
+//! half-close (`shutdown(Write)`), never turned into a reset; the other direction goes on. A
+//! relay with no traffic either way for `idle_timeout` is closed.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+
+/// Bytes per direction buffer. 64 KiB keeps per-syscall overhead low on bulk transfers.
+pub const BUFFER_BYTES: usize = 64 * 1024;
+
+/// How a relay ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// Both sides finished sending.
+    Done,
+    /// No byte moved for the idle timeout.
+    Idle,
+    /// A socket failed (reset, broken pipe).
+    Error,
+}
+
+/// What a relay moved.
+#[derive(Debug, Clone, Copy)]
+pub struct Totals {
+    /// Bytes from `a` to `b`.
+    pub a_to_b: u64,
+    /// Bytes from `b` to `a`.
+    pub b_to_a: u64,
+    pub ended: Ended,
+}
+
+/// Relays between `a` and `b` until both directions end, one fails, or nothing moves for
+/// `idle_timeout`.
+pub async fn relay(a: TcpStream, b: TcpStream, idle_timeout: Duration) -> Totals {
+    let start = Instant::now();
+    let last = AtomicU64::new(0);
+    let (ar, aw) = a.into_split();
+    let (br, bw) = b.into_split();
+    let (ab, ba) = (AtomicU64::new(0), AtomicU64::new(0));
+    let up = pump(ar, bw, &ab, &last, start);
+    let down = pump(br, aw, &ba, &last, start);
+    tokio::pin!(up, down);
+    let (mut up_done, mut down_done) = (false, false);
+    let tick = (idle_timeout / 4).max(Duration::from_millis(10));
+    let ended = loop {
+        tokio::select! {
+            r = &mut up, if !up_done => {
+                if r.is_err() { break Ended::Error; }
+                up_done = true;
+            }
+            r = &mut down, if !down_done => {
+                if r.is_err() { break Ended::Error; }
+                down_done = true;
+            }
+            _ = tokio::time::sleep(tick) => {
+                let idle = start.elapsed().saturating_sub(Duration::from_millis(last.load(Ordering::Relaxed)));
+                if idle >= idle_timeout { break Ended::Idle; }
+            }
+        }
+        if up_done && down_done {
+            break Ended::Done;
+        }
+    };
+    Totals {
+        a_to_b: ab.load(Ordering::Relaxed),
+        b_to_a: ba.load(Ordering::Relaxed),
+        ended,
+    }
+}
+
+async fn pump(
+    r: OwnedReadHalf,
+    mut w: OwnedWriteHalf,
+    bytes: &AtomicU64,
+    last: &AtomicU64,
+    start: Instant,
+) -> std::io::Result<()> {
+    let mut buf: Vec<u8> = Vec::new();
+    loop {
+        r.readable().await?;
+        if buf.is_empty() {
+            buf = vec![0; BUFFER_BYTES];
+        }
+        match r.try_read(&mut buf) {
+            Ok(0) => {
+                // Pass the end of stream on; the other direction continues.
+                let _ = w.shutdown().await;
+                return Ok(());
+            }
+            Ok(n) => {
+                w.write_all(&buf[..n]).await?;
+                bytes.fetch_add(n as u64, Ordering::Relaxed);
+                last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        (c, s)
+    }
+
+    #[tokio::test]
+    async fn half_close_passes_and_response_completes() {
+        let (mut client, relay_a) = pair().await;
+        let (relay_b, mut server) = pair().await;
+        let task = tokio::spawn(relay(relay_a, relay_b, Duration::from_secs(5)));
+        client.write_all(b"request").await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"request");
+        let big = vec![7u8; 1 << 20];
+        server.write_all(&big).await.unwrap();
+        server.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        client.read_to_end(&mut back).await.unwrap();
+        assert_eq!(back.len(), big.len());
+        let t = task.await.unwrap();
+        assert_eq!(t.ended, Ended::Done);
+        assert_eq!((t.a_to_b, t.b_to_a), (7, 1 << 20));
+    }
+
+    #[tokio::test]
+    async fn idle_relay_is_closed() {
+        let (_client, relay_a) = pair().await;
+        let (relay_b, _server) = pair().await;
+        let t = relay(relay_a, relay_b, Duration::from_millis(200)).await;
+        assert_eq!(t.ended, Ended::Idle);
+    }
+}

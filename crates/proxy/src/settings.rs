@@ -1,0 +1,226 @@
+//! Settings of both proxies (`PROXY_SETTINGS`). Every default lives here.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use eps_core::http::{secs, ServerLimits};
+use eps_core::tls::TlsSettings;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+/// Default cap on concurrent client connections on the public port (relays included).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Default cap on clients waiting for their private proxy to dial back.
+pub const DEFAULT_MAX_PENDING: usize = 1_024;
+/// Largest ClientHello accepted; post-quantum hellos are ~1.7 KB, rare ones reach 20 KB.
+pub const DEFAULT_MAX_CLIENT_HELLO_BYTES: usize = 64 * 1024;
+/// Time a client gets to send its whole ClientHello.
+pub const DEFAULT_CLIENT_HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time a data connection on the internal port gets to send its token.
+pub const DEFAULT_TOKEN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time a matched client waits for the private proxy to dial back.
+pub const DEFAULT_ACCEPT_TIMEOUT: Duration = Duration::from_secs(10);
+/// A relay with no byte in either direction for this long is closed.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+/// Default deadline of a call through the EPS server.
+pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the private proxy re-announces its domains.
+pub const DEFAULT_REANNOUNCE_INTERVAL: Duration = Duration::from_secs(60);
+/// Deadline for dialing the public proxy's internal port or the internal server.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Lifetime of an announcement sent without `expires_at`; re-announcing renews it.
+pub const DEFAULT_ANNOUNCEMENT_TTL: Duration = Duration::from_secs(24 * 3600);
+/// An announcement may not expire later than this from now.
+pub const MAX_ANNOUNCEMENT_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Default cap on relays the private proxy runs at once.
+pub const DEFAULT_MAX_RELAYS: usize = 10_000;
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// The operator name of this proxy (the same as its EPS server's).
+    pub name: String,
+    /// How to reach this proxy's own EPS server.
+    pub eps: EpsClientSettings,
+    /// The JSON-RPC server the EPS server delivers calls to.
+    pub jsonrpc_server: JsonRpcServerSettings,
+    /// Where announcements are kept.
+    pub datastore: DatastoreSettings,
+    /// Settings of `proxy run public`.
+    #[serde(default)]
+    pub public: Option<PublicSettings>,
+    /// Settings of `proxy run private`.
+    #[serde(default)]
+    pub private: Option<PrivateSettings>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EpsClientSettings {
+    /// e.g. `https://127.0.0.1:5544/jsonrpc`.
+    pub url: String,
+    #[serde(default)]
+    pub tls: Option<TlsSettings>,
+    /// Seconds a call through the EPS network may take.
+    #[serde(default = "default_call_timeout", with = "secs")]
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct JsonRpcServerSettings {
+    pub bind_address: SocketAddr,
+    #[serde(default)]
+    pub tls: Option<TlsSettings>,
+    #[serde(default)]
+    pub limits: ServerLimits,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, tag = "type", content = "settings", rename_all = "snake_case")]
+pub enum DatastoreSettings {
+    /// A JSON file replaced atomically on every change.
+    File { path: PathBuf },
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublicSettings {
+    /// Where clients connect with TLS (the public port).
+    pub bind_address: SocketAddr,
+    /// Where private proxies dial back with their token (the internal port).
+    pub internal_bind_address: SocketAddr,
+    /// The internal address as private proxies must dial it (sent in `incomingConnection`).
+    pub internal_endpoint: String,
+    #[serde(default)]
+    pub limits: PublicLimits,
+}
+
+/// Bounds of the public proxy. Each one caps what a client or a stalled peer can cost.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PublicLimits {
+    /// Concurrent client connections (waiting and relaying). Each relaying one costs two
+    /// sockets and up to two relay buffers.
+    pub max_connections: usize,
+    /// Concurrent data connections on the internal port.
+    pub max_internal_connections: usize,
+    /// Clients waiting for a dial-back; more are refused at once.
+    pub max_pending: usize,
+    /// Bytes of ClientHello read at most.
+    pub max_client_hello_bytes: usize,
+    /// Seconds to receive the whole ClientHello.
+    #[serde(with = "secs")]
+    pub client_hello_timeout: Duration,
+    /// Seconds for a data connection to present its token.
+    #[serde(with = "secs")]
+    pub token_timeout: Duration,
+    /// Seconds a matched client waits for the dial-back.
+    #[serde(with = "secs")]
+    pub accept_timeout: Duration,
+    /// Seconds without traffic after which a relay is closed.
+    #[serde(with = "secs")]
+    pub idle_timeout: Duration,
+}
+
+impl Default for PublicLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_internal_connections: DEFAULT_MAX_CONNECTIONS,
+            max_pending: DEFAULT_MAX_PENDING,
+            max_client_hello_bytes: DEFAULT_MAX_CLIENT_HELLO_BYTES,
+            client_hello_timeout: DEFAULT_CLIENT_HELLO_TIMEOUT,
+            token_timeout: DEFAULT_TOKEN_TIMEOUT,
+            accept_timeout: DEFAULT_ACCEPT_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrivateSettings {
+    /// The public proxy (operator name) announcements go to unless they name another.
+    pub public_proxy: String,
+    /// The internal TLS server relayed connections go to, e.g. `127.0.0.1:8888`.
+    pub internal_endpoint: String,
+    /// Domains announced from settings (more can be added at runtime).
+    #[serde(default)]
+    pub announcements: Vec<AnnouncementSetting>,
+    /// Seconds between re-announcements.
+    #[serde(default = "default_reannounce", with = "secs")]
+    pub reannounce_interval: Duration,
+    /// Seconds to dial the public proxy or the internal server.
+    #[serde(default = "default_connect_timeout", with = "secs")]
+    pub connect_timeout: Duration,
+    /// Seconds without traffic after which a relay is closed.
+    #[serde(default = "default_idle_timeout", with = "secs")]
+    pub idle_timeout: Duration,
+    /// Relays at once; more incoming connections are refused.
+    #[serde(default = "default_max_relays")]
+    pub max_relays: usize,
+}
+
+/// A domain to announce.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AnnouncementSetting {
+    pub domain: String,
+    /// The public proxy to announce to; defaults to `public_proxy`.
+    #[serde(default)]
+    pub proxy: Option<String>,
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub expires_at: Option<OffsetDateTime>,
+}
+
+fn default_call_timeout() -> Duration {
+    DEFAULT_CALL_TIMEOUT
+}
+fn default_reannounce() -> Duration {
+    DEFAULT_REANNOUNCE_INTERVAL
+}
+fn default_connect_timeout() -> Duration {
+    DEFAULT_CONNECT_TIMEOUT
+}
+fn default_idle_timeout() -> Duration {
+    DEFAULT_IDLE_TIMEOUT
+}
+fn default_max_relays() -> usize {
+    DEFAULT_MAX_RELAYS
+}
+
+impl Settings {
+    /// Checks what serde cannot, for the role about to run.
+    pub fn validate(&self, public: bool) -> Result<(), String> {
+        if self.name.is_empty() {
+            return Err("name must not be empty".into());
+        }
+        if self.eps.url.starts_with("https") && self.eps.tls.is_none() {
+            return Err("eps.tls is required for an https url".into());
+        }
+        if public {
+            let p = self
+                .public
+                .as_ref()
+                .ok_or("`proxy run public` needs a `public:` section")?;
+            let l = &p.limits;
+            if l.max_pending == 0 || l.max_connections == 0 {
+                return Err("public.limits: max_pending and max_connections must be above 0".into());
+            }
+            if l.max_client_hello_bytes < 512 {
+                return Err("public.limits.max_client_hello_bytes must be at least 512".into());
+            }
+        } else {
+            let p = self
+                .private
+                .as_ref()
+                .ok_or("`proxy run private` needs a `private:` section")?;
+            if p.reannounce_interval < Duration::from_secs(1) {
+                return Err("private.reannounce_interval must be at least 1 second".into());
+            }
+        }
+        Ok(())
+    }
+}
