@@ -250,7 +250,7 @@ impl Entry {
             });
         };
         let allowed = permissions.iter().any(|p| {
-            (p.group == "*" || caller.groups.iter().any(|g| *g == p.group))
+            (p.group == "*" || caller.groups.contains(&p.group))
                 && p.rights.iter().any(|r| r == "call")
         });
         if allowed {

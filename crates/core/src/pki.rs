@@ -109,7 +109,7 @@ pub fn ensure(
 
     for op in operators {
         let crt = certs_dir.join(format!("{op}.crt"));
-        let path = leaf(&issuer, certs_dir, op, op, &[op.clone()], force_leaves, &mut report)?;
+        let path = leaf(&issuer, certs_dir, op, op, std::slice::from_ref(op), force_leaves, &mut report)?;
         debug_assert_eq!(path, crt);
         let der = tls::load_certs(&crt).map_err(|e| io(&crt, e))?;
         report

@@ -90,7 +90,10 @@ fn prepare(s: &Settings) -> anyhow::Result<Prepared> {
     let mut grpc_tls = rustls::ServerConfig::builder_with_provider(tls::provider())
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(tls::load_certs(&g.certificate)?, tls::load_key(&g.key)?)
+        .with_single_cert(
+            tls::load_certs(&g.certificate).context("grpc_server.tls.certificate")?,
+            tls::load_key(&g.key).context("grpc_server.tls.key")?,
+        )
         .context("grpc_server.tls")?;
     grpc_tls.alpn_protocols = vec![b"h2".to_vec()];
     check_own_name(&s.name, &g.certificate)?;

@@ -115,6 +115,11 @@ impl Table {
         self.by_domain.len()
     }
 
+    /// True when nothing is stored.
+    pub fn is_empty(&self) -> bool {
+        self.by_domain.is_empty()
+    }
+
     /// Applies the rules to one requested domain from `operator`, whose directory settings
     /// allow `allowed_suffixes`, and stores it when accepted.
     pub fn announce(

@@ -1,0 +1,43 @@
+# eps — the two commands a user needs are `make demo` and `make test`.
+#
+#   make            build and install `eps` and `proxy` into cargo's bin directory
+#                   (~/.cargo/bin for a rustup user) and create the development PKI if missing
+#   make examples   install `internal-server`
+#   make certs      create the development PKI (settings/dev/certs) if missing
+#   make demo       run the five-process demo in this terminal (Ctrl-C stops it)
+#   make test       formatting, lints and every test (what CI runs)
+#   make bench      benchmarks (see bench/README.md)
+
+CARGO ?= cargo
+# One target dir for `cargo install` and `cargo build`, so nothing is compiled twice.
+INSTALL := $(CARGO) install --locked --quiet --target-dir target --path
+
+.PHONY: all install examples certs demo test lint unit clean
+
+all: install certs
+
+install:
+	$(INSTALL) crates/eps
+	$(INSTALL) crates/proxy
+
+examples:
+	$(INSTALL) examples/internal-server
+
+certs: settings/dev/certs/root.crt
+
+settings/dev/certs/root.crt: | install
+	"$${CARGO_HOME:-$$HOME/.cargo}/bin/eps" certs
+
+demo:
+	scripts/demo.sh
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings
+
+test: lint
+	$(CARGO) build --locked --workspace
+	$(CARGO) test --locked --workspace
+
+clean:
+	$(CARGO) clean

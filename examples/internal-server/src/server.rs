@@ -1,0 +1,144 @@
+//! The accept loop: a permit per connection, one task per connection, the TLS handshake inside
+//! that task under a deadline, HTTP/1.1 or HTTP/2 by ALPN, and a graceful stop.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+use crate::routes;
+
+/// Deadline for the TLS handshake and, on HTTP/1.1, for each request's headers (which also
+/// closes keep-alive connections idle that long).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time open connections get to finish after a shutdown signal.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// Largest HTTP/1.1 read buffer; bounds the request head.
+const MAX_HEADER_BYTES: usize = 16 * 1024;
+/// Streams one HTTP/2 connection may have open at once.
+const MAX_CONCURRENT_STREAMS: u32 = 256;
+
+/// Serves `listener` until `shutdown` is cancelled, then lets open connections finish for at
+/// most [`SHUTDOWN_GRACE`].
+pub async fn serve(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    max_connections: usize,
+    shutdown: CancellationToken,
+) {
+    let max_connections = max_connections.clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
+    let permits = Arc::new(Semaphore::new(max_connections));
+    let acceptor = TlsAcceptor::from(tls);
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        // The permit comes first: at the limit, new clients wait in the kernel's backlog.
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+            _ = shutdown.cancelled() => break,
+        };
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(s) => {
+                    backoff = Duration::from_millis(5);
+                    s
+                }
+                Err(e) => {
+                    // Usually out of file descriptors: wait for connections to close.
+                    tracing::warn!(error = %e, "accept failed; backing off");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => break,
+        };
+        let (acceptor, shutdown) = (acceptor.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            serve_conn(stream, acceptor, shutdown).await;
+            tracing::debug!(%peer, "connection closed");
+            drop(permit);
+        });
+    }
+    drop(listener);
+    tracing::info!("shutting down; letting open connections finish");
+    let all = permits.acquire_many(max_connections as u32);
+    if tokio::time::timeout(SHUTDOWN_GRACE, all).await.is_err() {
+        tracing::info!(
+            open = max_connections - permits.available_permits(),
+            "grace period over; closing open connections"
+        );
+    }
+}
+
+async fn serve_conn(stream: TcpStream, acceptor: TlsAcceptor, shutdown: CancellationToken) {
+    let peer = stream.peer_addr().ok();
+    let _ = stream.set_nodelay(true);
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            tracing::debug!(?peer, error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(?peer, "TLS handshake timed out");
+            return;
+        }
+    };
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HANDSHAKE_TIMEOUT)
+        .max_buf_size(MAX_HEADER_BYTES);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(MAX_HEADER_BYTES as u32)
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS);
+    let service =
+        hyper::service::service_fn(|req| async { Ok::<_, Infallible>(routes::handle(req).await) });
+    let conn = builder.serve_connection(TokioIo::new(tls), service);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        // Clients hanging up mid-request is ordinary.
+        tracing::debug!(?peer, error = %e, "connection ended with an error");
+    }
+}
+
+/// Cancels `shutdown` on SIGINT or SIGTERM.
+pub async fn cancel_on_signal(shutdown: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch SIGTERM; only SIGINT stops the server");
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("signal received");
+    shutdown.cancel();
+}
