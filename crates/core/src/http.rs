@@ -150,22 +150,20 @@ pub async fn serve<H: Handler>(
                     serve_conn(stream, peer, limits, handler, shutdown).await
                 }
                 Some(acceptor) => {
-                    let tls = match tokio::time::timeout(
-                        limits.header_timeout,
-                        acceptor.accept(stream),
-                    )
-                    .await
-                    {
-                        Ok(Ok(s)) => s,
-                        Ok(Err(e)) => {
-                            tracing::debug!(%addr, error = %e, "TLS handshake refused");
-                            return;
-                        }
-                        Err(_) => {
-                            tracing::debug!(%addr, "TLS handshake timed out");
-                            return;
-                        }
-                    };
+                    let tls =
+                        match tokio::time::timeout(limits.header_timeout, acceptor.accept(stream))
+                            .await
+                        {
+                            Ok(Ok(s)) => s,
+                            Ok(Err(e)) => {
+                                tracing::debug!(%addr, error = %e, "TLS handshake refused");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::debug!(%addr, "TLS handshake timed out");
+                                return;
+                            }
+                        };
                     let name = tls
                         .get_ref()
                         .1
@@ -354,10 +352,12 @@ impl RpcClient {
         tls: Option<&TlsSettings>,
         timeout: Duration,
     ) -> Result<Self, ClientError> {
-        let uri: http::Uri = url.parse().map_err(|e: http::uri::InvalidUri| ClientError::Url {
-            url: url.into(),
-            reason: e.to_string(),
-        })?;
+        let uri: http::Uri = url
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| ClientError::Url {
+                url: url.into(),
+                reason: e.to_string(),
+            })?;
         let config = match (uri.scheme_str(), tls) {
             (Some("https"), Some(t)) => tls::client_config(t, &[])?,
             (Some("https"), None) => {

@@ -149,7 +149,10 @@ pub fn parse_request(body: &[u8]) -> Result<Request, (Option<Box<RawValue>>, Rpc
         ));
     }
     if !text.starts_with('{') {
-        return Err((None, RpcError::invalid_request("a request must be an object")));
+        return Err((
+            None,
+            RpcError::invalid_request("a request must be an object"),
+        ));
     }
     match serde_json::from_str::<Request>(raw.get()) {
         Ok(req) if req.jsonrpc != "2.0" => Err((
@@ -177,7 +180,10 @@ pub fn parse_request(body: &[u8]) -> Result<Request, (Option<Box<RawValue>>, Rpc
             let id = serde_json::from_str::<IdOnly>(raw.get())
                 .ok()
                 .and_then(|i| i.id);
-            Err((id, RpcError::invalid_request(format!("invalid request: {e}"))))
+            Err((
+                id,
+                RpcError::invalid_request(format!("invalid request: {e}")),
+            ))
         }
     }
 }
@@ -209,13 +215,17 @@ mod tests {
         let (_, e) = parse_request(br#"{"jsonrpc":"1.0","method":"a.b","id":1}"#).unwrap_err();
         assert_eq!(e.code, INVALID_REQUEST);
         let deep = "[".repeat(10_000);
-        assert_eq!(parse_request(deep.as_bytes()).unwrap_err().1.code, PARSE_ERROR);
+        assert_eq!(
+            parse_request(deep.as_bytes()).unwrap_err().1.code,
+            PARSE_ERROR
+        );
     }
 
     #[test]
     fn params_stay_raw() {
-        let r = parse_request(br#"{"jsonrpc":"2.0","method":"a.b","params":{"x": [1, 2]},"id":"q"}"#)
-            .unwrap();
+        let r =
+            parse_request(br#"{"jsonrpc":"2.0","method":"a.b","params":{"x": [1, 2]},"id":"q"}"#)
+                .unwrap();
         assert_eq!(r.params.unwrap().get(), r#"{"x": [1, 2]}"#);
         assert_eq!(split_method("a.b.c"), Some(("a", "b.c")));
         assert_eq!(split_method("ab"), None);

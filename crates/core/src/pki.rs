@@ -109,7 +109,15 @@ pub fn ensure(
 
     for op in operators {
         let crt = certs_dir.join(format!("{op}.crt"));
-        let path = leaf(&issuer, certs_dir, op, op, std::slice::from_ref(op), force_leaves, &mut report)?;
+        let path = leaf(
+            &issuer,
+            certs_dir,
+            op,
+            op,
+            std::slice::from_ref(op),
+            force_leaves,
+            &mut report,
+        )?;
         debug_assert_eq!(path, crt);
         let der = tls::load_certs(&crt).map_err(|e| io(&crt, e))?;
         report
@@ -117,7 +125,11 @@ pub fn ensure(
             .push((op.clone(), tls::fingerprint(&der[0])));
     }
     for s in servers {
-        let cn = s.dns_names.first().cloned().unwrap_or_else(|| s.stem.clone());
+        let cn = s
+            .dns_names
+            .first()
+            .cloned()
+            .unwrap_or_else(|| s.stem.clone());
         leaf(
             &issuer,
             certs_dir,

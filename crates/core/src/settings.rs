@@ -125,8 +125,8 @@ fn load_merged(dirs: &[PathBuf]) -> Result<(Value, Vec<SettingsFile>), SettingsE
     let mut vars: BTreeMap<String, (VarSpec, PathBuf)> = BTreeMap::new();
     for (path, doc) in &mut docs {
         if let Some(section) = doc.as_object_mut().and_then(|m| m.remove("vars")) {
-            let specs: BTreeMap<String, VarSpec> =
-                serde_path_to_error::deserialize(section).map_err(|e| SettingsError::Variable {
+            let specs: BTreeMap<String, VarSpec> = serde_path_to_error::deserialize(section)
+                .map_err(|e| SettingsError::Variable {
                     path: path.clone(),
                     key: format!("vars.{}", e.path()),
                     reason: e.inner().to_string(),
@@ -373,7 +373,10 @@ fn lookup(doc: &Value, segments: &[&str]) -> bool {
     for seg in segments {
         // serde_path_to_error writes sequence items as `name[3]`.
         let (name, index) = match seg.find('[') {
-            Some(i) => (&seg[..i], seg[i + 1..].trim_end_matches(']').parse::<usize>().ok()),
+            Some(i) => (
+                &seg[..i],
+                seg[i + 1..].trim_end_matches(']').parse::<usize>().ok(),
+            ),
             None => (*seg, None),
         };
         if !name.is_empty() {
@@ -457,7 +460,11 @@ mod tests {
     fn unknown_key_names_file_and_key() {
         let d = tempfile::tempdir().unwrap();
         write(d.path(), "10.yml", "name: a\n");
-        write(d.path(), "20.yml", "nested: {path: x, flag: true, bogus: 1}\n");
+        write(
+            d.path(),
+            "20.yml",
+            "nested: {path: x, flag: true, bogus: 1}\n",
+        );
         let e = load_dirs::<S>(&[d.path().to_path_buf()])
             .unwrap_err()
             .to_string();
@@ -487,6 +494,9 @@ mod tests {
         let e = load_dirs::<S>(&[d.path().to_path_buf()])
             .unwrap_err()
             .to_string();
-        assert!(e.contains("a.yml") && e.contains("name") && e.contains("NOPE"), "{e}");
+        assert!(
+            e.contains("a.yml") && e.contains("name") && e.contains("NOPE"),
+            "{e}"
+        );
     }
 }

@@ -88,12 +88,10 @@ pub fn server_config(s: &TlsSettings, alpn: &[&[u8]]) -> Result<Arc<ServerConfig
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Config(e.to_string()))?;
     let builder = if s.verify_client {
-        let verifier = WebPkiClientVerifier::builder_with_provider(
-            root_store(&s.ca_certificate)?,
-            provider(),
-        )
-        .build()
-        .map_err(|e| TlsError::Config(e.to_string()))?;
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(root_store(&s.ca_certificate)?, provider())
+                .build()
+                .map_err(|e| TlsError::Config(e.to_string()))?;
         builder.with_client_cert_verifier(verifier)
     } else {
         builder.with_no_client_auth()

@@ -43,7 +43,9 @@ impl Broker {
     }
 
     fn ping(&self) -> Outcome {
-        Ok(jsonrpc::to_raw(&json!({"pong": true, "operator": self.name})))
+        Ok(jsonrpc::to_raw(
+            &json!({"pong": true, "operator": self.name}),
+        ))
     }
 
     /// A call from the local client: `OPERATOR.METHOD`.
@@ -59,7 +61,9 @@ impl Broker {
         };
         let params = req.params.unwrap_or_else(empty_object);
         if operator == self.name {
-            return self.incoming(&self.name, method, params.get().as_bytes()).await;
+            return self
+                .incoming(&self.name, method, params.get().as_bytes())
+                .await;
         }
         let address = {
             let dir = self.directory.load();
@@ -139,9 +143,8 @@ fn with_client(params: &[u8], client: Value) -> Result<Box<RawValue>, RpcError> 
     let mut map: Map<String, Value> = if text.is_empty() || text == "null" {
         Map::new()
     } else {
-        serde_json::from_str(text).map_err(|e| {
-            RpcError::invalid_params(format!("params must be a JSON object: {e}"))
-        })?
+        serde_json::from_str(text)
+            .map_err(|e| RpcError::invalid_params(format!("params must be a JSON object: {e}")))?
     };
     map.insert("_client".into(), client);
     Ok(jsonrpc::to_raw(&map))

@@ -57,7 +57,9 @@ pub fn run(a: Args) -> ExitCode {
             }
             println!(
                 "wrote certificate records to {}",
-                a.directory_dir.join(pki::CERTIFICATES_RECORD_FILE).display()
+                a.directory_dir
+                    .join(pki::CERTIFICATES_RECORD_FILE)
+                    .display()
             );
             ExitCode::SUCCESS
         }

@@ -157,8 +157,7 @@ pub async fn serve(
             let _ = tcp.set_nodelay(true);
             let (acceptor, tx, directory) = (acceptor.clone(), tx.clone(), directory.clone());
             tokio::spawn(async move {
-                let io = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
-                {
+                let io = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(io)) => io,
                     Ok(Err(e)) => {
                         tracing::info!(%addr, error = %e, "peer handshake refused");
@@ -240,7 +239,13 @@ impl Peers {
     }
 
     /// Calls `method` on peer `name` at `address` with JSON `params`.
-    pub async fn call(&self, name: &str, address: &str, method: &str, params: &RawValue) -> Outcome {
+    pub async fn call(
+        &self,
+        name: &str,
+        address: &str,
+        method: &str,
+        params: &RawValue,
+    ) -> Outcome {
         let mut client = match self.client(name, address) {
             Ok(c) => c,
             Err(e) => return Err(e),
@@ -306,10 +311,12 @@ impl Peers {
             max_backoff: self.max_backoff,
             backoff: Arc::new(Mutex::new(Backoff::default())),
         };
-        Ok(endpoint.connect_with_connector_lazy(tower::service_fn(move |_| {
-            let c = connector.clone();
-            async move { c.connect().await }
-        })))
+        Ok(
+            endpoint.connect_with_connector_lazy(tower::service_fn(move |_| {
+                let c = connector.clone();
+                async move { c.connect().await }
+            })),
+        )
     }
 }
 
@@ -402,15 +409,22 @@ fn status_error(name: &str, address: &str, status: &tonic::Status, secs: f64) ->
         }
         source = s.source();
     }
-    match status.code() {
-        tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => RpcError::new(
+    // hyper reports a connection that died before the request went out (a peer refusing our
+    // certificate after the TLS 1.3 handshake) as "canceled"; only an expired deadline, ours or
+    // the grpc-timeout the peer enforces ("Timeout expired"), is a timeout.
+    let expired = status.code() == tonic::Code::DeadlineExceeded
+        || (status.code() == tonic::Code::Cancelled
+            && status.message() == tonic::TimeoutExpired(()).to_string());
+    if expired {
+        RpcError::new(
             jsonrpc::PEER_TIMEOUT,
             format!("peer {name} ({address}) did not answer within {secs:.1} s"),
-        ),
-        _ => RpcError::new(
+        )
+    } else {
+        RpcError::new(
             jsonrpc::PEER_UNREACHABLE,
             format!("peer {name} ({address}) unreachable: {detail}"),
-        ),
+        )
     }
 }
 
@@ -438,8 +452,9 @@ fn from_pb(resp: pb::CallResponse) -> Outcome {
         Some(O::Result(bytes)) => {
             let text = String::from_utf8(bytes.to_vec())
                 .map_err(|_| RpcError::internal("peer sent a result that is not UTF-8"))?;
-            RawValue::from_string(text)
-                .map_err(|e| RpcError::internal(format!("peer sent a result that is not JSON: {e}")))
+            RawValue::from_string(text).map_err(|e| {
+                RpcError::internal(format!("peer sent a result that is not JSON: {e}"))
+            })
         }
         Some(O::Error(e)) => Err(RpcError {
             code: e.code,

@@ -18,7 +18,11 @@ mod settings;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "eps", version, about = "EPS server: carries JSON-RPC calls between operators over mutual-TLS gRPC")]
+#[command(
+    name = "eps",
+    version,
+    about = "EPS server: carries JSON-RPC calls between operators over mutual-TLS gRPC"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

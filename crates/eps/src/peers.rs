@@ -87,7 +87,10 @@ impl ClientCertVerifier for DirectoryClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        if let Err(e) = self.inner.verify_client_cert(end_entity, intermediates, now) {
+        if let Err(e) = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)
+        {
             let who = tls::operator_name(end_entity).unwrap_or_else(|| "?".into());
             tracing::warn!(peer = %who, error = %e, "refused peer: certificate does not verify against the CA set");
             return Err(e);

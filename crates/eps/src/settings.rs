@@ -34,7 +34,12 @@ pub struct Settings {
 
 /// Where the service directory comes from.
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, tag = "type", content = "settings", rename_all = "snake_case")]
+#[serde(
+    deny_unknown_fields,
+    tag = "type",
+    content = "settings",
+    rename_all = "snake_case"
+)]
 pub enum DirectorySettings {
     /// A folder of `{"records": [...]}` JSON files, read in lexical order.
     Files { path: PathBuf },

@@ -42,8 +42,7 @@ pub fn normalize_domain(domain: &str) -> Option<String> {
         && !d.starts_with('.')
         && !d.ends_with('.')
         && !d.contains("..")
-        && d
-            .bytes()
+        && d.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
         && d.split('.').all(|l| !l.is_empty() && l.len() <= 63)
         && d.parse::<std::net::IpAddr>().is_err();
@@ -254,7 +253,12 @@ mod tests {
 
     #[test]
     fn bad_names_are_refused() {
-        for d in ["", "1.2.3.4", "a..internal-server.local", "a b.internal-server.local"] {
+        for d in [
+            "",
+            "1.2.3.4",
+            "a..internal-server.local",
+            "a b.internal-server.local",
+        ] {
             assert!(normalize_domain(d).is_none(), "{d}");
         }
     }

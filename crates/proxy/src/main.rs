@@ -5,7 +5,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
-#[command(name = "proxy", version, about = "eps proxies: TLS passthrough from a public port to a private server that opens no port")]
+#[command(
+    name = "proxy",
+    version,
+    about = "eps proxies: TLS passthrough from a public port to a private server that opens no port"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -130,7 +130,10 @@ impl Private {
                 accepted.insert(a.domain.clone(), (proxy.to_string(), a.expires_at.clone()));
             } else {
                 accepted.remove(&a.domain);
-                let e = a.error.clone().unwrap_or_else(|| RpcError::internal("refused"));
+                let e = a
+                    .error
+                    .clone()
+                    .unwrap_or_else(|| RpcError::internal("refused"));
                 tracing::warn!(domain = %a.domain, %proxy, code = e.code, reason = %e.message, "announcement refused");
             }
         }
@@ -288,9 +291,7 @@ impl Private {
                 added.clone()
             };
             let _ = self.store.save(&snapshot).await;
-            return Err(a
-                .error
-                .unwrap_or_else(|| RpcError::internal("refused")));
+            return Err(a.error.unwrap_or_else(|| RpcError::internal("refused")));
         }
         self.changed.notify_one();
         Ok(jsonrpc::to_raw(
@@ -311,8 +312,8 @@ impl Private {
 }
 
 fn wanted(a: &AnnouncementSetting, default_proxy: &str) -> Result<Wanted, String> {
-    let domain =
-        normalize_domain(&a.domain).ok_or_else(|| format!("{:?} is not a valid domain", a.domain))?;
+    let domain = normalize_domain(&a.domain)
+        .ok_or_else(|| format!("{:?} is not a valid domain", a.domain))?;
     Ok(Wanted {
         domain,
         proxy: a.proxy.clone().unwrap_or_else(|| default_proxy.to_string()),

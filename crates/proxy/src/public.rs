@@ -195,8 +195,7 @@ impl Public {
         let mut chunk = [0u8; 4096];
         loop {
             let room = (max + 1 - buf.len()).min(chunk.len());
-            let n = match tokio::time::timeout_at(deadline, client.read(&mut chunk[..room])).await
-            {
+            let n = match tokio::time::timeout_at(deadline, client.read(&mut chunk[..room])).await {
                 Err(_) => return Err("ClientHello not complete within client_hello_timeout".into()),
                 Ok(Err(e)) => return Err(format!("read failed: {e}")),
                 Ok(Ok(0)) => return Err("end of stream inside the ClientHello (truncated)".into()),

@@ -78,7 +78,12 @@ pub struct JsonRpcServerSettings {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, tag = "type", content = "settings", rename_all = "snake_case")]
+#[serde(
+    deny_unknown_fields,
+    tag = "type",
+    content = "settings",
+    rename_all = "snake_case"
+)]
 pub enum DatastoreSettings {
     /// A JSON file replaced atomically on every change.
     File { path: PathBuf },
@@ -207,7 +212,9 @@ impl Settings {
                 .ok_or("`proxy run public` needs a `public:` section")?;
             let l = &p.limits;
             if l.max_pending == 0 || l.max_connections == 0 {
-                return Err("public.limits: max_pending and max_connections must be above 0".into());
+                return Err(
+                    "public.limits: max_pending and max_connections must be above 0".into(),
+                );
             }
             if l.max_client_hello_bytes < 512 {
                 return Err("public.limits.max_client_hello_bytes must be at least 512".into());

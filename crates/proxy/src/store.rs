@@ -83,7 +83,9 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     tmp.write_all(bytes).map_err(err)?;
     tmp.as_file().sync_all().map_err(err)?;
     tmp.persist(path).map_err(|e| err(e.error))?;
-    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(err)
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(err)
 }
 
 #[cfg(test)]

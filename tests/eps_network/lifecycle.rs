@@ -1,0 +1,166 @@
+//! A peer going down and coming back, deadlines, SIGTERM and bad settings.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use eps_core::jsonrpc;
+use eps_tests::*;
+
+use crate::net::{rpc_error, Net, CALL_TIMEOUT, MARGIN, PROCESS_WAIT};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn peer_down_fails_within_deadline_and_recovers_after_restart() {
+    let mut net = Net::new("restart");
+    net.start(&["alice", "bob"]).await;
+    let client = net.node("alice").client();
+    call(&client, "bob.echo", json!({"before": true}))
+        .await
+        .expect("bob.echo before the restart");
+    let alice_pid = net.node("alice").proc.pid();
+
+    net.node_mut("bob").proc.kill();
+    for attempt in 0..3 {
+        let t0 = Instant::now();
+        let e = rpc_error(
+            call(&client, "bob.echo", json!({"down": attempt})).await,
+            "call while bob is down",
+        );
+        let took = t0.elapsed();
+        assert!(
+            took < CALL_TIMEOUT + MARGIN,
+            "attempt {attempt} took {took:?}: {e}"
+        );
+        assert!(
+            [jsonrpc::PEER_UNREACHABLE, jsonrpc::PEER_TIMEOUT].contains(&e.code),
+            "attempt {attempt}: {e}"
+        );
+        assert!(e.message.contains("bob"), "attempt {attempt}: {e}");
+    }
+
+    let bob = net.node_mut("bob");
+    bob.proc.restart();
+    bob.proc.wait_for_log(EPS_READY, PROCESS_WAIT).await;
+    let recovered = wait_until(Duration::from_secs(10), || {
+        let client = &client;
+        async move {
+            call(client, "bob.echo", json!({"after": true}))
+                .await
+                .is_ok()
+        }
+    })
+    .await;
+    assert!(recovered, "alice never reached bob again");
+
+    let alice = net.node_mut("alice");
+    assert!(alice.proc.is_running());
+    assert_eq!(alice.proc.pid(), alice_pid, "alice was not restarted");
+    let got = net.node("bob").service.received();
+    assert!(
+        got.iter().all(|r| r.params.get("down").is_none()),
+        "{got:?}"
+    );
+    let after = got
+        .iter()
+        .find(|r| r.params["after"] == true)
+        .expect("a call after");
+    assert_eq!(after.params["_client"]["name"], "alice");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_service_times_out_with_504_naming_the_peer() {
+    let mut net = Net::new("slow");
+    net.start(&["alice", "bob"]).await;
+    let client = net.node("alice").client();
+
+    let t0 = Instant::now();
+    let e = rpc_error(
+        call(&client, "bob.slow", json!({"sleep_ms": 10_000})).await,
+        "bob.slow",
+    );
+    let took = t0.elapsed();
+    assert_eq!(e.code, jsonrpc::PEER_TIMEOUT, "{e}");
+    assert!(e.message.contains("bob"), "{e}");
+    assert!(
+        took >= CALL_TIMEOUT - Duration::from_millis(100),
+        "{took:?}"
+    );
+    assert!(took < CALL_TIMEOUT + MARGIN, "{took:?}");
+    call(&client, "bob.echo", json!({}))
+        .await
+        .expect("a call after the timeout");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_stops_the_server_cleanly() {
+    let mut net = Net::new("sigterm");
+    net.start(&["bob"]).await;
+    let bob = &mut net.node_mut("bob").proc;
+    let status = bob.stop(PROCESS_WAIT).await.expect("bob exits on SIGTERM");
+    assert!(status.success(), "{status}; log: {}", bob.log());
+    assert!(bob.log().contains("shutting down"), "{}", bob.log());
+}
+
+/// Starts `eps` on `settings` and checks it exits at once with code 64, its output naming every
+/// one of `needles`.
+async fn assert_bad_settings(dir: &TestDir, settings: &[&Path], needles: &[&str]) {
+    let t0 = Instant::now();
+    let mut eps = start_eps("eps", settings, dir.join("eps.log"));
+    let status = eps.wait_exit(PROCESS_WAIT).await.expect("eps exits");
+    let log = eps.log();
+    assert_eq!(status.code(), Some(64), "{log}");
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    for n in needles {
+        assert!(log.contains(n), "output does not name {n:?}: {log}");
+    }
+    assert!(!log.contains(EPS_READY), "{log}");
+}
+
+/// A valid settings folder for bob in `dir`, to spoil.
+fn bob_settings(dir: &TestDir) -> EpsConfig {
+    let pki = Pki::new(dir.join("pki"), &["bob"], None);
+    EpsConfig::new("bob", &pki, &dir.mkdir("directory"), "https://127.0.0.1:9/")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unknown_settings_key_exits_64_naming_file_and_key() {
+    let dir = TestDir::new("unknown-key");
+    let settings = bob_settings(&dir).write(&dir.join("settings"));
+    let extra = dir.write("settings/20-extra.yml", "grpc_server:\n  bogus_key: 1\n");
+    assert_bad_settings(
+        &dir,
+        &[&settings],
+        &[&extra.display().to_string(), "bogus_key"],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wrong_settings_type_exits_64_naming_file_and_key() {
+    let dir = TestDir::new("wrong-type");
+    let mut config = bob_settings(&dir);
+    config.extra = json!({"grpc_client": {"call_timeout": "soon"}});
+    let settings = config.write(&dir.join("settings"));
+    let file = settings.join("eps.yml").display().to_string();
+    assert_bad_settings(&dir, &[&settings], &[&file, "grpc_client.call_timeout"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn missing_settings_directory_exits_64_naming_it() {
+    let dir = TestDir::new("missing-dir");
+    let missing = dir.join("no-such-settings");
+    assert_bad_settings(&dir, &[&missing], &[&missing.display().to_string()]).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn missing_certificate_file_exits_64_naming_it() {
+    let dir = TestDir::new("missing-cert");
+    let mut config = bob_settings(&dir);
+    config.grpc_tls.certificate = dir.join("nowhere/bob.crt");
+    let settings = config.write(&dir.join("settings"));
+    assert_bad_settings(
+        &dir,
+        &[&settings],
+        &["grpc_server.tls.certificate", "nowhere/bob.crt"],
+    )
+    .await;
+}
