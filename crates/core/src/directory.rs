@@ -196,6 +196,11 @@ impl Directory {
         self.entries.get(name)
     }
 
+    /// Every entry, in no particular order.
+    pub fn entries(&self) -> impl Iterator<Item = &Entry> {
+        self.entries.values()
+    }
+
     /// Number of operators.
     pub fn len(&self) -> usize {
         self.entries.len()

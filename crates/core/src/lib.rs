@@ -11,12 +11,14 @@
 //! - [`http`]: the bounded HTTPS JSON-RPC server and the keep-alive client both sides of a local
 //!   link use.
 //! - [`pki`]: the development PKI (`eps certs`), also used by tests.
+//! - [`ops`]: the operations listener: `/metrics`, `/healthz`, `/readyz`.
 //! - [`logging`]: the tracing setup every binary shares.
 
 pub mod directory;
 pub mod http;
 pub mod jsonrpc;
 pub mod logging;
+pub mod ops;
 pub mod pki;
 pub mod settings;
 pub mod tls;

@@ -51,6 +51,34 @@ pub enum SettingsError {
     },
 }
 
+/// A secret setting (a password): printed as `***` by `Debug` and when settings are serialized.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+
+    /// The secret itself, for the one place that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl serde::Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("***")
+    }
+}
+
 /// One entry of a `vars:` section.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -316,10 +344,14 @@ fn typed(raw: &str, kind: VarType, variable: &str) -> Result<Value, String> {
     }
 }
 
-/// Deep merge: mappings merge key by key, anything else in `b` replaces `a`.
+/// Deep merge: mappings merge key by key, anything else in `b` replaces `a`. A mapping whose
+/// `type` differs from the earlier one's (`datastore: {type: redis, ...}` over
+/// `{type: file, ...}`) replaces it whole, since its other keys belong to the old type.
 pub fn merge(a: &mut Value, b: Value) {
     match (a, b) {
-        (Value::Object(a), Value::Object(b)) => {
+        (Value::Object(a), Value::Object(b))
+            if !matches!((a.get("type"), b.get("type")), (Some(x), Some(y)) if x != y) =>
+        {
             for (k, v) in b {
                 match a.get_mut(&k) {
                     Some(existing) => merge(existing, v),
@@ -439,6 +471,15 @@ mod tests {
                 flag: true
             })
         );
+    }
+
+    #[test]
+    fn a_new_type_replaces_the_whole_mapping() {
+        let mut a = serde_json::json!({"d": {"type": "file", "settings": {"path": "x"}}, "k": 1});
+        merge(&mut a, serde_json::json!({"d": {"type": "redis", "settings": {"addresses": []}}}));
+        assert_eq!(a, serde_json::json!({"d": {"type": "redis", "settings": {"addresses": []}}, "k": 1}));
+        merge(&mut a, serde_json::json!({"d": {"settings": {"key": "k"}}}));
+        assert_eq!(a["d"]["settings"], serde_json::json!({"addresses": [], "key": "k"}));
     }
 
     #[test]

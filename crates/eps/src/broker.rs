@@ -3,7 +3,7 @@
 //! Per call: one directory lookup (in memory), one permission check, one forward. Params are
 //! passed on as raw JSON; only the receiving side opens them once, to add `_client`.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use eps_core::directory::AccessError;
 use eps_core::http::{CallError, Handler, Peer, RpcClient};
@@ -12,12 +12,14 @@ use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 
 use crate::grpc::Peers;
+use crate::metrics::Metrics;
 use crate::peers::SharedDirectory;
 
 /// The method every EPS server answers itself.
 pub const PING: &str = "_ping";
 
 pub struct Broker {
+    metrics: Metrics,
     name: String,
     directory: SharedDirectory,
     peers: Peers,
@@ -32,8 +34,10 @@ impl Broker {
         peers: Peers,
         local: RpcClient,
         call_timeout: Duration,
+        metrics: Metrics,
     ) -> Self {
         Self {
+            metrics,
             name,
             directory,
             peers,
@@ -53,6 +57,23 @@ impl Broker {
         if req.method == PING {
             return self.ping();
         }
+        let started = Instant::now();
+        let name = req.method.clone();
+        let outcome = self.route_out(req).await;
+        let (peer, method) = jsonrpc::split_method(&name).unwrap_or(("unknown", "unknown"));
+        let known = self.directory.load().entry(peer).is_some();
+        self.metrics.record(
+            "out",
+            peer,
+            known,
+            method,
+            &outcome,
+            started.elapsed().as_secs_f64(),
+        );
+        outcome
+    }
+
+    async fn route_out(&self, req: Request) -> Outcome {
         let Some((operator, method)) = jsonrpc::split_method(&req.method) else {
             return Err(RpcError::method_not_found(format!(
                 "method {:?} must be OPERATOR.METHOD",
@@ -91,6 +112,21 @@ impl Broker {
         if method == PING {
             return self.ping();
         }
+        let started = Instant::now();
+        let outcome = self.deliver(caller, method, params).await;
+        let known = self.directory.load().entry(caller).is_some();
+        self.metrics.record(
+            "in",
+            caller,
+            known,
+            method,
+            &outcome,
+            started.elapsed().as_secs_f64(),
+        );
+        outcome
+    }
+
+    async fn deliver(&self, caller: &str, method: &str, params: &[u8]) -> Outcome {
         let client = {
             let dir = self.directory.load();
             let Some(caller_entry) = dir.entry(caller) else {

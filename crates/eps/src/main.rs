@@ -5,17 +5,22 @@
 //! - `server`: wires listeners, directory and broker together (`eps server run`).
 //! - `broker`: routes calls between the local client, peers and the local service.
 //! - `grpc`: the mutual-TLS gRPC server and the per-peer channels.
+//! - `metrics`: Prometheus counters of calls.
 //! - `peers`: peer identity checks against the directory.
 //! - `certs`: `eps certs`, the development PKI.
+//! - `cli`: `eps call`, `eps settings check`, `eps directory show`.
 
 mod broker;
 mod certs;
+mod cli;
 mod grpc;
+mod metrics;
 mod peers;
 mod server;
 mod settings;
 
 use clap::{Parser, Subcommand};
+use eps_core::logging::LogFormat;
 
 #[derive(Parser)]
 #[command(
@@ -24,6 +29,9 @@ use clap::{Parser, Subcommand};
     about = "EPS server: carries JSON-RPC calls between operators over mutual-TLS gRPC"
 )]
 struct Cli {
+    /// Log line format (the filter comes from RUST_LOG, default info).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "EPS_LOG_FORMAT")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -38,6 +46,40 @@ enum Command {
     /// Write the development PKI (root CA, operator and internal-server certificates) and the
     /// directory's certificate records. Existing files are kept unless --force is given.
     Certs(certs::Args),
+    /// Call OPERATOR.METHOD through the local EPS server (EPS_SETTINGS) and print the result,
+    /// e.g. `eps call public-proxy-1.getAnnouncements '{}'`.
+    Call {
+        /// OPERATOR.METHOD, or `_ping` for the local server itself.
+        method: String,
+        /// The params as JSON.
+        #[arg(default_value = "{}")]
+        params: String,
+        /// Seconds to wait for the answer.
+        #[arg(long, default_value_t = 15.0)]
+        timeout: f64,
+    },
+    /// Check settings.
+    Settings {
+        #[command(subcommand)]
+        command: SettingsCommand,
+    },
+    /// Inspect the service directory named by EPS_SETTINGS.
+    Directory {
+        #[command(subcommand)]
+        command: DirectoryCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum SettingsCommand {
+    /// Validate EPS_SETTINGS and print the merged settings (secrets masked); exit 64 if bad.
+    Check,
+}
+
+#[derive(Subcommand)]
+enum DirectoryCommand {
+    /// Print the folded directory entry of OPERATOR, or of every operator.
+    Show { operator: Option<String> },
 }
 
 #[derive(Subcommand)]
@@ -49,8 +91,24 @@ enum ServerCommand {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    eps_core::logging::init_with("info", cli.log_format);
     match cli.command {
         Command::Certs(args) => certs::run(args),
+        Command::Call {
+            method,
+            params,
+            timeout,
+        } => cli::call(
+            method,
+            params,
+            std::time::Duration::from_secs_f64(timeout.max(0.1)),
+        ),
+        Command::Settings {
+            command: SettingsCommand::Check,
+        } => cli::settings_check(),
+        Command::Directory {
+            command: DirectoryCommand::Show { operator },
+        } => cli::directory_show(operator),
         Command::Server {
             command: ServerCommand::Run,
         } => server::main(),

@@ -3,11 +3,11 @@
 
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context as _;
 use eps_core::directory::Directory;
 use eps_core::http::RpcClient;
+use eps_core::ops;
 use eps_core::tls;
 use rustls::server::WebPkiClientVerifier;
 use tokio::net::TcpListener;
@@ -15,16 +15,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::broker::{Broker, LocalHandler};
 use crate::grpc::{self, Peers};
+use crate::metrics::Metrics;
 use crate::peers::{DirectoryClientVerifier, SharedDirectory};
 use crate::settings::{DirectorySettings, Settings};
 
 /// Exit code for bad settings, before any port is bound.
 const EXIT_BAD_SETTINGS: u8 = 64;
-/// How long in-flight calls get to finish after a shutdown signal.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 pub fn main() -> ExitCode {
-    eps_core::logging::init("info");
     let settings: Settings = match eps_core::settings::load_from_env("EPS_SETTINGS") {
         Ok(s) => s,
         Err(e) => {
@@ -141,12 +139,23 @@ async fn run(s: Settings, p: Prepared) -> anyhow::Result<()> {
         s.grpc_client.max_reconnect_backoff,
         s.grpc_server.max_message_bytes,
     );
+    let ops_listener = match s.metrics.bind_address {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding metrics.bind_address {addr}"))?,
+        ),
+        None => None,
+    };
+    let mut prometheus = prometheus_client::registry::Registry::default();
+    let metrics = Metrics::new(&mut prometheus);
     let broker = Arc::new(Broker::new(
         s.name.clone(),
         p.directory.clone(),
         peers,
         p.local,
         s.grpc_client.call_timeout,
+        metrics,
     ));
     let shutdown = CancellationToken::new();
     tracing::info!(
@@ -173,11 +182,25 @@ async fn run(s: Settings, p: Prepared) -> anyhow::Result<()> {
         p.directory.clone(),
         shutdown.clone(),
     ));
+    if let Some(listener) = ops_listener {
+        tracing::info!(addr = %listener.local_addr()?, "serving /metrics, /healthz and /readyz");
+        // Ready once listening: the listeners are bound and the directory is loaded.
+        let ready: ops::ReadyCheck = Arc::new(|| Box::pin(async { Ok(()) }));
+        tokio::spawn(ops::serve(
+            listener,
+            Arc::new(prometheus),
+            ready,
+            shutdown.clone(),
+        ));
+    }
     let DirectorySettings::Files { path } = &s.directory;
     wait_for_shutdown(&p.directory, path).await;
-    tracing::info!("shutting down");
+    tracing::info!(
+        grace_s = s.shutdown_grace_period.as_secs_f64(),
+        "shutting down: finishing calls in flight"
+    );
     shutdown.cancel();
-    let _ = tokio::time::timeout(SHUTDOWN_GRACE, async {
+    let _ = tokio::time::timeout(s.shutdown_grace_period, async {
         let _ = rpc.await;
         let _ = grpc.await;
     })

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use eps_core::http::{secs, ServerLimits};
+use eps_core::ops::MetricsSettings;
 use eps_core::tls::TlsSettings;
 use serde::{Deserialize, Serialize};
 
@@ -30,6 +31,19 @@ pub struct Settings {
     pub grpc_server: GrpcServerSettings,
     #[serde(default)]
     pub grpc_client: GrpcClientSettings,
+    /// Prometheus metrics and health endpoints; off unless `metrics.bind_address` is set.
+    #[serde(default)]
+    pub metrics: MetricsSettings,
+    /// Seconds calls in flight get to finish after SIGTERM.
+    #[serde(default = "default_grace", with = "secs")]
+    pub shutdown_grace_period: Duration,
+}
+
+/// Default time calls in flight get to finish after SIGTERM.
+pub const DEFAULT_SHUTDOWN_GRACE_PERIOD: Duration = Duration::from_secs(10);
+
+fn default_grace() -> Duration {
+    DEFAULT_SHUTDOWN_GRACE_PERIOD
 }
 
 /// Where the service directory comes from.

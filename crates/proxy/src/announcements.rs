@@ -95,6 +95,11 @@ impl Table {
         v
     }
 
+    /// Number of live announcements.
+    pub fn live_count(&self, now: OffsetDateTime) -> usize {
+        self.by_domain.values().filter(|a| a.expires_at > now).count()
+    }
+
     /// Every stored announcement, expired ones included (for persisting).
     pub fn all(&self) -> Vec<Announcement> {
         let mut v: Vec<_> = self.by_domain.values().cloned().collect();
@@ -129,53 +134,83 @@ impl Table {
         expires_at: Option<OffsetDateTime>,
         now: OffsetDateTime,
     ) -> Result<Announcement, Refusal> {
-        let Some(domain) = normalize_domain(domain) else {
-            return Err(Refusal::new(
-                jsonrpc::INVALID_PARAMS,
-                format!("{domain:?} is not a valid domain name"),
-            ));
-        };
-        if !allowed(&domain, allowed_suffixes) {
-            return Err(Refusal::new(
-                jsonrpc::FORBIDDEN,
-                format!(
-                    "{operator} may not announce {domain}: allowed suffixes are {allowed_suffixes:?}"
-                ),
-            ));
-        }
-        if let Some(held) = self.lookup(&domain, now) {
-            if held.operator != operator {
-                return Err(Refusal::new(
-                    jsonrpc::CONFLICT,
-                    format!("{domain} is held by another operator"),
-                ));
+        let a = validate(operator, allowed_suffixes, domain, expires_at, now)?;
+        self.claim(a, now)
+    }
+
+    /// Stores `a` unless another operator holds the domain (409).
+    pub fn claim(&mut self, a: Announcement, now: OffsetDateTime) -> Result<Announcement, Refusal> {
+        if let Some(held) = self.lookup(&a.domain, now) {
+            if held.operator != a.operator {
+                return Err(conflict(&a.domain));
             }
         }
-        let limit = now + MAX_ANNOUNCEMENT_TTL;
-        let expires_at = match expires_at {
-            None => now + DEFAULT_ANNOUNCEMENT_TTL.min(MAX_ANNOUNCEMENT_TTL),
-            Some(t) if t <= now => {
-                return Err(Refusal::new(
-                    jsonrpc::INVALID_PARAMS,
-                    format!("expires_at {t} is in the past"),
-                ))
-            }
-            Some(t) if t > limit + Duration::from_secs(60) => {
-                return Err(Refusal::new(
-                    jsonrpc::INVALID_PARAMS,
-                    format!("expires_at {t} is more than 7 days ahead"),
-                ))
-            }
-            Some(t) => t.min(limit),
-        };
-        let a = Announcement {
-            domain: domain.clone(),
-            operator: operator.to_string(),
-            expires_at,
-        };
-        self.by_domain.insert(domain, a.clone());
+        self.by_domain.insert(a.domain.clone(), a.clone());
         Ok(a)
     }
+
+    /// Replaces (or with `None` removes) the announcement of `domain`, as another instance
+    /// decided it.
+    pub fn set(&mut self, domain: &str, a: Option<Announcement>) {
+        match a {
+            Some(a) => self.by_domain.insert(domain.to_string(), a),
+            None => self.by_domain.remove(domain),
+        };
+    }
+}
+
+/// The 409 refusal for a domain held by another operator.
+pub fn conflict(domain: &str) -> Refusal {
+    Refusal::new(
+        jsonrpc::CONFLICT,
+        format!("{domain} is held by another operator"),
+    )
+}
+
+/// The rules that need no other announcement: a valid name under an allowed suffix and an
+/// expiry in the next 7 days (none given: the default lifetime). Returns what to store.
+pub fn validate(
+    operator: &str,
+    allowed_suffixes: &[String],
+    domain: &str,
+    expires_at: Option<OffsetDateTime>,
+    now: OffsetDateTime,
+) -> Result<Announcement, Refusal> {
+    let Some(domain) = normalize_domain(domain) else {
+        return Err(Refusal::new(
+            jsonrpc::INVALID_PARAMS,
+            format!("{domain:?} is not a valid domain name"),
+        ));
+    };
+    if !allowed(&domain, allowed_suffixes) {
+        return Err(Refusal::new(
+            jsonrpc::FORBIDDEN,
+            format!("{operator} may not announce {domain}: allowed suffixes are {allowed_suffixes:?}"),
+        ));
+    }
+    let limit = now + MAX_ANNOUNCEMENT_TTL;
+    let expires_at = match expires_at {
+        None => now + DEFAULT_ANNOUNCEMENT_TTL.min(MAX_ANNOUNCEMENT_TTL),
+        Some(t) if t <= now => {
+            return Err(Refusal::new(
+                jsonrpc::INVALID_PARAMS,
+                format!("expires_at {t} is in the past"),
+            ))
+        }
+        // A minute of slack for clocks that disagree a little.
+        Some(t) if t > limit + Duration::from_secs(60) => {
+            return Err(Refusal::new(
+                jsonrpc::INVALID_PARAMS,
+                format!("expires_at {t} is more than 7 days ahead"),
+            ))
+        }
+        Some(t) => t.min(limit),
+    };
+    Ok(Announcement {
+        domain,
+        operator: operator.to_string(),
+        expires_at,
+    })
 }
 
 #[cfg(test)]

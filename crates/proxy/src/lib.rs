@@ -5,6 +5,8 @@
 //! - [`announcements`]: announcement rules (suffixes, conflicts, expiry) over plain data.
 //! - [`public`]: `proxy run public`: the SNI router, pending tokens, the internal port.
 //! - [`private`]: `proxy run private`: the announcer and the dial-back.
+//! - [`registry`]: the public side's in-memory announcements and their file or Redis store.
+//! - [`metrics`]: Prometheus counters of both proxies.
 //! - [`relay`]: byte relaying with half-close and an idle timeout.
 //! - [`store`]: the embedded, atomically replaced announcement file.
 //! - [`settings`]: the `PROXY_SETTINGS` schema and its defaults.
@@ -13,8 +15,10 @@
 pub mod announcements;
 pub mod clienthello;
 mod listener;
+pub mod metrics;
 pub mod private;
 pub mod public;
+pub mod registry;
 pub mod relay;
 pub mod run;
 pub mod settings;

@@ -10,17 +10,21 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// Accepts until `shutdown`. A connection over the `permits` limit is closed at once (the
 /// client sees the refusal instead of waiting in the backlog); each accepted one runs `handle`
-/// on its own task holding a permit.
-pub async fn accept_loop<F, Fut>(
+/// on its own task (tracked by `tracker`) holding a permit.
+pub async fn accept_loop<F, Fut, R>(
     listener: TcpListener,
     permits: Arc<Semaphore>,
     shutdown: CancellationToken,
+    tracker: TaskTracker,
+    on_refused: R,
     handle: F,
 ) where
     F: Fn(TcpStream, SocketAddr) -> Fut,
+    R: Fn(),
     Fut: Future<Output = ()> + Send + 'static,
 {
     let refused = AtomicU64::new(0);
@@ -39,6 +43,7 @@ pub async fn accept_loop<F, Fut>(
             _ = shutdown.cancelled() => return,
         };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
+            on_refused();
             // Log the first refusal and then every 1000th, not each one.
             let n = refused.fetch_add(1, Ordering::Relaxed);
             if n % 1000 == 0 {
@@ -49,7 +54,7 @@ pub async fn accept_loop<F, Fut>(
         };
         let _ = stream.set_nodelay(true);
         let fut = handle(stream, addr);
-        tokio::spawn(async move {
+        tracker.spawn(async move {
             fut.await;
             drop(permit);
         });

@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use eps_core::logging::LogFormat;
 
 #[derive(Parser)]
 #[command(
@@ -11,6 +12,9 @@ use clap::{Parser, Subcommand, ValueEnum};
     about = "eps proxies: TLS passthrough from a public port to a private server that opens no port"
 )]
 struct Cli {
+    /// Log line format (the filter comes from RUST_LOG, default info).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "EPS_LOG_FORMAT")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -24,6 +28,18 @@ enum Command {
         /// and dials back to relay clients to the internal server.
         role: Role,
     },
+    /// Check settings.
+    Settings {
+        #[command(subcommand)]
+        command: SettingsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum SettingsCommand {
+    /// Validate PROXY_SETTINGS for ROLE and print the merged settings (secrets masked);
+    /// exit 64 if bad.
+    Check { role: Role },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -33,8 +49,12 @@ enum Role {
 }
 
 fn main() -> ExitCode {
-    let Cli {
-        command: Command::Run { role },
-    } = Cli::parse();
-    proxy::run::main(matches!(role, Role::Public))
+    let cli = Cli::parse();
+    eps_core::logging::init_with("info", cli.log_format);
+    match cli.command {
+        Command::Run { role } => proxy::run::main(matches!(role, Role::Public)),
+        Command::Settings {
+            command: SettingsCommand::Check { role },
+        } => proxy::run::check(matches!(role, Role::Public)),
+    }
 }

@@ -15,9 +15,11 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::announcements::normalize_domain;
 use crate::public::{rfc3339, TOKEN_LEN};
+use crate::metrics::Metrics;
 use crate::relay;
 use crate::settings::{AnnouncementSetting, PrivateSettings};
 use crate::store::FileStore;
@@ -54,8 +56,8 @@ struct AnnounceAnswer {
 pub struct Private {
     settings: PrivateSettings,
     eps: RpcClient,
-    /// Announced from settings; never stored.
-    configured: Vec<Wanted>,
+    /// Announced from settings (re-read on SIGHUP); never stored.
+    configured: Mutex<Vec<Wanted>>,
     /// Added at runtime; kept in the store.
     added: Mutex<Vec<Wanted>>,
     store: FileStore,
@@ -64,10 +66,18 @@ pub struct Private {
     accepted: RwLock<HashMap<String, (String, Option<String>)>>,
     changed: Notify,
     relays: Arc<Semaphore>,
+    metrics: Arc<Metrics>,
+    tracker: TaskTracker,
 }
 
 impl Private {
-    pub fn new(s: &PrivateSettings, store: FileStore, eps: RpcClient) -> Result<Self, String> {
+    pub fn new(
+        s: &PrivateSettings,
+        store: FileStore,
+        eps: RpcClient,
+        metrics: Arc<Metrics>,
+        tracker: TaskTracker,
+    ) -> Result<Self, String> {
         let added: Vec<Wanted> = store.load().map_err(|e| e.to_string())?;
         let configured = s
             .announcements
@@ -77,13 +87,15 @@ impl Private {
         Ok(Self {
             settings: s.clone(),
             eps,
-            configured,
+            configured: Mutex::new(configured),
             added: Mutex::new(added),
             store,
             store_lock: tokio::sync::Mutex::new(()),
             accepted: RwLock::new(HashMap::new()),
             changed: Notify::new(),
             relays: Arc::new(Semaphore::new(s.max_relays)),
+            metrics,
+            tracker,
         })
     }
 
@@ -91,8 +103,8 @@ impl Private {
     fn wanted_by_proxy(&self) -> BTreeMap<String, Vec<Wanted>> {
         let now = OffsetDateTime::now_utc();
         let mut by_domain: BTreeMap<String, Wanted> = BTreeMap::new();
-        for w in self
-            .configured
+        let configured = self.configured.lock().expect("lock").clone();
+        for w in configured
             .iter()
             .chain(self.added.lock().expect("lock").iter())
         {
@@ -187,7 +199,35 @@ impl Private {
         }
     }
 
+    /// Takes the announcements of re-read settings and announces at once.
+    pub fn reload(&self, s: &PrivateSettings) -> Result<usize, String> {
+        let configured = s
+            .announcements
+            .iter()
+            .map(|a| wanted(a, &self.settings.public_proxy))
+            .collect::<Result<Vec<_>, _>>()?;
+        let n = configured.len();
+        *self.configured.lock().expect("lock") = configured;
+        self.changed.notify_one();
+        Ok(n)
+    }
+
     async fn incoming(&self, p: IncomingParams) -> Outcome {
+        self.metrics.accept("incoming");
+        let outcome = self.dial_back(p).await;
+        if let Err(e) = &outcome {
+            self.metrics.refuse(match e.code {
+                jsonrpc::FORBIDDEN => "not_announced",
+                jsonrpc::PEER_UNREACHABLE => "dial_failed",
+                jsonrpc::SERVICE_UNAVAILABLE => "relay_limit",
+                _ => "invalid_params",
+            });
+        }
+        outcome
+    }
+
+    /// Checks an `incomingConnection`, dials both ends, sends the token and starts the relay.
+    async fn dial_back(&self, p: IncomingParams) -> Outcome {
         let Some(caller) = p.client else {
             return Err(RpcError::invalid_params(
                 "no _client: incomingConnection must come through the EPS server",
@@ -227,12 +267,24 @@ impl Private {
                 format!("public endpoint {}: {e}", p.endpoint),
             )
         })?;
-        let server = server.map_err(|e| {
+        let mut server = server.map_err(|e| {
             RpcError::new(
                 jsonrpc::PEER_UNREACHABLE,
                 format!("internal endpoint {internal}: {e}"),
             )
         })?;
+        if self.settings.proxy_protocol {
+            let header = proxy_header(p.client_address.as_deref(), p.server_address.as_deref())
+                .ok_or_else(|| {
+                    RpcError::invalid_params("client_address and server_address are needed for the PROXY header")
+                })?;
+            server.write_all(&header).await.map_err(|e| {
+                RpcError::new(
+                    jsonrpc::PEER_UNREACHABLE,
+                    format!("internal endpoint {internal}: {e}"),
+                )
+            })?;
+        }
         public.write_all(&token).await.map_err(|e| {
             RpcError::new(
                 jsonrpc::PEER_UNREACHABLE,
@@ -240,9 +292,23 @@ impl Private {
             )
         })?;
         let idle = self.settings.idle_timeout;
-        tokio::spawn(async move {
+        let metrics = self.metrics.clone();
+        metrics.relayed.inc();
+        metrics.active_relays.inc();
+        self.tracker.spawn(async move {
+            let started = std::time::Instant::now();
             let t = relay::relay(public, server, idle).await;
-            tracing::debug!(%domain, up = t.b_to_a, down = t.a_to_b, ended = ?t.ended, "relay ended");
+            metrics.active_relays.dec();
+            // a is the public side, b the internal server: a → b is client to server.
+            metrics.relay_ended(t.a_to_b, t.b_to_a, t.ended.as_str());
+            tracing::info!(
+                %domain,
+                duration_ms = started.elapsed().as_millis() as u64,
+                bytes_up = t.a_to_b,
+                bytes_down = t.b_to_a,
+                outcome = t.ended.as_str(),
+                "connection relayed"
+            );
             drop(permit);
         });
         Ok(jsonrpc::to_raw(&json!({"status": "connected"})))
@@ -321,6 +387,34 @@ fn wanted(a: &AnnouncementSetting, default_proxy: &str) -> Result<Wanted, String
     })
 }
 
+/// A PROXY protocol v2 header naming the original client and the address it connected to.
+/// Mixed families are both written as IPv6 (IPv4-mapped).
+fn proxy_header(client: Option<&str>, server: Option<&str>) -> Option<Vec<u8>> {
+    use std::net::SocketAddr;
+    let src: SocketAddr = client?.parse().ok()?;
+    let dst: SocketAddr = server?.parse().ok()?;
+    let (src, dst) = match (src, dst) {
+        (SocketAddr::V4(_), SocketAddr::V4(_)) | (SocketAddr::V6(_), SocketAddr::V6(_)) => (src, dst),
+        _ => (v6(src), v6(dst)),
+    };
+    ppp::v2::Builder::with_addresses(
+        ppp::v2::Version::Two | ppp::v2::Command::Proxy,
+        ppp::v2::Protocol::Stream,
+        (src, dst),
+    )
+    .build()
+    .ok()
+}
+
+fn v6(a: std::net::SocketAddr) -> std::net::SocketAddr {
+    match a {
+        std::net::SocketAddr::V4(v4) => {
+            std::net::SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port())
+        }
+        v6 => v6,
+    }
+}
+
 async fn dial(addr: &str, timeout: Duration) -> std::io::Result<TcpStream> {
     let s = tokio::time::timeout(timeout, TcpStream::connect(addr))
         .await
@@ -334,6 +428,10 @@ struct IncomingParams {
     domain: String,
     token: String,
     endpoint: String,
+    #[serde(default)]
+    client_address: Option<String>,
+    #[serde(default)]
+    server_address: Option<String>,
     #[serde(rename = "_client", default)]
     client: Option<ClientParams>,
 }
@@ -360,5 +458,30 @@ impl Handler for PrivateRpc {
                 "the private proxy has no method {other:?}"
             ))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proxy_header_names_the_client() {
+        let h = proxy_header(Some("203.0.113.7:5000"), Some("127.0.0.1:4433")).unwrap();
+        let parsed = ppp::v2::Header::try_from(&h[..]).unwrap();
+        match parsed.addresses {
+            ppp::v2::Addresses::IPv4(a) => {
+                assert_eq!(a.source_address.to_string(), "203.0.113.7");
+                assert_eq!(a.source_port, 5000);
+                assert_eq!(a.destination_port, 4433);
+            }
+            other => panic!("{other:?}"),
+        }
+        let mixed = proxy_header(Some("[2001:db8::1]:1"), Some("127.0.0.1:2")).unwrap();
+        assert!(matches!(
+            ppp::v2::Header::try_from(&mixed[..]).unwrap().addresses,
+            ppp::v2::Addresses::IPv6(_)
+        ));
+        assert!(proxy_header(None, Some("127.0.0.1:2")).is_none());
     }
 }

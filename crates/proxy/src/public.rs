@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -21,20 +21,21 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-use crate::announcements::{Announcement, Table};
-use crate::clienthello::{self, Parse};
+use crate::clienthello::{self, ClientHelloError, Parse};
+use crate::metrics::{short_addr, Metrics};
 use crate::listener::accept_loop;
 use crate::relay;
 use crate::settings::{PublicLimits, PublicSettings};
-use crate::store::FileStore;
+use crate::registry::Registry;
 use crate::ClientParams;
 
 /// Token length in bytes, drawn from the OS CSPRNG.
 pub const TOKEN_LEN: usize = 32;
 type Token = [u8; TOKEN_LEN];
-/// How often expired announcements are removed from memory and store.
-const PRUNE_INTERVAL: Duration = Duration::from_secs(60);
+/// How often (seconds) expired announcements are removed from memory and store.
+const PRUNE_INTERVAL_SECS: u32 = 60;
 
 /// A client waiting for its dial-back.
 struct Pending {
@@ -42,12 +43,10 @@ struct Pending {
 }
 
 pub struct Public {
+    metrics: Arc<Metrics>,
     limits: PublicLimits,
     endpoint: String,
-    table: RwLock<Table>,
-    store: FileStore,
-    /// Serializes changes so that the store always holds the latest table.
-    store_lock: tokio::sync::Mutex<()>,
+    registry: Registry,
     pending: Mutex<HashMap<Token, Pending>>,
     eps: RpcClient,
 }
@@ -65,75 +64,115 @@ impl Drop for PendingGuard<'_> {
             .lock()
             .expect("pending lock")
             .remove(&self.token);
+        self.public.metrics.pending.dec();
+    }
+}
+
+/// The metrics label of a ClientHello refusal.
+fn hello_error_reason(e: &ClientHelloError) -> &'static str {
+    match e {
+        ClientHelloError::NotTls => "not_tls",
+        ClientHelloError::NotClientHello => "not_client_hello",
+        ClientHelloError::TooLarge(_) => "too_large",
+        ClientHelloError::Malformed(_) => "malformed",
+        ClientHelloError::NoSni => "no_sni",
+        ClientHelloError::InvalidSni(_) => "invalid_sni",
     }
 }
 
 impl Public {
-    pub fn new(s: &PublicSettings, store: FileStore, eps: RpcClient) -> Result<Self, String> {
-        let mut list: Vec<Announcement> = store.load().map_err(|e| e.to_string())?;
-        let now = OffsetDateTime::now_utc();
-        list.retain(|a| a.expires_at > now);
-        tracing::info!(
-            announcements = list.len(),
-            "loaded announcements from the store"
-        );
-        Ok(Self {
+    pub fn new(
+        s: &PublicSettings,
+        registry: Registry,
+        eps: RpcClient,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            metrics,
             limits: s.limits.clone(),
             endpoint: s.internal_endpoint.clone(),
-            table: RwLock::new(Table::from_list(list)),
-            store,
-            store_lock: tokio::sync::Mutex::new(()),
+            registry,
             pending: Mutex::new(HashMap::new()),
             eps,
-        })
+        }
     }
 
-    /// Runs the public and internal listeners and the pruning task until `shutdown`.
+    /// Runs the public and internal listeners and the pruning task until `shutdown`. Client
+    /// tasks are spawned on `tracker`, so that a shutdown can wait for relays to finish.
     pub async fn run(
         self: Arc<Self>,
         public: TcpListener,
         internal: TcpListener,
+        tracker: TaskTracker,
         shutdown: CancellationToken,
     ) {
         let clients = Arc::new(Semaphore::new(self.limits.max_connections));
         let data = Arc::new(Semaphore::new(self.limits.max_internal_connections));
+        let (me, m) = (self.clone(), self.metrics.clone());
+        let a = accept_loop(
+            public,
+            clients,
+            shutdown.clone(),
+            tracker.clone(),
+            move || m.refuse("connection_limit"),
+            move |s, addr| {
+                let me = me.clone();
+                async move { me.handle_client(s, addr).await }
+            },
+        );
+        let (me, m) = (self.clone(), self.metrics.clone());
+        let b = accept_loop(
+            internal,
+            data,
+            shutdown.clone(),
+            tracker,
+            move || m.refuse("internal_connection_limit"),
+            move |s, addr| {
+                let me = me.clone();
+                async move { me.handle_data(s, addr).await }
+            },
+        );
         let me = self.clone();
-        let a = accept_loop(public, clients, shutdown.clone(), move |s, addr| {
-            let me = me.clone();
-            async move { me.handle_client(s, addr).await }
-        });
-        let me = self.clone();
-        let b = accept_loop(internal, data, shutdown.clone(), move |s, addr| {
-            let me = me.clone();
-            async move { me.handle_data(s, addr).await }
-        });
-        let me = self.clone();
+        let stop = shutdown.clone();
         let c = async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            let mut since_prune = 0u32;
             loop {
                 tokio::select! {
-                    _ = tokio::time::sleep(PRUNE_INTERVAL) => me.prune().await,
-                    _ = shutdown.cancelled() => return,
+                    _ = tick.tick() => {}
+                    _ = stop.cancelled() => return,
                 }
+                since_prune += 1;
+                if since_prune >= PRUNE_INTERVAL_SECS {
+                    since_prune = 0;
+                    me.registry.prune().await;
+                }
+                me.metrics.announcements.set(me.registry.live_count() as i64);
             }
         };
-        tokio::join!(a, b, c);
+        let d = self.registry.follow(shutdown.clone());
+        tokio::join!(a, b, c, d);
     }
 
     async fn handle_client(self: Arc<Self>, mut client: TcpStream, addr: SocketAddr) {
+        self.metrics.accept("public");
+        let started = Instant::now();
         let (buf, sni) = match self.read_client_hello(&mut client).await {
             Ok(r) => r,
-            Err(reason) => {
-                tracing::debug!(%addr, %reason, "client closed before routing");
+            Err((reason, detail)) => {
+                self.metrics.refuse(reason);
+                tracing::debug!(client = %short_addr(addr), reason, %detail, "client closed before routing");
                 return;
             }
         };
-        let now = OffsetDateTime::now_utc();
-        let operator = match self.table.read().expect("table lock").lookup(&sni, now) {
-            Some(a) => a.operator.clone(),
-            None => {
-                tracing::debug!(%addr, %sni, "no live announcement for this name");
-                return;
-            }
+        let hello_done = Instant::now();
+        self.metrics
+            .client_hello_seconds
+            .observe((hello_done - started).as_secs_f64());
+        let Some(operator) = self.registry.lookup(&sni) else {
+            self.metrics.refuse("unknown_sni");
+            tracing::debug!(client = %short_addr(addr), %sni, "no live announcement for this name");
+            return;
         };
         let mut token: Token = [0; TOKEN_LEN];
         if let Err(e) = getrandom::fill(&mut token) {
@@ -144,19 +183,26 @@ impl Public {
         {
             let mut pending = self.pending.lock().expect("pending lock");
             if pending.len() >= self.limits.max_pending {
-                tracing::warn!(%addr, %sni, max_pending = self.limits.max_pending, "pending set full; client refused");
+                drop(pending);
+                self.metrics.refuse("pending_full");
+                tracing::warn!(client = %short_addr(addr), %sni, max_pending = self.limits.max_pending, "pending set full; client refused");
                 return;
             }
             pending.insert(token, Pending { tx });
         }
-        let _guard = PendingGuard {
+        self.metrics.pending.inc();
+        let guard = PendingGuard {
             public: &self,
             token,
         };
+        let server_address = client.local_addr().map(|a| a.to_string()).unwrap_or_default();
         let params = json!({
             "domain": sni,
             "token": base64::engine::general_purpose::STANDARD.encode(token),
             "endpoint": self.endpoint,
+            // For a PROXY protocol header on the private side.
+            "client_address": addr.to_string(),
+            "server_address": server_address,
         });
         let method = format!("{operator}.incomingConnection");
         // The request runs on its own task: the dial-back usually arrives before the answer,
@@ -165,63 +211,101 @@ impl Public {
         let domain = sni.clone();
         tokio::spawn(async move {
             if let Err(e) = me.eps.call::<_, Value>(&method, &params).await {
-                tracing::info!(%addr, %domain, error = %e, "dial-back request failed; client closed");
+                me.metrics.refuse("dial_back_failed");
+                tracing::info!(client = %short_addr(addr), %domain, error = %e, "dial-back request failed; client closed");
                 me.pending.lock().expect("pending lock").remove(&token);
             }
         });
-        let data = match tokio::time::timeout(self.limits.accept_timeout, rx).await {
+        let data = tokio::time::timeout(self.limits.accept_timeout, rx).await;
+        drop(guard);
+        let mut data = match data {
             Ok(Ok(data)) => data,
             Ok(Err(_)) => return,
             Err(_) => {
-                tracing::info!(%addr, %sni, %operator, "no dial-back within accept_timeout; client closed");
+                self.metrics.refuse("no_dial_back");
+                tracing::info!(client = %short_addr(addr), %sni, %operator, "no dial-back within accept_timeout; client closed");
                 return;
             }
         };
-        let mut data = data;
+        self.metrics
+            .dial_back_seconds
+            .observe(hello_done.elapsed().as_secs_f64());
         if let Err(e) = data.write_all(&buf).await {
-            tracing::debug!(%addr, error = %e, "data connection failed before relaying");
+            self.metrics.refuse("data_connection_failed");
+            tracing::debug!(client = %short_addr(addr), error = %e, "data connection failed before relaying");
             return;
         }
         drop(buf);
+        self.metrics.relayed.inc();
+        self.metrics.active_relays.inc();
         let t = relay::relay(client, data, self.limits.idle_timeout).await;
-        tracing::debug!(%addr, %sni, up = t.a_to_b, down = t.b_to_a, ended = ?t.ended, "relay ended");
+        self.metrics.active_relays.dec();
+        self.metrics.relay_ended(t.a_to_b, t.b_to_a, t.ended.as_str());
+        tracing::info!(
+            client = %short_addr(addr),
+            domain = %sni,
+            %operator,
+            duration_ms = started.elapsed().as_millis() as u64,
+            bytes_up = t.a_to_b,
+            bytes_down = t.b_to_a,
+            outcome = t.ended.as_str(),
+            "connection relayed"
+        );
     }
 
-    /// Reads until the ClientHello is complete; returns every byte read and the SNI.
-    async fn read_client_hello(&self, client: &mut TcpStream) -> Result<(Vec<u8>, String), String> {
+    /// Reads until the ClientHello is complete; returns every byte read and the SNI, or a
+    /// refusal reason (a metrics label) and its detail.
+    async fn read_client_hello(
+        &self,
+        client: &mut TcpStream,
+    ) -> Result<(Vec<u8>, String), (&'static str, String)> {
         let max = self.limits.max_client_hello_bytes;
         let deadline = Instant::now() + self.limits.client_hello_timeout;
         let mut buf = Vec::with_capacity(2048);
         let mut chunk = [0u8; 4096];
         loop {
             let room = (max + 1 - buf.len()).min(chunk.len());
-            let n = match tokio::time::timeout_at(deadline, client.read(&mut chunk[..room])).await {
-                Err(_) => return Err("ClientHello not complete within client_hello_timeout".into()),
-                Ok(Err(e)) => return Err(format!("read failed: {e}")),
-                Ok(Ok(0)) => return Err("end of stream inside the ClientHello (truncated)".into()),
+            let n = match tokio::time::timeout_at(deadline, client.read(&mut chunk[..room])).await
+            {
+                Err(_) => {
+                    return Err((
+                        "client_hello_timeout",
+                        "ClientHello not complete within client_hello_timeout".into(),
+                    ))
+                }
+                Ok(Err(e)) => return Err(("read_error", format!("read failed: {e}"))),
+                Ok(Ok(0)) => {
+                    return Err((
+                        "truncated",
+                        "end of stream inside the ClientHello".into(),
+                    ))
+                }
                 Ok(Ok(n)) => n,
             };
             buf.extend_from_slice(&chunk[..n]);
             match clienthello::parse_client_hello(&buf, max) {
                 Ok(Parse::Complete { sni, .. }) => return Ok((buf, sni)),
                 Ok(Parse::Incomplete) if buf.len() > max => {
-                    return Err(format!("ClientHello over {max} bytes"))
+                    return Err(("too_large", format!("ClientHello over {max} bytes")))
                 }
                 Ok(Parse::Incomplete) => continue,
-                Err(e) => return Err(e.to_string()),
+                Err(e) => return Err((hello_error_reason(&e), e.to_string())),
             }
         }
     }
 
     async fn handle_data(&self, mut data: TcpStream, addr: SocketAddr) {
+        self.metrics.accept("internal");
         let mut token: Token = [0; TOKEN_LEN];
         match tokio::time::timeout(self.limits.token_timeout, data.read_exact(&mut token)).await {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => {
+                self.metrics.refuse("token_truncated");
                 tracing::debug!(%addr, error = %e, "data connection closed before its token");
                 return;
             }
             Err(_) => {
+                self.metrics.refuse("token_timeout");
                 tracing::debug!(%addr, "no token within token_timeout");
                 return;
             }
@@ -231,20 +315,9 @@ impl Public {
             Some(p) => {
                 let _ = p.tx.send(data);
             }
-            None => tracing::info!(%addr, "unknown, used or expired token; data connection closed"),
-        }
-    }
-
-    async fn prune(&self) {
-        let _w = self.store_lock.lock().await;
-        let (removed, all) = {
-            let mut t = self.table.write().expect("table lock");
-            (t.prune(OffsetDateTime::now_utc()), t.all())
-        };
-        if removed > 0 {
-            tracing::info!(removed, "expired announcements removed");
-            if let Err(e) = self.store.save(&all).await {
-                tracing::error!("{e}");
+            None => {
+                self.metrics.refuse("bad_token");
+                tracing::info!(%addr, "unknown, used or expired token; data connection closed");
             }
         }
     }
@@ -261,29 +334,30 @@ impl Public {
             .and_then(|s| s.get("allowed_domains"))
             .and_then(|v| serde_json::from_value(v.clone()).ok())
             .unwrap_or_default();
-        let _w = self.store_lock.lock().await;
-        let now = OffsetDateTime::now_utc();
-        let (before, results, all) = {
-            let mut t = self.table.write().expect("table lock");
-            let before = t.clone();
-            let results: Vec<Value> = params
-                .connections
-                .iter()
-                .map(|c| {
-                    match t.announce(&client.name, &allowed, &c.domain, c.expires_at, now) {
-                        Ok(a) => json!({"domain": a.domain, "accepted": true, "expires_at": rfc3339(a.expires_at)}),
-                        Err(r) => json!({"domain": c.domain, "accepted": false, "error": r}),
-                    }
-                })
-                .collect();
-            (before, results, t.all())
-        };
-        if let Err(e) = self.store.save(&all).await {
-            // Not durable, so not accepted: undo.
-            *self.table.write().expect("table lock") = before;
-            tracing::error!("{e}");
-            return Err(RpcError::internal(format!("announcements not stored: {e}")));
-        }
+        let requests: Vec<_> = params
+            .connections
+            .into_iter()
+            .map(|c| (c.domain, c.expires_at))
+            .collect();
+        let outcomes = self
+            .registry
+            .announce(&client.name, &allowed, &requests)
+            .await
+            .map_err(|e| {
+                tracing::error!("announcements not stored: {e}");
+                RpcError::new(
+                    jsonrpc::SERVICE_UNAVAILABLE,
+                    format!("announcements not stored: {e}"),
+                )
+            })?;
+        let results: Vec<Value> = outcomes
+            .into_iter()
+            .zip(&requests)
+            .map(|(o, (domain, _))| match o {
+                Ok(a) => json!({"domain": a.domain, "accepted": true, "expires_at": rfc3339(a.expires_at)}),
+                Err(r) => json!({"domain": domain, "accepted": false, "error": r}),
+            })
+            .collect();
         for r in &results {
             tracing::info!(operator = %client.name, domain = %r["domain"], accepted = %r["accepted"], "announcement");
         }
@@ -291,11 +365,7 @@ impl Public {
     }
 
     fn get_announcements(&self) -> Outcome {
-        let live = self
-            .table
-            .read()
-            .expect("table lock")
-            .live(OffsetDateTime::now_utc());
+        let live = self.registry.live();
         let list: Vec<Value> = live
             .iter()
             .map(|a| json!({"domain": a.domain, "operator": a.operator, "expires_at": rfc3339(a.expires_at)}))

@@ -26,6 +26,17 @@ pub enum Ended {
     Error,
 }
 
+impl Ended {
+    /// The metrics and log label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Ended::Done => "done",
+            Ended::Idle => "idle",
+            Ended::Error => "error",
+        }
+    }
+}
+
 /// What a relay moved.
 #[derive(Debug, Clone, Copy)]
 pub struct Totals {

@@ -6,57 +6,74 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use eps_core::http::RpcClient;
+use eps_core::jsonrpc;
+use eps_core::ops;
 use eps_core::tls;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
+use crate::metrics::Metrics;
 use crate::private::{Private, PrivateRpc};
 use crate::public::{Public, PublicRpc};
+use crate::registry::Registry;
 use crate::settings::{DatastoreSettings, Settings};
 use crate::store::FileStore;
 
 /// Exit code for bad settings, before any port is bound.
 const EXIT_BAD_SETTINGS: u8 = 64;
-/// How long relays get to finish after a shutdown signal.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+fn load(public: bool) -> Result<Settings, ExitCode> {
+    let settings: Settings = eps_core::settings::load_from_env("PROXY_SETTINGS").map_err(|e| {
+        eprintln!("proxy: bad settings: {e}");
+        ExitCode::from(EXIT_BAD_SETTINGS)
+    })?;
+    settings.validate(public).map_err(|e| {
+        eprintln!("proxy: bad settings: {e}");
+        ExitCode::from(EXIT_BAD_SETTINGS)
+    })?;
+    Ok(settings)
+}
+
+/// `proxy settings check ROLE`: validates and prints the merged settings, secrets masked.
+pub fn check(public: bool) -> ExitCode {
+    match load(public) {
+        Ok(s) => {
+            print!("{}", serde_yaml_ng::to_string(&s).expect("settings serialize"));
+            ExitCode::SUCCESS
+        }
+        Err(code) => code,
+    }
+}
 
 /// Loads settings for the role and runs it until SIGINT or SIGTERM.
 pub fn main(public: bool) -> ExitCode {
-    eps_core::logging::init("info");
-    let settings: Settings = match eps_core::settings::load_from_env("PROXY_SETTINGS") {
+    let settings = match load(public) {
         Ok(s) => s,
-        Err(e) => {
-            eprintln!("proxy: bad settings: {e}");
-            return ExitCode::from(EXIT_BAD_SETTINGS);
-        }
+        Err(code) => return code,
     };
-    if let Err(e) = settings.validate(public) {
-        eprintln!("proxy: bad settings: {e}");
-        return ExitCode::from(EXIT_BAD_SETTINGS);
-    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
     let result = rt.block_on(async {
         let shutdown = CancellationToken::new();
+        let tracker = TaskTracker::new();
         let run = async {
             if public {
-                run_public(&settings, shutdown.clone()).await
+                run_public(&settings, tracker.clone(), shutdown.clone()).await
             } else {
-                run_private(&settings, shutdown.clone()).await
+                run_private(&settings, tracker.clone(), shutdown.clone()).await
             }
         };
         tokio::pin!(run);
         tokio::select! {
-            r = &mut run => r,
-            _ = shutdown_signal() => {
-                tracing::info!("shutting down");
-                shutdown.cancel();
-                let _ = tokio::time::timeout(SHUTDOWN_GRACE, run).await;
-                Ok(())
-            }
+            r = &mut run => return r,
+            _ = shutdown_signal() => {}
         }
+        drain(&settings, &tracker, &shutdown).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), run).await;
+        Ok(())
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -67,6 +84,27 @@ pub fn main(public: bool) -> ExitCode {
         Err(e) => {
             tracing::error!("proxy failed: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Stops accepting and lets relays finish, up to the grace period or a second signal.
+async fn drain(s: &Settings, tracker: &TaskTracker, shutdown: &CancellationToken) {
+    let grace = s.shutdown_grace_period;
+    tracing::info!(
+        relays = tracker.len(),
+        grace_s = grace.as_secs_f64(),
+        "shutting down: no new connections; waiting for relays"
+    );
+    shutdown.cancel();
+    tracker.close();
+    tokio::select! {
+        _ = tracker.wait() => tracing::info!("all relays finished"),
+        _ = tokio::time::sleep(grace) => {
+            tracing::info!(relays = tracker.len(), "grace period over; closing the remaining relays")
+        }
+        _ = shutdown_signal() => {
+            tracing::info!(relays = tracker.len(), "second signal; closing the remaining relays now")
         }
     }
 }
@@ -83,7 +121,6 @@ fn bad(e: impl std::fmt::Display) -> anyhow::Error {
 struct Common {
     eps: RpcClient,
     rpc_tls: Option<Arc<rustls::ServerConfig>>,
-    store: FileStore,
 }
 
 fn common(s: &Settings) -> anyhow::Result<Common> {
@@ -96,13 +133,7 @@ fn common(s: &Settings) -> anyhow::Result<Common> {
         .map(|t| tls::server_config(t, &[b"h2", b"http/1.1"]))
         .transpose()
         .map_err(|e| bad(format!("jsonrpc_server.tls: {e}")))?;
-    let DatastoreSettings::File { path } = &s.datastore;
-    let store = FileStore::open(path).map_err(|e| bad(format!("datastore: {e}")))?;
-    Ok(Common {
-        eps,
-        rpc_tls,
-        store,
-    })
+    Ok(Common { eps, rpc_tls })
 }
 
 async fn bind(addr: std::net::SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
@@ -111,13 +142,21 @@ async fn bind(addr: std::net::SocketAddr, what: &str) -> anyhow::Result<TcpListe
         .with_context(|| format!("binding {what} {addr}"))
 }
 
-async fn run_public(s: &Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+async fn run_public(
+    s: &Settings,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let p = s.public.as_ref().expect("validated");
     let c = common(s)?;
-    let public = Arc::new(Public::new(p, c.store, c.eps.clone()).map_err(bad)?);
+    let registry = Registry::open(&s.datastore).map_err(|e| bad(format!("datastore: {e}")))?;
+    let mut prometheus = prometheus_client::registry::Registry::default();
+    let metrics = Arc::new(Metrics::new(&mut prometheus));
+    let public = Arc::new(Public::new(p, registry, c.eps.clone(), metrics));
     let rpc = bind(s.jsonrpc_server.bind_address, "jsonrpc_server").await?;
     let clients = bind(p.bind_address, "public.bind_address").await?;
     let internal = bind(p.internal_bind_address, "public.internal_bind_address").await?;
+    let ops = bind_ops(s).await?;
     tracing::info!(
         name = %s.name,
         public = %clients.local_addr()?,
@@ -132,17 +171,30 @@ async fn run_public(s: &Settings, shutdown: CancellationToken) -> anyhow::Result
         Arc::new(PublicRpc(public.clone())),
         shutdown.clone(),
     ));
+    serve_ops(ops, prometheus, &c.eps, &shutdown);
     tokio::spawn(wait_for_eps(c.eps, shutdown.clone()));
-    public.run(clients, internal, shutdown).await;
+    public.run(clients, internal, tracker, shutdown).await;
     let _ = rpc_task.await;
     Ok(())
 }
 
-async fn run_private(s: &Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+async fn run_private(
+    s: &Settings,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let p = s.private.as_ref().expect("validated");
     let c = common(s)?;
-    let private = Arc::new(Private::new(p, c.store, c.eps).map_err(bad)?);
+    let DatastoreSettings::File { path } = &s.datastore else {
+        return Err(bad("datastore: the private proxy keeps its announcements in a file"));
+    };
+    let store = FileStore::open(path).map_err(|e| bad(format!("datastore: {e}")))?;
+    let mut prometheus = prometheus_client::registry::Registry::default();
+    let metrics = Arc::new(Metrics::new(&mut prometheus));
+    let private =
+        Arc::new(Private::new(p, store, c.eps.clone(), metrics, tracker).map_err(bad)?);
     let rpc = bind(s.jsonrpc_server.bind_address, "jsonrpc_server").await?;
+    let ops = bind_ops(s).await?;
     tracing::info!(
         name = %s.name,
         jsonrpc = %rpc.local_addr()?,
@@ -156,9 +208,68 @@ async fn run_private(s: &Settings, shutdown: CancellationToken) -> anyhow::Resul
         Arc::new(PrivateRpc(private.clone())),
         shutdown.clone(),
     ));
+    serve_ops(ops, prometheus, &c.eps, &shutdown);
+    tokio::spawn(reload_on_hangup(private.clone(), shutdown.clone()));
     private.announcer(shutdown).await;
     let _ = rpc_task.await;
     Ok(())
+}
+
+/// On SIGHUP, re-reads PROXY_SETTINGS and takes its announcements; relays are untouched. Bad
+/// settings are logged and the current ones kept.
+async fn reload_on_hangup(private: Arc<Private>, shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let fresh = eps_core::settings::load_from_env::<Settings>("PROXY_SETTINGS")
+            .map_err(|e| e.to_string())
+            .and_then(|s| s.validate(false).map(|()| s))
+            .and_then(|s| private.reload(s.private.as_ref().expect("validated")));
+        match fresh {
+            Ok(n) => tracing::info!(announcements = n, "settings reloaded"),
+            Err(e) => tracing::error!("settings not reloaded, keeping the current ones: {e}"),
+        }
+    }
+}
+
+async fn bind_ops(s: &Settings) -> anyhow::Result<Option<TcpListener>> {
+    match s.metrics.bind_address {
+        Some(addr) => Ok(Some(bind(addr, "metrics.bind_address").await?)),
+        None => Ok(None),
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` (ready when the EPS server answers `_ping`).
+fn serve_ops(
+    listener: Option<TcpListener>,
+    prometheus: prometheus_client::registry::Registry,
+    eps: &RpcClient,
+    shutdown: &CancellationToken,
+) {
+    let Some(listener) = listener else { return };
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+    }
+    let eps = eps.clone();
+    let ready: ops::ReadyCheck = Arc::new(move || {
+        let eps = eps.clone();
+        Box::pin(async move {
+            eps.call_with_deadline("_ping", &jsonrpc::to_raw(&serde_json::json!({})), ops::READY_TIMEOUT)
+                .await
+                .map(|_| ())
+                .map_err(|e| format!("EPS server: {e}"))
+        })
+    });
+    tokio::spawn(ops::serve(
+        listener,
+        Arc::new(prometheus),
+        ready,
+        shutdown.clone(),
+    ));
 }
 
 /// Logs, at info, that the EPS server is awaited until it answers `_ping`.
@@ -187,8 +298,9 @@ async fn wait_for_eps(eps: RpcClient, shutdown: CancellationToken) {
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
+        _ = int.recv() => {}
         _ = term.recv() => {}
     }
 }

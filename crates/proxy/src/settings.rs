@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use eps_core::http::{secs, ServerLimits};
+use eps_core::ops::MetricsSettings;
+use eps_core::settings::Secret;
 use eps_core::tls::TlsSettings;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -47,6 +49,12 @@ pub struct Settings {
     pub jsonrpc_server: JsonRpcServerSettings,
     /// Where announcements are kept.
     pub datastore: DatastoreSettings,
+    /// Prometheus metrics and health endpoints; off unless `metrics.bind_address` is set.
+    #[serde(default)]
+    pub metrics: MetricsSettings,
+    /// Seconds relays get to finish after SIGTERM before they are closed.
+    #[serde(default = "default_grace", with = "secs")]
+    pub shutdown_grace_period: Duration,
     /// Settings of `proxy run public`.
     #[serde(default)]
     pub public: Option<PublicSettings>,
@@ -85,8 +93,32 @@ pub struct JsonRpcServerSettings {
     rename_all = "snake_case"
 )]
 pub enum DatastoreSettings {
-    /// A JSON file replaced atomically on every change.
+    /// A JSON file replaced atomically on every change. For one instance.
     File { path: PathBuf },
+    /// Redis, shared by several public proxy instances serving one operator name. Each instance
+    /// keeps the announcements in memory and follows changes by pub/sub.
+    Redis(RedisSettings),
+}
+
+/// Where the shared announcements live in Redis.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisSettings {
+    /// `host:port` of the Redis server (the first is used; Sentinel and Cluster are not yet
+    /// supported).
+    pub addresses: Vec<String>,
+    #[serde(default)]
+    pub database: i64,
+    /// Bind it to an environment variable with `vars:`; never write it in a file.
+    #[serde(default)]
+    pub password: Option<Secret>,
+    /// The hash holding the announcements; `KEY:changes` is the pub/sub channel.
+    #[serde(default = "default_redis_key")]
+    pub key: String,
+}
+
+fn default_redis_key() -> String {
+    "eps:announcements".into()
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -166,6 +198,10 @@ pub struct PrivateSettings {
     /// Relays at once; more incoming connections are refused.
     #[serde(default = "default_max_relays")]
     pub max_relays: usize,
+    /// Send a PROXY protocol v2 header with the original client's address to the internal
+    /// server before the relayed bytes. Only for servers that expect one.
+    #[serde(default)]
+    pub proxy_protocol: bool,
 }
 
 /// A domain to announce.
@@ -178,6 +214,13 @@ pub struct AnnouncementSetting {
     pub proxy: Option<String>,
     #[serde(default, with = "time::serde::rfc3339::option")]
     pub expires_at: Option<OffsetDateTime>,
+}
+
+/// Default time relays get to finish after SIGTERM.
+pub const DEFAULT_SHUTDOWN_GRACE_PERIOD: Duration = Duration::from_secs(30);
+
+fn default_grace() -> Duration {
+    DEFAULT_SHUTDOWN_GRACE_PERIOD
 }
 
 fn default_call_timeout() -> Duration {
@@ -204,6 +247,14 @@ impl Settings {
         }
         if self.eps.url.starts_with("https") && self.eps.tls.is_none() {
             return Err("eps.tls is required for an https url".into());
+        }
+        if let DatastoreSettings::Redis(r) = &self.datastore {
+            if !public {
+                return Err("datastore: the private proxy keeps its announcements in a file (type: file)".into());
+            }
+            if r.addresses.is_empty() {
+                return Err("datastore.settings.addresses must name at least one host:port".into());
+            }
         }
         if public {
             let p = self

@@ -7,6 +7,9 @@
 //! - `IS_CERTIFICATE` / `IS_KEY`: PEM files, default `settings/dev/certs/internal-server.crt` /
 //!   `.key`, relative to the working directory (the repository root in the demo).
 //! - `IS_MAX_CONNECTIONS`: concurrent connections served, default 10000.
+//! - `IS_PROXY_PROTOCOL`: `1` to expect a PROXY protocol v2 header before TLS on every
+//!   connection (the private proxy sends one with `private.proxy_protocol: true`) and log the
+//!   client address it carries.
 //!
 //! # Layout
 //! - [`server`]: the accept loop, one task per connection, TLS and HTTP, shutdown.
@@ -38,6 +41,7 @@ struct Config {
     certificate: PathBuf,
     key: PathBuf,
     max_connections: usize,
+    proxy_protocol: bool,
 }
 
 impl Config {
@@ -57,6 +61,7 @@ impl Config {
                 .ok()
                 .filter(|&n| n > 0)
                 .with_context(|| format!("IS_MAX_CONNECTIONS={max:?} is not a positive number"))?,
+            proxy_protocol: matches!(var("IS_PROXY_PROTOCOL", "0").as_str(), "1" | "true" | "yes"),
         })
     }
 }
@@ -87,7 +92,14 @@ async fn main() -> ExitCode {
 
     let shutdown = CancellationToken::new();
     tokio::spawn(server::cancel_on_signal(shutdown.clone()));
-    server::serve(listener, tls, config.max_connections, shutdown).await;
+    server::serve(
+        listener,
+        tls,
+        config.max_connections,
+        config.proxy_protocol,
+        shutdown,
+    )
+    .await;
     ExitCode::SUCCESS
 }
 

@@ -30,6 +30,7 @@ pub async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     max_connections: usize,
+    proxy_protocol: bool,
     shutdown: CancellationToken,
 ) {
     let max_connections = max_connections.clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
@@ -60,7 +61,7 @@ pub async fn serve(
         };
         let (acceptor, shutdown) = (acceptor.clone(), shutdown.clone());
         tokio::spawn(async move {
-            serve_conn(stream, acceptor, shutdown).await;
+            serve_conn(stream, acceptor, proxy_protocol, shutdown).await;
             tracing::debug!(%peer, "connection closed");
             drop(permit);
         });
@@ -76,9 +77,27 @@ pub async fn serve(
     }
 }
 
-async fn serve_conn(stream: TcpStream, acceptor: TlsAcceptor, shutdown: CancellationToken) {
+async fn serve_conn(
+    mut stream: TcpStream,
+    acceptor: TlsAcceptor,
+    proxy_protocol: bool,
+    shutdown: CancellationToken,
+) {
     let peer = stream.peer_addr().ok();
     let _ = stream.set_nodelay(true);
+    if proxy_protocol {
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_proxy_header(&mut stream)).await {
+            Ok(Ok(client)) => tracing::info!(?peer, %client, "client address from the PROXY header"),
+            Ok(Err(e)) => {
+                tracing::info!(?peer, error = %e, "no valid PROXY protocol v2 header; closed");
+                return;
+            }
+            Err(_) => {
+                tracing::info!(?peer, "PROXY header timed out");
+                return;
+            }
+        }
+    }
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
@@ -141,4 +160,23 @@ pub async fn cancel_on_signal(shutdown: CancellationToken) {
     let _ = ctrl_c.await;
     tracing::info!("signal received");
     shutdown.cancel();
+}
+
+/// Reads a PROXY protocol v2 header (exactly its bytes, nothing of the TLS stream after it) and
+/// returns the client's address as it describes it.
+async fn read_proxy_header(stream: &mut TcpStream) -> std::io::Result<String> {
+    use tokio::io::AsyncReadExt;
+    let invalid = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidData, m);
+    // 12-byte signature, version/command, family/protocol, 16-bit length.
+    let mut buf = vec![0u8; 16];
+    stream.read_exact(&mut buf).await?;
+    let len = usize::from(u16::from_be_bytes([buf[14], buf[15]]));
+    buf.resize(16 + len, 0);
+    stream.read_exact(&mut buf[16..]).await?;
+    let header = ppp::v2::Header::try_from(&buf[..]).map_err(|e| invalid(e.to_string()))?;
+    Ok(match header.addresses {
+        ppp::v2::Addresses::IPv4(a) => format!("{}:{}", a.source_address, a.source_port),
+        ppp::v2::Addresses::IPv6(a) => format!("[{}]:{}", a.source_address, a.source_port),
+        other => format!("{other:?}"),
+    })
 }
