@@ -36,6 +36,8 @@ mod pki;
 mod process;
 #[path = "support/rpc.rs"]
 mod rpc;
+#[path = "support/tunnel.rs"]
+pub mod tunnel;
 #[path = "support/wait.rs"]
 mod wait;
 

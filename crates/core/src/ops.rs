@@ -104,7 +104,10 @@ async fn answer(
         "/healthz" => text(StatusCode::OK, "ok\n".into()),
         "/readyz" => match tokio::time::timeout(READY_TIMEOUT, ready()).await {
             Ok(Ok(())) => text(StatusCode::OK, "ready\n".into()),
-            Ok(Err(why)) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+            Ok(Err(why)) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {why}\n"),
+            ),
             Err(_) => text(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "not ready: readiness check timed out\n".into(),

@@ -349,9 +349,7 @@ fn typed(raw: &str, kind: VarType, variable: &str) -> Result<Value, String> {
 /// `{type: file, ...}`) replaces it whole, since its other keys belong to the old type.
 pub fn merge(a: &mut Value, b: Value) {
     match (a, b) {
-        (Value::Object(a), Value::Object(b))
-            if !matches!((a.get("type"), b.get("type")), (Some(x), Some(y)) if x != y) =>
-        {
+        (Value::Object(a), Value::Object(b)) if !matches!((a.get("type"), b.get("type")), (Some(x), Some(y)) if x != y) => {
             for (k, v) in b {
                 match a.get_mut(&k) {
                     Some(existing) => merge(existing, v),
@@ -476,10 +474,19 @@ mod tests {
     #[test]
     fn a_new_type_replaces_the_whole_mapping() {
         let mut a = serde_json::json!({"d": {"type": "file", "settings": {"path": "x"}}, "k": 1});
-        merge(&mut a, serde_json::json!({"d": {"type": "redis", "settings": {"addresses": []}}}));
-        assert_eq!(a, serde_json::json!({"d": {"type": "redis", "settings": {"addresses": []}}, "k": 1}));
+        merge(
+            &mut a,
+            serde_json::json!({"d": {"type": "redis", "settings": {"addresses": []}}}),
+        );
+        assert_eq!(
+            a,
+            serde_json::json!({"d": {"type": "redis", "settings": {"addresses": []}}, "k": 1})
+        );
         merge(&mut a, serde_json::json!({"d": {"settings": {"key": "k"}}}));
-        assert_eq!(a["d"]["settings"], serde_json::json!({"addresses": [], "key": "k"}));
+        assert_eq!(
+            a["d"]["settings"],
+            serde_json::json!({"addresses": [], "key": "k"})
+        );
     }
 
     #[test]

@@ -36,7 +36,10 @@ pub fn settings_check() -> ExitCode {
         eprintln!("eps: bad directory: {e}");
         return ExitCode::from(EXIT_USAGE);
     }
-    print!("{}", serde_yaml_ng::to_string(&s).expect("settings serialize"));
+    print!(
+        "{}",
+        serde_yaml_ng::to_string(&s).expect("settings serialize")
+    );
     ExitCode::SUCCESS
 }
 
@@ -58,7 +61,10 @@ pub fn directory_show(operator: Option<String>) -> ExitCode {
         Some(name) => match dir.entry(&name) {
             Some(e) => serde_json::to_value(e).expect("json"),
             None => {
-                eprintln!("eps: {name:?} is not in the directory at {}", path.display());
+                eprintln!(
+                    "eps: {name:?} is not in the directory at {}",
+                    path.display()
+                );
                 return ExitCode::FAILURE;
             }
         },

@@ -97,7 +97,10 @@ impl Table {
 
     /// Number of live announcements.
     pub fn live_count(&self, now: OffsetDateTime) -> usize {
-        self.by_domain.values().filter(|a| a.expires_at > now).count()
+        self.by_domain
+            .values()
+            .filter(|a| a.expires_at > now)
+            .count()
     }
 
     /// Every stored announcement, expired ones included (for persisting).
@@ -185,7 +188,9 @@ pub fn validate(
     if !allowed(&domain, allowed_suffixes) {
         return Err(Refusal::new(
             jsonrpc::FORBIDDEN,
-            format!("{operator} may not announce {domain}: allowed suffixes are {allowed_suffixes:?}"),
+            format!(
+                "{operator} may not announce {domain}: allowed suffixes are {allowed_suffixes:?}"
+            ),
         ));
     }
     let limit = now + MAX_ANNOUNCEMENT_TTL;

@@ -14,6 +14,7 @@
 
 pub mod announcements;
 pub mod clienthello;
+mod limiter;
 mod listener;
 pub mod metrics;
 pub mod private;

@@ -84,8 +84,16 @@ impl Metrics {
             "Connections that reached the relay",
             m.relayed.clone(),
         );
-        r.register("active_relays", "Relays running now", m.active_relays.clone());
-        r.register("relayed_bytes", "Bytes relayed, by direction", m.bytes.clone());
+        r.register(
+            "active_relays",
+            "Relays running now",
+            m.active_relays.clone(),
+        );
+        r.register(
+            "relayed_bytes",
+            "Bytes relayed, by direction",
+            m.bytes.clone(),
+        );
         r.register(
             "relays_ended",
             "Relays ended, by outcome",
@@ -119,7 +127,9 @@ impl Metrics {
     }
 
     pub fn accept(&self, listener: &'static str) {
-        self.accepted.get_or_create(&ListenerLabel { listener }).inc();
+        self.accepted
+            .get_or_create(&ListenerLabel { listener })
+            .inc();
     }
 
     /// Counts a finished relay; `up` is client → server.
@@ -161,7 +171,10 @@ mod tests {
 
     #[test]
     fn addresses_are_shortened() {
-        assert_eq!(short_addr("203.0.113.7:5000".parse().unwrap()), "203.0.113.x");
+        assert_eq!(
+            short_addr("203.0.113.7:5000".parse().unwrap()),
+            "203.0.113.x"
+        );
         assert_eq!(
             short_addr("[2001:db8:1:2::9]:443".parse().unwrap()),
             "2001:db8:1::x"

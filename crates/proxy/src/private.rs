@@ -18,8 +18,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::announcements::normalize_domain;
-use crate::public::{rfc3339, TOKEN_LEN};
 use crate::metrics::Metrics;
+use crate::public::{rfc3339, TOKEN_LEN};
 use crate::relay;
 use crate::settings::{AnnouncementSetting, PrivateSettings};
 use crate::store::FileStore;
@@ -63,7 +63,7 @@ pub struct Private {
     store: FileStore,
     store_lock: tokio::sync::Mutex<()>,
     /// domain → (public proxy that accepted it, expires_at it gave).
-    accepted: RwLock<HashMap<String, (String, Option<String>)>>,
+    accepted: RwLock<HashMap<String, (String, Option<OffsetDateTime>)>>,
     changed: Notify,
     relays: Arc<Semaphore>,
     metrics: Arc<Metrics>,
@@ -137,9 +137,14 @@ impl Private {
             )
             .await?;
         let mut accepted = self.accepted.write().expect("lock");
+        let now = OffsetDateTime::now_utc();
+        accepted.retain(|_, (_, exp)| exp.is_none_or(|t| t > now));
         for a in &answer.connections {
             if a.accepted {
-                accepted.insert(a.domain.clone(), (proxy.to_string(), a.expires_at.clone()));
+                let expires_at = a.expires_at.as_deref().and_then(|t| {
+                    OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()
+                });
+                accepted.insert(a.domain.clone(), (proxy.to_string(), expires_at));
             } else {
                 accepted.remove(&a.domain);
                 let e = a
@@ -240,6 +245,7 @@ impl Private {
             .read()
             .expect("lock")
             .get(&domain)
+            .filter(|(_, exp)| exp.is_none_or(|t| t > OffsetDateTime::now_utc()))
             .map(|(p, _)| p.clone());
         if announced_to.as_deref() != Some(caller.name.as_str()) {
             return Err(RpcError::new(
@@ -276,7 +282,9 @@ impl Private {
         if self.settings.proxy_protocol {
             let header = proxy_header(p.client_address.as_deref(), p.server_address.as_deref())
                 .ok_or_else(|| {
-                    RpcError::invalid_params("client_address and server_address are needed for the PROXY header")
+                    RpcError::invalid_params(
+                        "client_address and server_address are needed for the PROXY header",
+                    )
                 })?;
             server.write_all(&header).await.map_err(|e| {
                 RpcError::new(
@@ -366,12 +374,13 @@ impl Private {
     }
 
     fn list(&self) -> Outcome {
+        let now = OffsetDateTime::now_utc();
         let accepted = self.accepted.read().expect("lock");
-        let list: Vec<Value> = accepted
+        let mut list: Vec<Value> = accepted
             .iter()
-            .map(|(d, (p, exp))| json!({"domain": d, "proxy": p, "expires_at": exp}))
-            .collect::<Vec<_>>();
-        let mut list = list;
+            .filter(|(_, (_, exp))| exp.is_none_or(|t| t > now))
+            .map(|(d, (p, exp))| json!({"domain": d, "proxy": p, "expires_at": exp.map(rfc3339)}))
+            .collect();
         list.sort_by(|a, b| a["domain"].as_str().cmp(&b["domain"].as_str()));
         Ok(jsonrpc::to_raw(&list))
     }
@@ -394,7 +403,9 @@ fn proxy_header(client: Option<&str>, server: Option<&str>) -> Option<Vec<u8>> {
     let src: SocketAddr = client?.parse().ok()?;
     let dst: SocketAddr = server?.parse().ok()?;
     let (src, dst) = match (src, dst) {
-        (SocketAddr::V4(_), SocketAddr::V4(_)) | (SocketAddr::V6(_), SocketAddr::V6(_)) => (src, dst),
+        (SocketAddr::V4(_), SocketAddr::V4(_)) | (SocketAddr::V6(_), SocketAddr::V6(_)) => {
+            (src, dst)
+        }
         _ => (v6(src), v6(dst)),
     };
     ppp::v2::Builder::with_addresses(

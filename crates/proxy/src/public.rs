@@ -24,11 +24,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::clienthello::{self, ClientHelloError, Parse};
-use crate::metrics::{short_addr, Metrics};
+use crate::limiter::GuessLimiter;
 use crate::listener::accept_loop;
+use crate::metrics::{short_addr, Metrics};
+use crate::registry::Registry;
 use crate::relay;
 use crate::settings::{PublicLimits, PublicSettings};
-use crate::registry::Registry;
 use crate::ClientParams;
 
 /// Token length in bytes, drawn from the OS CSPRNG.
@@ -48,6 +49,7 @@ pub struct Public {
     endpoint: String,
     registry: Registry,
     pending: Mutex<HashMap<Token, Pending>>,
+    guesses: GuessLimiter,
     eps: RpcClient,
 }
 
@@ -93,6 +95,7 @@ impl Public {
             endpoint: s.internal_endpoint.clone(),
             registry,
             pending: Mutex::new(HashMap::new()),
+            guesses: GuessLimiter::new(s.limits.max_token_failures, s.limits.token_failure_window),
             eps,
         }
     }
@@ -147,7 +150,9 @@ impl Public {
                     since_prune = 0;
                     me.registry.prune().await;
                 }
-                me.metrics.announcements.set(me.registry.live_count() as i64);
+                me.metrics
+                    .announcements
+                    .set(me.registry.live_count() as i64);
             }
         };
         let d = self.registry.follow(shutdown.clone());
@@ -195,7 +200,10 @@ impl Public {
             public: &self,
             token,
         };
-        let server_address = client.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        let server_address = client
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
         let params = json!({
             "domain": sni,
             "token": base64::engine::general_purpose::STANDARD.encode(token),
@@ -240,7 +248,8 @@ impl Public {
         self.metrics.active_relays.inc();
         let t = relay::relay(client, data, self.limits.idle_timeout).await;
         self.metrics.active_relays.dec();
-        self.metrics.relay_ended(t.a_to_b, t.b_to_a, t.ended.as_str());
+        self.metrics
+            .relay_ended(t.a_to_b, t.b_to_a, t.ended.as_str());
         tracing::info!(
             client = %short_addr(addr),
             domain = %sni,
@@ -265,8 +274,7 @@ impl Public {
         let mut chunk = [0u8; 4096];
         loop {
             let room = (max + 1 - buf.len()).min(chunk.len());
-            let n = match tokio::time::timeout_at(deadline, client.read(&mut chunk[..room])).await
-            {
+            let n = match tokio::time::timeout_at(deadline, client.read(&mut chunk[..room])).await {
                 Err(_) => {
                     return Err((
                         "client_hello_timeout",
@@ -275,10 +283,7 @@ impl Public {
                 }
                 Ok(Err(e)) => return Err(("read_error", format!("read failed: {e}"))),
                 Ok(Ok(0)) => {
-                    return Err((
-                        "truncated",
-                        "end of stream inside the ClientHello".into(),
-                    ))
+                    return Err(("truncated", "end of stream inside the ClientHello".into()))
                 }
                 Ok(Ok(n)) => n,
             };
@@ -296,6 +301,13 @@ impl Public {
 
     async fn handle_data(&self, mut data: TcpStream, addr: SocketAddr) {
         self.metrics.accept("internal");
+        if self
+            .guesses
+            .is_blocked(addr.ip(), std::time::Instant::now())
+        {
+            self.metrics.refuse("token_rate_limited");
+            return;
+        }
         let mut token: Token = [0; TOKEN_LEN];
         match tokio::time::timeout(self.limits.token_timeout, data.read_exact(&mut token)).await {
             Ok(Ok(_)) => {}
@@ -317,7 +329,11 @@ impl Public {
             }
             None => {
                 self.metrics.refuse("bad_token");
-                tracing::info!(%addr, "unknown, used or expired token; data connection closed");
+                if self.guesses.failure(addr.ip(), std::time::Instant::now()) {
+                    tracing::warn!(addr = %addr.ip(), window_s = self.limits.token_failure_window.as_secs_f64(), "too many wrong tokens; closing this address's data connections for a while");
+                } else {
+                    tracing::debug!(%addr, "unknown, used or expired token; data connection closed");
+                }
             }
         }
     }

@@ -109,7 +109,10 @@ impl Registry {
                 tracing::info!(announcements = list.len(), path = %path.display(), "loaded announcements");
                 (Table::from_list(list), Backend::File(store))
             }
-            DatastoreSettings::Redis(r) => (Table::default(), Backend::Redis(Box::new(RedisBackend::new(r)?))),
+            DatastoreSettings::Redis(r) => (
+                Table::default(),
+                Backend::Redis(Box::new(RedisBackend::new(r)?)),
+            ),
         };
         Ok(Self {
             table: RwLock::new(table),
@@ -210,7 +213,9 @@ impl Registry {
                 self.table.write().expect("table lock").prune(now);
                 match r.prune(now).await {
                     Ok(0) => {}
-                    Ok(n) => tracing::info!(removed = n, "expired announcements removed from Redis"),
+                    Ok(n) => {
+                        tracing::info!(removed = n, "expired announcements removed from Redis")
+                    }
                     Err(e) => tracing::info!("expired announcements not pruned: {e}"),
                 }
             }
@@ -361,10 +366,7 @@ impl RedisBackend {
         .await
         .map_err(|_| self.unavailable("timed out"))?
         .map_err(|e| self.unavailable(e))?;
-        let mut list: Vec<Announcement> = all
-            .iter()
-            .filter_map(|(d, v)| decode(d, v))
-            .collect();
+        let mut list: Vec<Announcement> = all.iter().filter_map(|(d, v)| decode(d, v)).collect();
         // Announcements leave Redis only by expiring. A live one that we hold and Redis does
         // not means Redis lost data (a restart without persistence): write it back.
         let now = OffsetDateTime::now_utc();

@@ -39,7 +39,10 @@ fn load(public: bool) -> Result<Settings, ExitCode> {
 pub fn check(public: bool) -> ExitCode {
     match load(public) {
         Ok(s) => {
-            print!("{}", serde_yaml_ng::to_string(&s).expect("settings serialize"));
+            print!(
+                "{}",
+                serde_yaml_ng::to_string(&s).expect("settings serialize")
+            );
             ExitCode::SUCCESS
         }
         Err(code) => code,
@@ -186,13 +189,14 @@ async fn run_private(
     let p = s.private.as_ref().expect("validated");
     let c = common(s)?;
     let DatastoreSettings::File { path } = &s.datastore else {
-        return Err(bad("datastore: the private proxy keeps its announcements in a file"));
+        return Err(bad(
+            "datastore: the private proxy keeps its announcements in a file",
+        ));
     };
     let store = FileStore::open(path).map_err(|e| bad(format!("datastore: {e}")))?;
     let mut prometheus = prometheus_client::registry::Registry::default();
     let metrics = Arc::new(Metrics::new(&mut prometheus));
-    let private =
-        Arc::new(Private::new(p, store, c.eps.clone(), metrics, tracker).map_err(bad)?);
+    let private = Arc::new(Private::new(p, store, c.eps.clone(), metrics, tracker).map_err(bad)?);
     let rpc = bind(s.jsonrpc_server.bind_address, "jsonrpc_server").await?;
     let ops = bind_ops(s).await?;
     tracing::info!(
@@ -258,10 +262,14 @@ fn serve_ops(
     let ready: ops::ReadyCheck = Arc::new(move || {
         let eps = eps.clone();
         Box::pin(async move {
-            eps.call_with_deadline("_ping", &jsonrpc::to_raw(&serde_json::json!({})), ops::READY_TIMEOUT)
-                .await
-                .map(|_| ())
-                .map_err(|e| format!("EPS server: {e}"))
+            eps.call_with_deadline(
+                "_ping",
+                &jsonrpc::to_raw(&serde_json::json!({})),
+                ops::READY_TIMEOUT,
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("EPS server: {e}"))
         })
     });
     tokio::spawn(ops::serve(

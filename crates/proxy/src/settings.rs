@@ -159,7 +159,18 @@ pub struct PublicLimits {
     /// Seconds without traffic after which a relay is closed.
     #[serde(with = "secs")]
     pub idle_timeout: Duration,
+    /// Wrong tokens one address may present within `token_failure_window` before its data
+    /// connections are closed unread for that window; 0 turns this off.
+    pub max_token_failures: u32,
+    /// Seconds of the wrong-token window.
+    #[serde(with = "secs")]
+    pub token_failure_window: Duration,
 }
+
+/// Default number of wrong tokens per address and window.
+pub const DEFAULT_MAX_TOKEN_FAILURES: u32 = 20;
+/// Default wrong-token window.
+pub const DEFAULT_TOKEN_FAILURE_WINDOW: Duration = Duration::from_secs(10);
 
 impl Default for PublicLimits {
     fn default() -> Self {
@@ -172,6 +183,8 @@ impl Default for PublicLimits {
             token_timeout: DEFAULT_TOKEN_TIMEOUT,
             accept_timeout: DEFAULT_ACCEPT_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            max_token_failures: DEFAULT_MAX_TOKEN_FAILURES,
+            token_failure_window: DEFAULT_TOKEN_FAILURE_WINDOW,
         }
     }
 }
@@ -250,7 +263,10 @@ impl Settings {
         }
         if let DatastoreSettings::Redis(r) = &self.datastore {
             if !public {
-                return Err("datastore: the private proxy keeps its announcements in a file (type: file)".into());
+                return Err(
+                    "datastore: the private proxy keeps its announcements in a file (type: file)"
+                        .into(),
+                );
             }
             if r.addresses.is_empty() {
                 return Err("datastore.settings.addresses must name at least one host:port".into());

@@ -1,0 +1,580 @@
+//! The tunnel end to end: the demo's five processes (internal server, public and private proxy,
+//! their two EPS servers) on free loopback ports, with real clients: `curl` and in-process
+//! rustls clients that open a new TCP+TLS connection per request.
+//!
+//! The fixture is `support/tunnel.rs` ([`Tunnel`]). Build the binaries first:
+//! `cargo build --workspace && cargo test -p eps-tests --test tunnel`. Measurements are printed
+//! (`-- --nocapture` shows them), not asserted.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use eps_core::http::CallError;
+use eps_core::jsonrpc;
+use eps_tests::tunnel::{
+    https_request, Role, Tunnel, DOMAIN, PRIVATE, PUBLIC, SUCCESS, TOKEN_TIMEOUT,
+};
+use eps_tests::*;
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Deadline of one request under load.
+const LOADED_REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
+/// Time the tunnel gets to work again after a process was killed and started again.
+const RECOVERY: Duration = Duration::from_secs(15);
+/// Time a connection the proxy should close gets to be closed.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
+
+#[tokio::test(flavor = "multi_thread")]
+async fn get_and_post_through_the_tunnel() {
+    let mut t = Tunnel::new("get-post");
+    t.start_all().await;
+
+    // The README's commands, with curl.
+    for data in [None, Some("{}")] {
+        let (status, body) = curl(&t, DOMAIN, data).await;
+        assert_eq!(status, 200, "curl with data {data:?}: body {body:?}");
+        assert_eq!(body, SUCCESS, "curl with data {data:?}");
+    }
+
+    // 1 MiB of random bytes to /echo and back, byte for byte.
+    let mut body = vec![0u8; 1024 * 1024];
+    getrandom::fill(&mut body).expect("OS random bytes");
+    let reply = https_request(
+        t.public_addr,
+        t.client_config(),
+        DOMAIN,
+        "POST",
+        "/echo",
+        &body,
+        LOADED_REQUEST_TIMEOUT,
+    )
+    .await
+    .expect("POST /echo through the tunnel");
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.body.len(), body.len(), "echoed length");
+    assert!(
+        reply.body == body,
+        "the echoed body differs from the one sent"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reverse_start_order() {
+    let mut t = Tunnel::new("reverse");
+    // Each one listening before the next starts: the private proxy's first announcements find no
+    // public proxy behind the EPS servers and go into its retry backoff.
+    let start = Instant::now();
+    for role in Role::ALL.into_iter().rev() {
+        if role == Role::InternalServer {
+            assert!(
+                !t.works().await,
+                "a request succeeded without the internal server"
+            );
+        }
+        t.start(role);
+        t.wait_ready(role).await;
+    }
+    let took = t.wait_tunnel(Duration::from_secs(20)).await;
+    assert!(
+        took.is_some(),
+        "started in reverse order, no request went through within 20 s"
+    );
+    println!(
+        "reverse start order: first request through the tunnel {:.2} s after starting the first \
+         process, {:.3} s after the last one listened",
+        start.elapsed().as_secs_f64(),
+        took.unwrap_or_default().as_secs_f64()
+    );
+    for data in [None, Some("{}")] {
+        let (status, body) = curl(&t, DOMAIN, data).await;
+        assert_eq!((status, body.as_str()), (200, SUCCESS), "data {data:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_thousand_requests_25_parallel() {
+    const TOTAL: usize = 2_000;
+    const PARALLEL: usize = 25;
+    let mut t = Tunnel::new("2000");
+    t.start_all().await;
+    // Like 2,000 curl processes: a full handshake each, no session resumption.
+    let mut config = (*t.client_config()).clone();
+    config.resumption = rustls::client::Resumption::disabled();
+    let config = Arc::new(config);
+
+    let tunnel = hammer(t.public_addr, config.clone(), TOTAL, PARALLEL).await;
+    let direct = hammer(t.internal_addr, config, TOTAL, PARALLEL).await;
+    println!(
+        "{TOTAL} requests, {PARALLEL} in parallel, a new TCP+TLS connection each: \
+         through the tunnel {:.2} s ({:.0}/s), straight to the internal server {:.2} s ({:.0}/s)",
+        tunnel.as_secs_f64(),
+        TOTAL as f64 / tunnel.as_secs_f64(),
+        direct.as_secs_f64(),
+        TOTAL as f64 / direct.as_secs_f64(),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unknown_sni_and_non_tls_are_closed() {
+    let mut t = Tunnel::new("refused");
+    t.start_all().await;
+    let nope = "nope.internal-server.local";
+
+    // A real ClientHello for a name nobody announced: closed, not one byte of TLS back.
+    let mut s = TcpStream::connect(t.public_addr).await.expect("connect");
+    s.write_all(&client_hello(&t, nope)).await.expect("send");
+    let (bytes, after) = read_until_closed(&mut s, CLOSE_WAIT)
+        .await
+        .expect("the connection of an unknown SNI was not closed");
+    assert_eq!(bytes, 0, "the public proxy answered an unknown SNI");
+    println!("unknown SNI closed after {:.3} s", after.as_secs_f64());
+
+    // The same with a rustls client: the handshake fails.
+    let r = https_request(
+        t.public_addr,
+        t.client_config(),
+        nope,
+        "GET",
+        "/from-the-nope-client",
+        b"",
+        CLOSE_WAIT,
+    )
+    .await;
+    let e = r.expect_err("a request for an unknown SNI succeeded");
+    assert_ne!(e.kind(), std::io::ErrorKind::TimedOut, "{e}");
+
+    // Plain HTTP on the TLS port: closed.
+    let mut s = TcpStream::connect(t.public_addr).await.expect("connect");
+    s.write_all(b"GET / HTTP/1.1\r\n\r\n").await.expect("send");
+    let (bytes, after) = read_until_closed(&mut s, CLOSE_WAIT)
+        .await
+        .expect("a plaintext HTTP request was not closed within 2 s");
+    assert_eq!(bytes, 0, "the public proxy answered plaintext");
+    println!("plaintext closed after {:.3} s", after.as_secs_f64());
+
+    // Nothing of that reached the internal server: once a good request's connection is logged,
+    // every connection it saw carried one request (a forwarded raw ClientHello would not), and
+    // none was the rustls client's.
+    assert!(t.works().await, "a good request after the refused ones");
+    let settled = wait_until(Duration::from_secs(5), || async {
+        let log = t.proc(Role::InternalServer).log();
+        log.matches("connection closed").count() == log.matches(" request").count()
+    })
+    .await;
+    let log = t.proc(Role::InternalServer).log();
+    assert!(
+        settled,
+        "the internal server saw connections without a request: {} closed, {} requests",
+        log.matches("connection closed").count(),
+        log.matches(" request").count()
+    );
+    assert!(
+        !log.contains("/from-the-nope-client"),
+        "a request for the unknown SNI reached the internal server"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn announcement_rules() {
+    let mut t = Tunnel::new("announce");
+    t.start_all().await;
+    let private = t.private_rpc();
+    let public = t.public_rpc();
+
+    // Both proxies list the domain from the settings.
+    let listed = call(&public, "getAnnouncements", json!({}))
+        .await
+        .expect("public getAnnouncements");
+    assert!(
+        has(&listed, DOMAIN, "operator", PRIVATE),
+        "public side: {listed}"
+    );
+    let listed = call(&private, "getAnnouncements", json!({}))
+        .await
+        .expect("private getAnnouncements");
+    assert!(
+        has(&listed, DOMAIN, "proxy", PUBLIC),
+        "private side: {listed}"
+    );
+
+    // A new name under the allowed suffix: accepted, then routed (the certificate is a wildcard).
+    let other = "other.internal-server.local";
+    let r = call(&private, "announceConnection", json!({"domain": other}))
+        .await
+        .expect("announcing other.internal-server.local");
+    assert_eq!(r["domain"], other, "{r}");
+    assert_eq!(r["proxy"], PUBLIC, "{r}");
+    assert!(t.works_for(other).await, "{other} is not routed");
+
+    // Refusals carry the public proxy's code.
+    let refused = |params: Value| {
+        let private = &private;
+        async move {
+            match call(private, "announceConnection", params.clone()).await {
+                Err(CallError::Rpc(e)) => e.code,
+                other => panic!("announceConnection {params}: expected an error, got {other:?}"),
+            }
+        }
+    };
+    assert_eq!(
+        refused(json!({"domain": "x.example.com"})).await,
+        jsonrpc::FORBIDDEN
+    );
+    let far = rfc3339_from_now(Duration::from_secs(8 * 24 * 3600), false);
+    assert_eq!(
+        refused(json!({"domain": "far.internal-server.local", "expires_at": far})).await,
+        jsonrpc::INVALID_PARAMS
+    );
+    let past = rfc3339_from_now(Duration::from_secs(60), true);
+    assert_eq!(
+        refused(json!({"domain": "past.internal-server.local", "expires_at": past})).await,
+        jsonrpc::INVALID_PARAMS
+    );
+    assert!(!t.works_for("x.example.com").await);
+    assert!(!t.works_for("far.internal-server.local").await);
+
+    // 409: the domain is held by private-proxy-1; private-proxy-2 asks for it through its own
+    // EPS server.
+    let _other_eps = t.start_other_eps().await;
+    let r = call(
+        &t.other_eps_client(),
+        "public-proxy-1.announceConnections",
+        json!({"connections": [{"domain": DOMAIN}]}),
+    )
+    .await
+    .expect("announceConnections from private-proxy-2");
+    assert_eq!(r["connections"][0]["accepted"], false, "{r}");
+    assert_eq!(
+        r["connections"][0]["error"]["code"],
+        jsonrpc::CONFLICT,
+        "{r}"
+    );
+    let listed = call(&public, "getAnnouncements", json!({}))
+        .await
+        .expect("public getAnnouncements");
+    assert!(has(&listed, DOMAIN, "operator", PRIVATE), "{listed}");
+    assert!(t.works().await, "{DOMAIN} after the refused takeover");
+
+    // A short-lived announcement: routed, then gone once expired.
+    let short = "short.internal-server.local";
+    let expires = Instant::now() + Duration::from_secs(3);
+    let at = rfc3339_from_now(Duration::from_secs(3), false);
+    call(
+        &private,
+        "announceConnection",
+        json!({"domain": short, "expires_at": at}),
+    )
+    .await
+    .expect("announcing a short-lived name");
+    assert!(t.works_for(short).await, "{short} is not routed");
+    tokio::time::sleep_until(expires.into()).await;
+    let gone = wait_until(Duration::from_secs(10), || async {
+        !t.works_for(short).await
+    })
+    .await;
+    assert!(gone, "{short} is still routed after it expired");
+    let listed = call(&public, "getAnnouncements", json!({}))
+        .await
+        .expect("public getAnnouncements");
+    assert!(
+        !listed
+            .as_array()
+            .expect("a list")
+            .iter()
+            .any(|a| a["domain"] == short),
+        "the public proxy still lists {short}: {listed}"
+    );
+    assert!(has(&listed, other, "operator", PRIVATE), "{listed}");
+    let listed = call(&private, "getAnnouncements", json!({}))
+        .await
+        .expect("private getAnnouncements");
+    assert!(
+        !listed
+            .as_array()
+            .expect("a list")
+            .iter()
+            .any(|a| a["domain"] == short),
+        "the private proxy still lists {short}: {listed}"
+    );
+    assert!(t.works().await);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn restarts_recover() {
+    let mut t = Tunnel::new("restarts");
+    t.start_all().await;
+    let mut report = Vec::new();
+    for role in [
+        Role::PublicProxy,
+        Role::PrivateProxy,
+        Role::InternalServer,
+        Role::PublicEps,
+        Role::PrivateEps,
+    ] {
+        let others: Vec<(Role, u32)> = Role::ALL
+            .into_iter()
+            .filter(|r| *r != role)
+            .map(|r| (r, t.proc(r).pid()))
+            .collect();
+        // Every one of the five is on a new client's path: while one is down, clients fail.
+        t.proc_mut(role).kill(); // SIGKILL
+        assert!(
+            !t.works().await,
+            "a client succeeded while {} was down",
+            role.name()
+        );
+        let start = Instant::now();
+        t.restart(role); // the same command, settings and ports again
+        let took = t.wait_tunnel(RECOVERY).await;
+        assert!(
+            took.is_some(),
+            "no request through the tunnel within {RECOVERY:?} after {} was killed and restarted",
+            role.name()
+        );
+        report.push((role, start.elapsed()));
+        for (r, pid) in others {
+            assert!(t.proc_mut(r).is_running(), "{} stopped", r.name());
+            assert_eq!(t.proc(r).pid(), pid, "{} was restarted", r.name());
+        }
+        if role == Role::PublicProxy {
+            // The private proxy re-announces only every minute: the domain comes from the store.
+            let listed = call(&t.public_rpc(), "getAnnouncements", json!({}))
+                .await
+                .expect("public getAnnouncements");
+            assert!(has(&listed, DOMAIN, "operator", PRIVATE), "{listed}");
+            let log = t.proc(role).run_log();
+            assert!(
+                log.contains("loaded announcements") && log.contains("announcements=1"),
+                "{log}"
+            );
+        }
+    }
+    for (role, took) in &report {
+        println!(
+            "{} killed (SIGKILL) and started again: clients succeed {:.3} s after the start",
+            role.name(),
+            took.as_secs_f64()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn token_rules() {
+    let mut t = Tunnel::new("tokens");
+    t.start_all().await;
+
+    // A wrong token: closed at once.
+    let mut s = TcpStream::connect(t.public_internal_addr)
+        .await
+        .expect("connect");
+    let mut token = [0u8; 32];
+    getrandom::fill(&mut token).expect("OS random bytes");
+    s.write_all(&token).await.expect("send");
+    let (bytes, _) = read_until_closed(&mut s, CLOSE_WAIT)
+        .await
+        .expect("a data connection with a wrong token was not closed");
+    assert_eq!(bytes, 0);
+
+    // No token: closed at token_timeout, while clients go on working next to it, and while wrong
+    // guesses hit the internal port.
+    let mut silent = TcpStream::connect(t.public_internal_addr)
+        .await
+        .expect("connect");
+    let timeout = TOKEN_TIMEOUT + Duration::from_secs(3);
+    let silent_task = tokio::spawn(async move { read_until_closed(&mut silent, timeout).await });
+    // Guesses come from 127.0.0.2: the private proxy dials back from 127.0.0.1, and an address
+    // that keeps guessing is rate-limited (max_token_failures, 20 per window by default).
+    let internal = t.public_internal_addr;
+    let guesses = tokio::spawn(async move {
+        for _ in 0..30 {
+            let mut s = connect_from("127.0.0.2", internal).await;
+            let mut token = [0u8; 32];
+            getrandom::fill(&mut token).expect("OS random bytes");
+            s.write_all(&token).await.expect("send");
+            let closed = read_until_closed(&mut s, CLOSE_WAIT).await;
+            assert!(matches!(closed, Some((0, _))), "{closed:?}");
+        }
+    });
+    for _ in 0..5 {
+        assert!(t.works().await, "a client next to the token tests");
+    }
+    guesses.await.expect("wrong guesses closed");
+    let (bytes, after) = silent_task
+        .await
+        .expect("the silent task")
+        .expect("a data connection without a token was not closed");
+    assert_eq!(bytes, 0);
+    assert!(
+        after + Duration::from_millis(100) >= TOKEN_TIMEOUT,
+        "closed after {after:?}, before token_timeout {TOKEN_TIMEOUT:?}"
+    );
+    println!(
+        "data connection without a token closed after {:.2} s (token_timeout {:?})",
+        after.as_secs_f64(),
+        TOKEN_TIMEOUT
+    );
+    assert!(t.works().await);
+    // The guessing address is now rate-limited: its connections are closed unread, at once,
+    // where an unknown address gets token_timeout to send its token.
+    let mut blocked = connect_from("127.0.0.2", t.public_internal_addr).await;
+    let (bytes, after) = read_until_closed(&mut blocked, CLOSE_WAIT)
+        .await
+        .expect("a rate-limited address's connection was not closed");
+    assert_eq!(bytes, 0);
+    assert!(
+        after < TOKEN_TIMEOUT / 2,
+        "a rate-limited address was closed after {after:?}, not at once"
+    );
+    assert!(
+        t.works().await,
+        "a client after the guessing address was blocked"
+    );
+}
+
+/// Connects to `to` from the loopback address `from`.
+async fn connect_from(from: &str, to: std::net::SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(std::net::SocketAddr::new(from.parse().expect("an IP"), 0))
+        .expect("bind a loopback source address");
+    socket.connect(to).await.expect("connect")
+}
+
+/// Runs `total` POSTs of `{}` to `/jsonrpc` at `addr` (SNI `DOMAIN`), `parallel` at a time, each
+/// on a new connection; every one must get the demo's answer. Returns the wall time.
+async fn hammer(
+    addr: std::net::SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+    total: usize,
+    parallel: usize,
+) -> Duration {
+    let next = Arc::new(AtomicUsize::new(0));
+    let failures = Arc::new(Mutex::new(Vec::new()));
+    let start = Instant::now();
+    let workers: Vec<_> = (0..parallel)
+        .map(|_| {
+            let (next, failures, config) = (next.clone(), failures.clone(), config.clone());
+            tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= total {
+                        return;
+                    }
+                    let r = https_request(
+                        addr,
+                        config.clone(),
+                        DOMAIN,
+                        "POST",
+                        "/jsonrpc",
+                        b"{}",
+                        LOADED_REQUEST_TIMEOUT,
+                    )
+                    .await;
+                    match r {
+                        Ok(r) if r.status == 200 && r.body == SUCCESS.as_bytes() => {}
+                        Ok(r) => failures.lock().unwrap().push(format!(
+                            "#{i}: HTTP {} {}",
+                            r.status,
+                            r.text()
+                        )),
+                        Err(e) => failures.lock().unwrap().push(format!("#{i}: {e}")),
+                    }
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.await.expect("a request worker");
+    }
+    let took = start.elapsed();
+    let failures = failures.lock().unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} of {total} requests to {addr} failed; the first: {:#?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    took
+}
+
+/// Runs the README's curl command against the tunnel (a POST of `data` when given); the status
+/// and the body.
+async fn curl(t: &Tunnel, host: &str, data: Option<&str>) -> (u16, String) {
+    let port = t.public_addr.port();
+    let mut cmd = tokio::process::Command::new("curl");
+    cmd.args(["-sS", "--max-time", "10", "--cacert"])
+        .arg(t.root())
+        .arg("--resolve")
+        .arg(format!("{host}:{port}:127.0.0.1"))
+        .args(["-w", "\n%{http_code}"]);
+    if let Some(d) = data {
+        cmd.args(["--data", d]);
+    }
+    cmd.arg(format!("https://{host}:{port}/jsonrpc"));
+    let out = cmd
+        .output()
+        .await
+        .expect("running curl (the tunnel tests need it: apt-get install curl)");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "curl failed ({}): {}{stdout}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (body, code) = stdout
+        .rsplit_once('\n')
+        .unwrap_or_else(|| panic!("no status line in curl's output {stdout:?}"));
+    (
+        code.trim().parse().expect("curl's %{http_code}"),
+        body.to_string(),
+    )
+}
+
+/// The first flight of a TLS client (its ClientHello) for server name `sni`.
+fn client_hello(t: &Tunnel, sni: &str) -> Vec<u8> {
+    let name = ServerName::try_from(sni.to_string()).expect("a DNS name");
+    let mut conn = rustls::ClientConnection::new(t.client_config(), name).expect("TLS client");
+    let mut out = Vec::new();
+    while conn.wants_write() {
+        conn.write_tls(&mut out).expect("writing to a Vec");
+    }
+    out
+}
+
+/// Reads until the peer closes (end of stream or an error such as a reset): the bytes read and
+/// when, or `None` if the connection is still open after `timeout`.
+async fn read_until_closed(s: &mut TcpStream, timeout: Duration) -> Option<(usize, Duration)> {
+    let start = Instant::now();
+    let mut total = 0;
+    let mut buf = [0u8; 4096];
+    let work = async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return total,
+                Ok(n) => total += n,
+            }
+        }
+    };
+    tokio::time::timeout(timeout, work)
+        .await
+        .ok()
+        .map(|n| (n, start.elapsed()))
+}
+
+/// True when `list` has an entry for `domain` whose `key` is `value`.
+fn has(list: &Value, domain: &str, key: &str, value: &str) -> bool {
+    list.as_array()
+        .is_some_and(|l| l.iter().any(|a| a["domain"] == domain && a[key] == value))
+}
+
+/// Now plus (or, with `past`, minus) `d`, in RFC 3339.
+fn rfc3339_from_now(d: Duration, past: bool) -> String {
+    let now = time::OffsetDateTime::now_utc();
+    let t = if past { now - d } else { now + d };
+    t.format(&time::format_description::well_known::Rfc3339)
+        .expect("RFC 3339")
+}
