@@ -1,11 +1,8 @@
-//! The EPS network's transport: a mutual-TLS gRPC server for peers and one long-lived HTTP/2
-//! channel per peer for outgoing calls.
+//! Outgoing channels: one lazily connected, long-lived HTTP/2 channel per peer, reconnected
+//! with backoff, with the peer's pinned certificate checked on every connect.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -13,192 +10,13 @@ use eps_core::jsonrpc::{self, Outcome, RpcError};
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 use serde_json::value::RawValue;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
-use tokio_rustls::{TlsAcceptor, TlsConnector};
-use tokio_util::sync::CancellationToken;
-use tonic::transport::server::Connected;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::broker::Broker;
-use crate::peers::{check_peer, PeerIdentity, SharedDirectory};
-
-pub mod pb {
-    tonic::include_proto!("eps.v1");
-}
-
-use pb::eps_client::EpsClient;
-use pb::eps_server::{Eps, EpsServer};
-
-/// Deadline for a peer's TLS handshake on the gRPC port.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// HTTP/2 pings keep idle channels alive through middleboxes and detect dead peers.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Streams one peer connection may carry at once.
-const MAX_CONCURRENT_STREAMS: u32 = 1024;
-
-/// What the gRPC handler knows of the connection a call came on.
-#[derive(Debug, Clone)]
-pub struct PeerConn {
-    pub addr: SocketAddr,
-    pub identity: PeerIdentity,
-}
-
-/// A verified peer connection, holding its connection permit for as long as it lives.
-struct PeerStream {
-    io: tokio_rustls::server::TlsStream<TcpStream>,
-    info: PeerConn,
-    _permit: OwnedSemaphorePermit,
-}
-
-impl Connected for PeerStream {
-    type ConnectInfo = PeerConn;
-    fn connect_info(&self) -> PeerConn {
-        self.info.clone()
-    }
-}
-
-impl AsyncRead for PeerStream {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for PeerStream {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-}
-
-struct Service {
-    broker: Arc<Broker>,
-}
-
-#[tonic::async_trait]
-impl Eps for Service {
-    async fn call(
-        &self,
-        request: tonic::Request<pb::CallRequest>,
-    ) -> Result<tonic::Response<pb::CallResponse>, tonic::Status> {
-        let conn = request
-            .extensions()
-            .get::<PeerConn>()
-            .cloned()
-            .ok_or_else(|| tonic::Status::unauthenticated("no verified peer certificate"))?;
-        let req = request.into_inner();
-        tracing::debug!(peer = %conn.identity.name, addr = %conn.addr, fingerprint = %conn.identity.fingerprint, method = %req.method, "call from peer");
-        let outcome = self
-            .broker
-            .incoming(&conn.identity.name, &req.method, &req.params)
-            .await;
-        Ok(tonic::Response::new(to_pb(outcome)))
-    }
-}
-
-/// Serves the gRPC port until `shutdown`.
-pub async fn serve(
-    listener: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
-    max_connections: usize,
-    max_message_bytes: usize,
-    broker: Arc<Broker>,
-    directory: SharedDirectory,
-    shutdown: CancellationToken,
-) -> Result<(), tonic::transport::Error> {
-    let (tx, rx) = mpsc::channel::<std::io::Result<PeerStream>>(64);
-    let acceptor = TlsAcceptor::from(tls);
-    let permits = Arc::new(Semaphore::new(max_connections.max(1)));
-    let accept_shutdown = shutdown.clone();
-    tokio::spawn(async move {
-        let mut backoff = Duration::from_millis(5);
-        loop {
-            let permit = tokio::select! {
-                p = permits.clone().acquire_owned() => p.expect("semaphore never closes"),
-                _ = accept_shutdown.cancelled() => return,
-            };
-            let (tcp, addr) = tokio::select! {
-                r = listener.accept() => match r {
-                    Ok(s) => { backoff = Duration::from_millis(5); s }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "gRPC accept failed; backing off");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(1));
-                        continue;
-                    }
-                },
-                _ = accept_shutdown.cancelled() => return,
-            };
-            let _ = tcp.set_nodelay(true);
-            let (acceptor, tx, directory) = (acceptor.clone(), tx.clone(), directory.clone());
-            tokio::spawn(async move {
-                let io = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(io)) => io,
-                    Ok(Err(e)) => {
-                        tracing::info!(%addr, error = %e, "peer handshake refused");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::info!(%addr, "peer handshake timed out");
-                        return;
-                    }
-                };
-                let cert = io.get_ref().1.peer_certificates().and_then(|c| c.first());
-                let identity = match cert.map(|c| check_peer(&directory.load(), c)) {
-                    Some(Ok(id)) => id,
-                    _ => return, // the verifier already refused such a peer
-                };
-                tracing::debug!(%addr, peer = %identity.name, "peer connected");
-                let stream = PeerStream {
-                    io,
-                    info: PeerConn { addr, identity },
-                    _permit: permit,
-                };
-                let _ = tx.send(Ok(stream)).await;
-            });
-        }
-    });
-    tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
-        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
-        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-        .tcp_nodelay(true)
-        .add_service(
-            EpsServer::new(Service { broker })
-                .max_decoding_message_size(max_message_bytes)
-                .max_encoding_message_size(max_message_bytes),
-        )
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-            shutdown.cancelled_owned(),
-        )
-        .await
-}
+use super::pb::eps_client::EpsClient;
+use super::{from_pb, pb, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT};
+use crate::peers::{check_peer, SharedDirectory};
 
 /// Reconnect pacing for one peer: attempts after failures wait 50 ms, 100 ms, ... up to a cap.
 #[derive(Default)]
@@ -425,46 +243,5 @@ fn status_error(name: &str, address: &str, status: &tonic::Status, secs: f64) ->
             jsonrpc::PEER_UNREACHABLE,
             format!("peer {name} ({address}) unreachable: {detail}"),
         )
-    }
-}
-
-fn to_pb(outcome: Outcome) -> pb::CallResponse {
-    use pb::call_response::Outcome as O;
-    let outcome = match outcome {
-        Ok(r) => O::Result(Bytes::copy_from_slice(r.get().as_bytes())),
-        Err(e) => O::Error(pb::RpcError {
-            code: e.code,
-            message: e.message,
-            data: e
-                .data
-                .map(|d| Bytes::from(serde_json::to_vec(&d).expect("json")))
-                .unwrap_or_default(),
-        }),
-    };
-    pb::CallResponse {
-        outcome: Some(outcome),
-    }
-}
-
-fn from_pb(resp: pb::CallResponse) -> Outcome {
-    use pb::call_response::Outcome as O;
-    match resp.outcome {
-        Some(O::Result(bytes)) => {
-            let text = String::from_utf8(bytes.to_vec())
-                .map_err(|_| RpcError::internal("peer sent a result that is not UTF-8"))?;
-            RawValue::from_string(text).map_err(|e| {
-                RpcError::internal(format!("peer sent a result that is not JSON: {e}"))
-            })
-        }
-        Some(O::Error(e)) => Err(RpcError {
-            code: e.code,
-            message: e.message,
-            data: if e.data.is_empty() {
-                None
-            } else {
-                serde_json::from_slice(&e.data).ok()
-            },
-        }),
-        None => Err(RpcError::internal("peer sent an empty response")),
     }
 }

@@ -1,0 +1,63 @@
+//! The EPS network's transport: a mutual-TLS gRPC server for peers ([`serve`]) and one
+//! long-lived HTTP/2 channel per peer for outgoing calls ([`Peers`]).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use eps_core::jsonrpc::{Outcome, RpcError};
+use serde_json::value::RawValue;
+
+mod channels;
+mod server;
+
+pub use channels::Peers;
+pub use server::serve;
+
+pub mod pb {
+    tonic::include_proto!("eps.v1");
+}
+
+/// HTTP/2 pings keep idle channels alive through middleboxes and detect dead peers.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub(crate) fn to_pb(outcome: Outcome) -> pb::CallResponse {
+    use pb::call_response::Outcome as O;
+    let outcome = match outcome {
+        Ok(r) => O::Result(Bytes::copy_from_slice(r.get().as_bytes())),
+        Err(e) => O::Error(pb::RpcError {
+            code: e.code,
+            message: e.message,
+            data: e
+                .data
+                .map(|d| Bytes::from(serde_json::to_vec(&d).expect("json")))
+                .unwrap_or_default(),
+        }),
+    };
+    pb::CallResponse {
+        outcome: Some(outcome),
+    }
+}
+
+pub(crate) fn from_pb(resp: pb::CallResponse) -> Outcome {
+    use pb::call_response::Outcome as O;
+    match resp.outcome {
+        Some(O::Result(bytes)) => {
+            let text = String::from_utf8(bytes.to_vec())
+                .map_err(|_| RpcError::internal("peer sent a result that is not UTF-8"))?;
+            RawValue::from_string(text).map_err(|e| {
+                RpcError::internal(format!("peer sent a result that is not JSON: {e}"))
+            })
+        }
+        Some(O::Error(e)) => Err(RpcError {
+            code: e.code,
+            message: e.message,
+            data: if e.data.is_empty() {
+                None
+            } else {
+                serde_json::from_slice(&e.data).ok()
+            },
+        }),
+        None => Err(RpcError::internal("peer sent an empty response")),
+    }
+}

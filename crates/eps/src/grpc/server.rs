@@ -1,0 +1,186 @@
+//! The gRPC port: peers are verified inside the TLS handshake (see `peers`), each connection
+//! holds a permit, and every call is handed to the broker with the caller's identity.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::server::Connected;
+
+use super::pb::eps_server::{Eps, EpsServer};
+use super::{pb, to_pb, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT};
+use crate::broker::Broker;
+use crate::peers::{check_peer, PeerIdentity, SharedDirectory};
+
+/// Deadline for a peer's TLS handshake on the gRPC port.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Streams one peer connection may carry at once.
+const MAX_CONCURRENT_STREAMS: u32 = 1024;
+
+/// What the gRPC handler knows of the connection a call came on.
+#[derive(Debug, Clone)]
+pub struct PeerConn {
+    pub addr: SocketAddr,
+    pub identity: PeerIdentity,
+}
+
+/// A verified peer connection, holding its connection permit for as long as it lives.
+struct PeerStream {
+    io: tokio_rustls::server::TlsStream<TcpStream>,
+    info: PeerConn,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Connected for PeerStream {
+    type ConnectInfo = PeerConn;
+    fn connect_info(&self) -> PeerConn {
+        self.info.clone()
+    }
+}
+
+impl AsyncRead for PeerStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for PeerStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+struct Service {
+    broker: Arc<Broker>,
+}
+
+#[tonic::async_trait]
+impl Eps for Service {
+    async fn call(
+        &self,
+        request: tonic::Request<pb::CallRequest>,
+    ) -> Result<tonic::Response<pb::CallResponse>, tonic::Status> {
+        let conn = request
+            .extensions()
+            .get::<PeerConn>()
+            .cloned()
+            .ok_or_else(|| tonic::Status::unauthenticated("no verified peer certificate"))?;
+        let req = request.into_inner();
+        tracing::debug!(peer = %conn.identity.name, addr = %conn.addr, fingerprint = %conn.identity.fingerprint, method = %req.method, "call from peer");
+        let outcome = self
+            .broker
+            .incoming(&conn.identity.name, &req.method, &req.params)
+            .await;
+        Ok(tonic::Response::new(to_pb(outcome)))
+    }
+}
+
+/// Serves the gRPC port until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    max_connections: usize,
+    max_message_bytes: usize,
+    broker: Arc<Broker>,
+    directory: SharedDirectory,
+    shutdown: CancellationToken,
+) -> Result<(), tonic::transport::Error> {
+    let (tx, rx) = mpsc::channel::<std::io::Result<PeerStream>>(64);
+    let acceptor = TlsAcceptor::from(tls);
+    let permits = Arc::new(Semaphore::new(max_connections.max(1)));
+    let accept_shutdown = shutdown.clone();
+    tokio::spawn(async move {
+        let mut backoff = Duration::from_millis(5);
+        loop {
+            let permit = tokio::select! {
+                p = permits.clone().acquire_owned() => p.expect("semaphore never closes"),
+                _ = accept_shutdown.cancelled() => return,
+            };
+            let (tcp, addr) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(s) => { backoff = Duration::from_millis(5); s }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "gRPC accept failed; backing off");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(1));
+                        continue;
+                    }
+                },
+                _ = accept_shutdown.cancelled() => return,
+            };
+            let _ = tcp.set_nodelay(true);
+            let (acceptor, tx, directory) = (acceptor.clone(), tx.clone(), directory.clone());
+            tokio::spawn(async move {
+                let io = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(io)) => io,
+                    Ok(Err(e)) => {
+                        tracing::info!(%addr, error = %e, "peer handshake refused");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::info!(%addr, "peer handshake timed out");
+                        return;
+                    }
+                };
+                let cert = io.get_ref().1.peer_certificates().and_then(|c| c.first());
+                let identity = match cert.map(|c| check_peer(&directory.load(), c)) {
+                    Some(Ok(id)) => id,
+                    _ => return, // the verifier already refused such a peer
+                };
+                tracing::debug!(%addr, peer = %identity.name, "peer connected");
+                let stream = PeerStream {
+                    io,
+                    info: PeerConn { addr, identity },
+                    _permit: permit,
+                };
+                let _ = tx.send(Ok(stream)).await;
+            });
+        }
+    });
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .tcp_nodelay(true)
+        .add_service(
+            EpsServer::new(Service { broker })
+                .max_decoding_message_size(max_message_bytes)
+                .max_encoding_message_size(max_message_bytes),
+        )
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+            shutdown.cancelled_owned(),
+        )
+        .await
+}
