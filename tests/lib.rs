@@ -34,6 +34,8 @@ mod files;
 mod pki;
 #[path = "support/process.rs"]
 mod process;
+#[path = "support/redis.rs"]
+pub mod redis;
 #[path = "support/rpc.rs"]
 mod rpc;
 #[path = "support/tunnel.rs"]

@@ -317,6 +317,15 @@ impl Tunnel {
         self.proc_mut(role).restart();
     }
 
+    /// The `PROXY_SETTINGS` / `EPS_SETTINGS` folder of `role` (not of the internal server, which
+    /// reads its environment). Settings files are merged in lexical order, later ones winning:
+    /// a test changes settings by writing, e.g., `zz-test.yml` there before starting `role`.
+    pub fn settings_dir(&self, role: Role) -> &std::path::Path {
+        self.settings
+            .get(&role)
+            .unwrap_or_else(|| panic!("{} has no settings folder", role.name()))
+    }
+
     /// Starts the EPS server of `private-proxy-2` and waits until it listens.
     pub async fn start_other_eps(&self) -> Proc {
         let mut proc = start_eps(

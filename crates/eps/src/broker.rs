@@ -5,7 +5,10 @@
 
 use std::time::{Duration, Instant};
 
-use eps_core::directory::AccessError;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use eps_core::directory::{AccessError, Directory, Entry};
 use eps_core::http::{CallError, Handler, Peer, RpcClient};
 use eps_core::jsonrpc::{self, Outcome, Request, RpcError};
 use serde_json::value::RawValue;
@@ -20,6 +23,8 @@ pub const PING: &str = "_ping";
 
 pub struct Broker {
     metrics: Metrics,
+    /// Serialized `_client` values by caller, valid for one directory version.
+    clients: Mutex<HashMap<String, (Arc<Directory>, Arc<RawValue>)>>,
     name: String,
     directory: SharedDirectory,
     peers: Peers,
@@ -38,12 +43,27 @@ impl Broker {
     ) -> Self {
         Self {
             metrics,
+            clients: Mutex::new(HashMap::new()),
             name,
             directory,
             peers,
             local,
             call_timeout,
         }
+    }
+
+    /// `{"name": caller, "entry": ...}` serialized once per caller and directory version.
+    fn client_json(&self, dir: &Arc<Directory>, caller: &str, entry: &Entry) -> Arc<RawValue> {
+        let mut cache = self.clients.lock().expect("client cache lock");
+        if let Some((version, json)) = cache.get(caller) {
+            if Arc::ptr_eq(version, dir) {
+                return json.clone();
+            }
+        }
+        let json: Arc<RawValue> = jsonrpc::to_raw(&json!({"name": caller, "entry": entry})).into();
+        // At most one entry per operator of the directory.
+        cache.insert(caller.to_string(), (dir.clone(), json.clone()));
+        json
     }
 
     fn ping(&self) -> Outcome {
@@ -145,9 +165,9 @@ impl Broker {
                 AccessError::UnknownMethod { .. } => RpcError::method_not_found(e.to_string()),
                 AccessError::Forbidden { .. } => RpcError::new(jsonrpc::FORBIDDEN, e.to_string()),
             })?;
-            json!({"name": caller, "entry": caller_entry})
+            self.client_json(&dir, caller, caller_entry)
         };
-        let params = with_client(params, client)?;
+        let params = with_client(params, &client)?;
         match self
             .local
             .call_with_deadline(method, &params, self.call_timeout)
@@ -171,19 +191,41 @@ fn empty_object() -> Box<RawValue> {
     RawValue::from_string("{}".into()).expect("{} is JSON")
 }
 
-/// Adds `_client` to an object of params (replacing any the caller sent).
-fn with_client(params: &[u8], client: Value) -> Result<Box<RawValue>, RpcError> {
+/// Adds `_client` (already serialized) to an object of params, replacing any the caller sent.
+///
+/// The usual case splices text and builds no tree; params that mention `_client` themselves are
+/// decoded so that the caller's value is replaced, never duplicated.
+fn with_client(params: &[u8], client: &RawValue) -> Result<Box<RawValue>, RpcError> {
     let text = std::str::from_utf8(params)
         .map_err(|_| RpcError::invalid_params("params are not UTF-8"))?
         .trim();
-    let mut map: Map<String, Value> = if text.is_empty() || text == "null" {
-        Map::new()
-    } else {
-        serde_json::from_str(text)
-            .map_err(|e| RpcError::invalid_params(format!("params must be a JSON object: {e}")))?
+    if text.is_empty() || text == "null" {
+        return raw(format!("{{\"_client\":{}}}", client.get()));
+    }
+    // Syntax only, no tree (and serde_json bounds the nesting depth).
+    let checked: &RawValue = serde_json::from_str(text)
+        .map_err(|e| RpcError::invalid_params(format!("params must be a JSON object: {e}")))?;
+    let body = checked.get().trim();
+    let Some(inner) = body.strip_prefix('{') else {
+        return Err(RpcError::invalid_params("params must be a JSON object"));
     };
-    map.insert("_client".into(), client);
-    Ok(jsonrpc::to_raw(&map))
+    if body.contains("\"_client\"") {
+        let mut map: Map<String, Value> = serde_json::from_str(body)
+            .map_err(|e| RpcError::invalid_params(format!("params must be a JSON object: {e}")))?;
+        let value: Value = serde_json::from_str(client.get()).expect("cached JSON");
+        map.insert("_client".into(), value);
+        return Ok(jsonrpc::to_raw(&map));
+    }
+    let sep = if inner.trim_start().starts_with('}') {
+        ""
+    } else {
+        ","
+    };
+    raw(format!("{{\"_client\":{}{sep}{inner}", client.get()))
+}
+
+fn raw(text: String) -> Result<Box<RawValue>, RpcError> {
+    RawValue::from_string(text).map_err(|e| RpcError::internal(format!("params: {e}")))
 }
 
 /// The local JSON-RPC server's handler: every request goes out through the broker.
@@ -201,14 +243,31 @@ mod tests {
 
     #[test]
     fn client_is_added_and_cannot_be_forged() {
-        let p = with_client(br#"{"a":1,"_client":"forged"}"#, json!({"name": "x"})).unwrap();
+        let c = jsonrpc::to_raw(&json!({"name": "x"}));
+        let p = with_client(br#"{"a":1,"_client":"forged"}"#, &c).unwrap();
         let v: Value = serde_json::from_str(p.get()).unwrap();
         assert_eq!(v["a"], 1);
         assert_eq!(v["_client"]["name"], "x");
-        assert!(with_client(b"", json!(1)).is_ok());
-        assert_eq!(
-            with_client(b"[1]", json!(1)).unwrap_err().code,
-            jsonrpc::INVALID_PARAMS
-        );
+        for (params, expected) in [
+            (&b""[..], json!({"_client": {"name": "x"}})),
+            (b"null", json!({"_client": {"name": "x"}})),
+            (b" { } ", json!({"_client": {"name": "x"}})),
+            (
+                br#"{"a": [1, {"b": 2}]}"#,
+                json!({"_client": {"name": "x"}, "a": [1, {"b": 2}]}),
+            ),
+        ] {
+            let p = with_client(params, &c).unwrap();
+            let v: Value = serde_json::from_str(p.get()).unwrap();
+            assert_eq!(v, expected);
+        }
+        for bad in [&b"[1]"[..], b"{", b"{}x", b"42"] {
+            assert_eq!(
+                with_client(bad, &c).unwrap_err().code,
+                jsonrpc::INVALID_PARAMS,
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
     }
 }

@@ -367,7 +367,7 @@ impl Private {
             let _ = self.store.save(&snapshot).await;
             return Err(a.error.unwrap_or_else(|| RpcError::internal("refused")));
         }
-        self.changed.notify_one();
+        // Already announced: the periodic re-announcement takes it from here.
         Ok(jsonrpc::to_raw(
             &json!({"domain": a.domain, "proxy": w.proxy, "expires_at": a.expires_at}),
         ))

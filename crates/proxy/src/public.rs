@@ -270,11 +270,14 @@ impl Public {
     ) -> Result<(Vec<u8>, String), (&'static str, String)> {
         let max = self.limits.max_client_hello_bytes;
         let deadline = Instant::now() + self.limits.client_hello_timeout;
+        // Read straight into the buffer: a stack chunk would live in every connection's task
+        // for as long as its relay runs.
         let mut buf = Vec::with_capacity(2048);
-        let mut chunk = [0u8; 4096];
         loop {
-            let room = (max + 1 - buf.len()).min(chunk.len());
-            let n = match tokio::time::timeout_at(deadline, client.read(&mut chunk[..room])).await {
+            let room = (max + 1 - buf.len()).min(4096);
+            buf.reserve(room);
+            let mut limited = (&mut *client).take(room as u64);
+            match tokio::time::timeout_at(deadline, limited.read_buf(&mut buf)).await {
                 Err(_) => {
                     return Err((
                         "client_hello_timeout",
@@ -285,9 +288,8 @@ impl Public {
                 Ok(Ok(0)) => {
                     return Err(("truncated", "end of stream inside the ClientHello".into()))
                 }
-                Ok(Ok(n)) => n,
+                Ok(Ok(_)) => {}
             };
-            buf.extend_from_slice(&chunk[..n]);
             match clienthello::parse_client_hello(&buf, max) {
                 Ok(Parse::Complete { sni, .. }) => return Ok((buf, sni)),
                 Ok(Parse::Incomplete) if buf.len() > max => {

@@ -23,8 +23,9 @@ use crate::store::FileStore;
 
 /// Deadline of one Redis command; past it the announcement is refused, not delayed.
 const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
-/// Longest pause between attempts to reach Redis.
-const MAX_REDIS_BACKOFF: Duration = Duration::from_secs(2);
+/// Longest pause between attempts to reach Redis: short, since an instance that has not
+/// re-subscribed does not route announcements made meanwhile.
+const MAX_REDIS_BACKOFF: Duration = Duration::from_millis(500);
 
 /// Stores `value` under `domain` unless a live announcement of another operator holds it,
 /// and publishes the change. KEYS[1] hash; ARGV: domain, operator, value, now (unix), channel.

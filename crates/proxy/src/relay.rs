@@ -1,7 +1,7 @@
 //! Relaying one TCP stream to another until both directions are done.
 //!
-//! Each direction copies through a fixed buffer that is allocated only once the socket first
-//! becomes readable, so idle relays hold no buffer. An end-of-stream is passed on as a
+//! Each direction copies through a fixed buffer that exists only while data flows (taken when
+//! the socket turns readable, given back when a read would block), so idle relays hold none. An end-of-stream is passed on as a
 //! half-close (`shutdown(Write)`), never turned into a reset; the other direction goes on. A
 //! relay with no traffic either way for `idle_timeout` is closed.
 
@@ -93,25 +93,32 @@ async fn pump(
     last: &AtomicU64,
     start: Instant,
 ) -> std::io::Result<()> {
+    // The buffer exists only while data flows: it is taken when the socket turns readable and
+    // given back once a read would block, so an idle relay holds no buffer at all. Reads go
+    // into spare capacity, so nothing is zeroed.
     let mut buf: Vec<u8> = Vec::new();
     loop {
-        r.readable().await?;
-        if buf.is_empty() {
-            buf = vec![0; BUFFER_BYTES];
+        if buf.capacity() > 0 {
+            buf = Vec::new();
         }
-        match r.try_read(&mut buf) {
-            Ok(0) => {
-                // Pass the end of stream on; the other direction continues.
-                let _ = w.shutdown().await;
-                return Ok(());
+        r.readable().await?;
+        buf.reserve_exact(BUFFER_BYTES);
+        loop {
+            buf.clear();
+            match r.try_read_buf(&mut buf) {
+                Ok(0) => {
+                    // Pass the end of stream on; the other direction continues.
+                    let _ = w.shutdown().await;
+                    return Ok(());
+                }
+                Ok(n) => {
+                    w.write_all(&buf[..n]).await?;
+                    bytes.fetch_add(n as u64, Ordering::Relaxed);
+                    last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
             }
-            Ok(n) => {
-                w.write_all(&buf[..n]).await?;
-                bytes.fetch_add(n as u64, Ordering::Relaxed);
-                last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
         }
     }
 }

@@ -74,8 +74,16 @@ pub fn main(public: bool) -> ExitCode {
             r = &mut run => return r,
             _ = shutdown_signal() => {}
         }
-        drain(&settings, &tracker, &shutdown).await;
-        let _ = tokio::time::timeout(Duration::from_secs(1), run).await;
+        // `run` is polled while draining: its accept loops must see the cancellation and drop
+        // their listeners, so that new clients are refused instead of waiting in the backlog.
+        let drained = drain(&settings, &tracker, &shutdown);
+        tokio::pin!(drained);
+        tokio::select! {
+            _ = &mut drained => {
+                let _ = tokio::time::timeout(Duration::from_secs(1), run).await;
+            }
+            _ = &mut run => drained.await,
+        }
         Ok(())
     });
     match result {

@@ -30,8 +30,14 @@ impl FileStore {
             path: path.to_path_buf(),
             reason: e.to_string(),
         };
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(err)?;
+        let dir = parent(path);
+        std::fs::create_dir_all(dir).map_err(err)?;
+        // Temporary files of writes cut short by a crash: the store itself is intact.
+        let prefix = temp_prefix(path);
+        for entry in std::fs::read_dir(dir).map_err(err)?.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = std::fs::remove_file(entry.path());
+            }
         }
         Ok(Self {
             path: path.to_path_buf(),
@@ -69,17 +75,32 @@ impl FileStore {
     }
 }
 
+fn parent(path: &Path) -> &Path {
+    path.parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}
+
+/// Temporary files are named `.FILE.tmp*` beside the store, so `open` can tell them apart.
+fn temp_prefix(path: &Path) -> String {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    format!(".{name}.tmp")
+}
+
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     use std::io::Write;
     let err = |e: std::io::Error| StoreError {
         path: path.to_path_buf(),
         reason: e.to_string(),
     };
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(err)?;
+    let dir = parent(path);
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&temp_prefix(path))
+        .tempfile_in(dir)
+        .map_err(err)?;
     tmp.write_all(bytes).map_err(err)?;
     tmp.as_file().sync_all().map_err(err)?;
     tmp.persist(path).map_err(|e| err(e.error))?;
@@ -101,5 +122,12 @@ mod tests {
         assert_eq!(s.load::<u32>().unwrap(), vec![1, 2, 3]);
         std::fs::write(d.path().join("sub/a.json"), b"{torn").unwrap();
         assert!(s.load::<u32>().is_err());
+        let stale = d.path().join("sub/.a.json.tmpXYZ");
+        std::fs::write(&stale, b"[]").unwrap();
+        FileStore::open(&d.path().join("sub/a.json")).unwrap();
+        assert!(
+            !stale.exists(),
+            "a crashed write's temporary file is removed on open"
+        );
     }
 }

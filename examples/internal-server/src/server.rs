@@ -87,7 +87,9 @@ async fn serve_conn(
     let _ = stream.set_nodelay(true);
     if proxy_protocol {
         match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_proxy_header(&mut stream)).await {
-            Ok(Ok(client)) => tracing::info!(?peer, %client, "client address from the PROXY header"),
+            Ok(Ok(client)) => {
+                tracing::info!(?peer, %client, "client address from the PROXY header")
+            }
             Ok(Err(e)) => {
                 tracing::info!(?peer, error = %e, "no valid PROXY protocol v2 header; closed");
                 return;
@@ -114,6 +116,8 @@ async fn serve_conn(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(HANDSHAKE_TIMEOUT)
+        // A client that half-closes after its request still gets the response.
+        .half_close(true)
         .max_buf_size(MAX_HEADER_BYTES);
     builder
         .http2()

@@ -1,0 +1,219 @@
+//! A Redis server of the test's own for the shared-store tests: `redis-server` on a free
+//! loopback port, append-only with an fsync before every reply (`appendfsync always`, the
+//! README's advice), its files in a folder of the test; killed (SIGKILL) on drop.
+//!
+//! `redis-server` must be installed (Debian: `apt-get install redis-server`; `.ci/run` does it).
+//! [`Redis::command`] is a minimal RESP client for checks from the test itself.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::process::Proc;
+use crate::wait::free_addr;
+
+/// What `redis-server` logs once it has loaded its data and accepts clients.
+pub const REDIS_READY: &str = "Ready to accept connections";
+/// Time `redis-server` gets to load its append-only file and listen.
+const START_WAIT: Duration = Duration::from_secs(15);
+/// Deadline of one [`Redis::command`].
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The `redis-server` on `PATH` (or in /usr/bin, /usr/local/bin); panics with how to install it.
+pub fn redis_server_path() -> PathBuf {
+    let candidates = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .chain([PathBuf::from("/usr/bin"), PathBuf::from("/usr/local/bin")]);
+    for dir in candidates {
+        let path = dir.join("redis-server");
+        if path.is_file() {
+            return path;
+        }
+    }
+    panic!(
+        "redis-server not found: the shared-store tests run a real Redis; install it \
+         (Debian: apt-get install redis-server)"
+    );
+}
+
+/// A running `redis-server`.
+pub struct Redis {
+    proc: Proc,
+    /// Where it listens (127.0.0.1, a port from [`free_addr`]).
+    pub addr: SocketAddr,
+    /// Its working folder: the append-only files.
+    pub dir: PathBuf,
+    password: Option<String>,
+}
+
+impl Redis {
+    /// Starts `redis-server` with its files in `dir` (created), logging to `log`, requiring
+    /// `password` when given, and waits until it accepts clients.
+    pub async fn start(dir: &Path, log: impl Into<PathBuf>, password: Option<&str>) -> Self {
+        std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+        let addr = free_addr();
+        let mut args: Vec<String> = [
+            "--port",
+            &addr.port().to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+            "--dir",
+            &dir.display().to_string(),
+            "--daemonize",
+            "no",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if let Some(p) = password {
+            args.extend(["--requirepass".to_string(), p.to_string()]);
+        }
+        let proc = Proc::start(
+            "redis",
+            &redis_server_path(),
+            &args,
+            std::iter::empty::<(&str, &str)>(),
+            log,
+        );
+        let mut redis = Self {
+            proc,
+            addr,
+            dir: dir.to_path_buf(),
+            password: password.map(str::to_string),
+        };
+        redis.wait_ready().await;
+        redis
+    }
+
+    /// `host:port`, as `datastore.settings.addresses` takes it.
+    pub fn address(&self) -> String {
+        self.addr.to_string()
+    }
+
+    pub fn proc(&self) -> &Proc {
+        &self.proc
+    }
+
+    /// Waits until the current run accepts clients (after loading its append-only file).
+    pub async fn wait_ready(&mut self) {
+        self.proc.wait_for_log(REDIS_READY, START_WAIT).await;
+    }
+
+    /// SIGKILL: no chance to flush anything that was not already on disk.
+    pub fn kill(&mut self) {
+        self.proc.kill();
+    }
+
+    /// Starts it again on the same port with the same folder (its data comes back from the
+    /// append-only file) and waits until it accepts clients.
+    pub async fn restart(&mut self) {
+        self.proc.restart();
+        self.wait_ready().await;
+    }
+
+    /// Sends one command (authenticating first when a password is set) and returns its reply.
+    pub async fn command(&self, args: &[&str]) -> std::io::Result<Resp> {
+        let work = async {
+            let mut s = TcpStream::connect(self.addr).await?;
+            let mut buf = Vec::new();
+            if let Some(p) = &self.password {
+                if let Resp::Error(e) = exchange(&mut s, &mut buf, &["AUTH", p]).await? {
+                    return Err(std::io::Error::other(format!("AUTH: {e}")));
+                }
+            }
+            exchange(&mut s, &mut buf, args).await
+        };
+        tokio::time::timeout(COMMAND_TIMEOUT, work)
+            .await
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "Redis command"))?
+    }
+}
+
+/// A RESP reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resp {
+    Simple(String),
+    Error(String),
+    Integer(i64),
+    Bulk(Option<Vec<u8>>),
+    Array(Option<Vec<Resp>>),
+}
+
+impl Resp {
+    pub fn as_integer(&self) -> Option<i64> {
+        match self {
+            Resp::Integer(n) => Some(*n),
+            _ => None,
+        }
+    }
+}
+
+async fn exchange(s: &mut TcpStream, buf: &mut Vec<u8>, args: &[&str]) -> std::io::Result<Resp> {
+    let mut out = format!("*{}\r\n", args.len()).into_bytes();
+    for a in args {
+        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+        out.extend_from_slice(a.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    s.write_all(&out).await?;
+    loop {
+        if let Some((reply, used)) = parse(buf) {
+            buf.drain(..used);
+            return Ok(reply);
+        }
+        let mut chunk = [0u8; 16 * 1024];
+        let n = s.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// One complete reply at the start of `buf` and its length, or `None` while incomplete.
+fn parse(buf: &[u8]) -> Option<(Resp, usize)> {
+    let line_end = buf.windows(2).position(|w| w == b"\r\n")?;
+    let line = std::str::from_utf8(&buf[1..line_end]).ok()?;
+    let next = line_end + 2;
+    match buf.first()? {
+        b'+' => Some((Resp::Simple(line.to_string()), next)),
+        b'-' => Some((Resp::Error(line.to_string()), next)),
+        b':' => Some((Resp::Integer(line.parse().ok()?), next)),
+        b'$' => {
+            let len: i64 = line.parse().ok()?;
+            if len < 0 {
+                return Some((Resp::Bulk(None), next));
+            }
+            let end = next + usize::try_from(len).ok()?;
+            let data = buf.get(next..end)?.to_vec();
+            buf.get(end..end + 2)?;
+            Some((Resp::Bulk(Some(data)), end + 2))
+        }
+        b'*' => {
+            let len: i64 = line.parse().ok()?;
+            if len < 0 {
+                return Some((Resp::Array(None), next));
+            }
+            let mut items = Vec::new();
+            let mut at = next;
+            for _ in 0..len {
+                let (item, used) = parse(&buf[at..])?;
+                items.push(item);
+                at += used;
+            }
+            Some((Resp::Array(Some(items)), at))
+        }
+        _ => Some((Resp::Error(format!("unexpected reply {line:?}")), next)),
+    }
+}
