@@ -12,7 +12,7 @@ CARGO ?= cargo
 # One target dir for `cargo install` and `cargo build`, so nothing is compiled twice.
 INSTALL := $(CARGO) install --locked --quiet --target-dir target --path
 
-.PHONY: all install examples certs demo test lint unit clean
+.PHONY: all install examples certs demo test lint unit clean bench
 
 all: install certs
 
@@ -30,6 +30,10 @@ settings/dev/certs/root.crt: | install
 
 demo:
 	scripts/demo.sh
+
+# BENCH_ARGS are passed on, e.g. `make bench BENCH_ARGS=--quick`.
+bench:
+	bench/run.sh $(BENCH_ARGS)
 
 lint:
 	$(CARGO) fmt --all -- --check

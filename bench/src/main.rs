@@ -1,0 +1,81 @@
+//! `eps-bench`: eps side by side with a direct connection, HAProxy and rathole, on loopback, in
+//! one run. `make bench` installs the peers, builds everything in release and runs this; see
+//! bench/README.md for what is measured and how to read the results.
+//!
+//! # Layout
+//! - [`systems`]: starting and stopping each system; the shared internal server and certificates.
+//! - [`client`]: the TLS client (tokio + rustls) every scenario uses.
+//! - [`scenarios`]: the measurements; [`rpc`]: the JSON-RPC setup for the `rpc_*` ones.
+//! - [`report`]: `latest.json` and `latest.md`; [`targets`]: the targets; [`plot`]: the PNG.
+//! - [`run`]: one run, start to report; [`procs`]: child processes, killed however it ends.
+
+mod client;
+mod plot;
+mod procs;
+mod report;
+mod rpc;
+mod run;
+mod scenarios;
+mod systems;
+mod targets;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::Parser;
+
+use systems::Kind;
+
+#[derive(Parser)]
+#[command(
+    name = "eps-bench",
+    about = "eps side by side with direct, HAProxy and rathole"
+)]
+pub struct Args {
+    /// A reduced run (under a minute): smaller downloads, fewer connections and calls.
+    #[arg(long)]
+    pub quick: bool,
+    /// Systems to compare, comma-separated.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "direct,haproxy,rathole,eps"
+    )]
+    pub systems: Vec<Kind>,
+    /// Folder that receives latest.json, latest.md and latest.png.
+    #[arg(long, default_value = "bench/results")]
+    pub out: PathBuf,
+    /// Clients opening connections in parallel in the connect scenario (default 25); 1 shows
+    /// the latency each system adds without queueing for the CPU.
+    #[arg(long)]
+    pub connect_clients: Option<usize>,
+    /// Callers in parallel in the RPC scenario (default 64); 1 shows the latency of one call.
+    #[arg(long)]
+    pub rpc_callers: Option<usize>,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    let started = Instant::now();
+    let work = match tempfile::Builder::new().prefix("eps-bench-").tempdir() {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("eps-bench: creating a temporary folder: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    procs::install_cleanup(work.path());
+    match run::run(&args, work.path()).await {
+        Ok(()) => {
+            println!("==> done in {:.0} s", started.elapsed().as_secs_f64());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("eps-bench: {e:#}");
+            eprintln!("settings and logs kept in {}", work.keep().display());
+            ExitCode::FAILURE
+        }
+    }
+}

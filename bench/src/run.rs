@@ -1,0 +1,302 @@
+//! One run: start the systems, run every scenario against each (one progress line per scenario
+//! and system), write the report.
+
+use std::path::Path;
+use std::time::Instant;
+
+use crate::client::Client;
+use crate::report::{num, Report};
+use crate::scenarios::{self, Plan, Timed};
+use crate::systems::{Env, Kind, System};
+use crate::{procs, rpc, Args};
+
+pub async fn run(args: &Args, work: &Path) -> anyhow::Result<()> {
+    let mut plan = if args.quick {
+        Plan::quick()
+    } else {
+        Plan::full()
+    };
+    if let Some(n) = args.connect_clients {
+        plan.connect_clients = n.max(1);
+    }
+    if let Some(n) = args.rpc_callers {
+        plan.rpc_callers = n.max(1);
+    }
+    let mut kinds = args.systems.clone();
+    kinds.sort();
+    kinds.dedup();
+    let limit = procs::raise_fd_limit()?;
+    println!(
+        "==> eps-bench{}: {} on loopback; open-file limit {limit}; work folder {}",
+        if args.quick { " --quick" } else { "" },
+        kinds
+            .iter()
+            .map(|k| k.name())
+            .collect::<Vec<_>>()
+            .join(", "),
+        work.display()
+    );
+    let env = Env::start(work).await?;
+    let client = Client::new(&env.root())?;
+    println!("==> internal server on {}", env.server_addr);
+    let mut running = Vec::new();
+    for kind in kinds {
+        let t0 = Instant::now();
+        let system = System::start(kind, &env, &client).await?;
+        println!(
+            "==> {kind:<8} ready on {} in {:.1} s",
+            system.addr,
+            t0.elapsed().as_secs_f64()
+        );
+        running.push(system);
+    }
+    let mut report = Report::new(running.iter().map(|s| s.kind.name().into()).collect());
+    report.notes = notes(&plan);
+    let rpc_systems = running
+        .iter()
+        .filter(|s| matches!(s.kind, Kind::Direct | Kind::Eps))
+        .count();
+    let mut progress = Progress {
+        step: 0,
+        total: running.len() * 4 + rpc_systems,
+    };
+
+    for s in &running {
+        let r = scenarios::idle_rss(&client, s, plan.idle, env.server_pid).await;
+        let line = r.map(|idle| {
+            report.push("idle_rss_per_conn", s.kind.name(), idle.kib);
+            failures(&mut report, "idle", s, &idle.opened, plan.idle);
+            let parts: Vec<String> = idle
+                .by_process
+                .iter()
+                .map(|(name, kib)| format!("{name} {}", num(*kib)))
+                .collect();
+            if parts.len() > 1 {
+                report.notes.push(format!(
+                    "idle_rss_per_conn on {} by process (KiB): {}.",
+                    s.kind,
+                    parts.join(", ")
+                ));
+            }
+            format!(
+                "{} KiB per connection ({}; {} held open, opened at {}/s)",
+                num(idle.kib),
+                parts.join(", "),
+                idle.opened.samples_ms.len(),
+                num(idle.opened.rate)
+            )
+        });
+        progress.line(&mut report, "idle_rss_per_conn", s.kind, line);
+    }
+    // Connect: the connections split over the rounds, samples and time added up per system.
+    let mut connect: Vec<Timed> = running.iter().map(|_| Timed::default()).collect();
+    let mut cpu: Vec<Vec<f64>> = running.iter().map(|s| vec![0.0; s.pids.len()]).collect();
+    for round in 0..plan.rounds {
+        let n = share(plan.connections, plan.rounds, round);
+        let mut rates = Vec::new();
+        for (i, s) in running.iter().enumerate() {
+            let before = s.cpu_secs()?;
+            let t = scenarios::connect(&client, s.addr, n, plan.connect_clients).await;
+            for ((acc, a), b) in cpu[i].iter_mut().zip(s.cpu_secs()?).zip(before) {
+                *acc += a - b;
+            }
+            rates.push(format!("{} {}", s.kind, num(t.rate)));
+            connect[i].merge(t);
+        }
+        progress.round("connect", round, plan.rounds, "conn/s", &rates);
+    }
+    for ((s, t), cpu) in running.iter().zip(connect).zip(cpu) {
+        cpu_note(&mut report, s, &cpu, t.samples_ms.len());
+        let (p50, p99) = (t.quantile(0.5), t.quantile(0.99));
+        let name = s.kind.name();
+        report.push("connect_p50", name, p50);
+        report.push("connect_p99", name, p99);
+        report.push("conn_rate", name, t.rate);
+        failures(&mut report, "connect", s, &t, plan.connections);
+        let line = Ok(format!(
+            "p50 {} ms, p99 {} ms, {} conn/s",
+            num(p50),
+            num(p99),
+            num(t.rate)
+        ));
+        report
+            .samples
+            .insert(("connect".into(), name.into()), t.samples_ms);
+        progress.line(&mut report, "connect_*, conn_rate", s.kind, line);
+    }
+    // Throughput: each round downloads the full size; the median round counts.
+    for (scenario, conns, bytes) in [
+        ("throughput_1", 1, plan.download_1),
+        ("throughput_8", 8, plan.download_8),
+    ] {
+        let mut got: Vec<Vec<f64>> = running.iter().map(|_| Vec::new()).collect();
+        for round in 0..plan.rounds {
+            let mut rates = Vec::new();
+            for (i, s) in running.iter().enumerate() {
+                match scenarios::throughput(&client, s.addr, conns, bytes).await {
+                    Ok(mib) => {
+                        rates.push(format!("{} {}", s.kind, num(mib)));
+                        got[i].push(mib);
+                    }
+                    Err(e) => {
+                        rates.push(format!("{} failed", s.kind));
+                        report
+                            .notes
+                            .push(format!("{scenario} on {}: {e:#}", s.kind));
+                    }
+                }
+            }
+            progress.round(scenario, round, plan.rounds, "MiB/s", &rates);
+        }
+        for (s, values) in running.iter().zip(got) {
+            let line = match scenarios::median(&values) {
+                Some(mib) => {
+                    report.push(scenario, s.kind.name(), mib);
+                    Ok(format!("{} MiB/s (median of {})", num(mib), values.len()))
+                }
+                None => Err(anyhow::anyhow!("every round failed")),
+            };
+            progress.line(&mut report, scenario, s.kind, line);
+        }
+    }
+    if rpc_systems > 0 {
+        let has_eps = running.iter().any(|s| s.kind == Kind::Eps);
+        let bench = rpc::RpcBench::start(&env, has_eps).await?;
+        for s in running
+            .iter()
+            .filter(|s| matches!(s.kind, Kind::Direct | Kind::Eps))
+        {
+            let (rpc_client, method) = match (&bench.through, s.kind) {
+                (Some(through), Kind::Eps) => (through, rpc::REMOTE_METHOD),
+                _ => (&bench.direct, rpc::METHOD),
+            };
+            let t = scenarios::rpc(rpc_client, method, plan.rpc_calls, plan.rpc_callers).await;
+            let (p50, p99, name) = (t.quantile(0.5), t.quantile(0.99), s.kind.name());
+            report.push("rpc_p50", name, p50);
+            report.push("rpc_p99", name, p99);
+            report.push("rpc_rate", name, t.rate);
+            failures(&mut report, "rpc", s, &t, plan.rpc_calls);
+            let line = Ok(format!(
+                "p50 {} ms, p99 {} ms, {} calls/s",
+                num(p50),
+                num(p99),
+                num(t.rate)
+            ));
+            report
+                .samples
+                .insert(("rpc".into(), name.into()), t.samples_ms);
+            progress.line(&mut report, "rpc_*", s.kind, line);
+        }
+    }
+    drop(running);
+
+    report.write(&args.out, work)?;
+    println!("\n{}", report.markdown());
+    println!(
+        "==> wrote {0}/latest.json, {0}/latest.md and {0}/latest.png",
+        args.out.display()
+    );
+    Ok(())
+}
+
+/// Numbered progress lines, one per scenario and system.
+struct Progress {
+    step: usize,
+    total: usize,
+}
+
+impl Progress {
+    /// One line per round of a scenario run in rounds (only when there are several).
+    fn round(&self, what: &str, round: usize, rounds: usize, unit: &str, results: &[String]) {
+        if rounds > 1 {
+            println!(
+                "        {what} round {}/{rounds} ({unit}): {}",
+                round + 1,
+                results.join(", ")
+            );
+        }
+    }
+
+    fn line(&mut self, report: &mut Report, what: &str, kind: Kind, r: anyhow::Result<String>) {
+        self.step += 1;
+        let text = match r {
+            Ok(t) => t,
+            Err(e) => {
+                report.notes.push(format!("{what} on {kind} failed: {e:#}"));
+                format!("FAILED: {e:#}")
+            }
+        };
+        println!(
+            "[{:>2}/{}] {what:<20} {:<8} {text}",
+            self.step,
+            self.total,
+            kind.name()
+        );
+    }
+}
+
+/// Notes the CPU time (`used`, seconds by process) the system spent per connection.
+fn cpu_note(report: &mut Report, s: &System, used: &[f64], n: usize) {
+    let parts: Vec<String> = s
+        .pids
+        .iter()
+        .zip(used)
+        .map(|((name, _), secs)| format!("{name} {:.0}", secs * 1e6 / n.max(1) as f64))
+        .collect();
+    report.notes.push(format!(
+        "connect on {}: CPU µs per connection by process (warm-up connections included): {}.",
+        s.kind,
+        parts.join(", ")
+    ));
+}
+
+/// Round `round` of `rounds`' share of `total`.
+fn share(total: usize, rounds: usize, round: usize) -> usize {
+    total / rounds + usize::from(round < total % rounds)
+}
+
+/// Notes a scenario's failed operations, if any.
+fn failures(report: &mut Report, what: &str, s: &System, t: &Timed, of: usize) {
+    if t.errors > 0 {
+        report.notes.push(format!(
+            "{what} on {}: {} of {of} failed (first: {})",
+            s.kind,
+            t.errors,
+            t.first_error.as_deref().unwrap_or("?")
+        ));
+    }
+}
+
+/// What every reader of the results needs to know about this run's sizes.
+fn notes(plan: &Plan) -> Vec<String> {
+    let mib = |b: u64| b >> 20;
+    let rounds = match plan.rounds {
+        1 => String::new(),
+        n => format!(" in {n} rounds, the systems taking turns in each"),
+    };
+    vec![
+        format!(
+            "throughput_1: one connection downloads {} MiB; throughput_8: 8 connections download \
+             {} MiB each; total MiB/s from the first request to the last byte, the median of {} \
+             round(s).",
+            mib(plan.download_1),
+            mib(plan.download_8),
+            plan.rounds
+        ),
+        format!(
+            "connect_*, conn_rate: {} new TCP+TLS connections (full handshakes) with one small \
+             request each, {} clients in parallel{rounds}.",
+            plan.connections, plan.connect_clients
+        ),
+        format!(
+            "idle_rss_per_conn: {} idle connections; RSS of the system's own processes before \
+             vs after, per connection (direct: the internal server).",
+            plan.idle
+        ),
+        format!(
+            "rpc_*: {} JSON-RPC calls by {} callers on one keep-alive client; eps = through two \
+             EPS servers, direct = straight to the service.",
+            plan.rpc_calls, plan.rpc_callers
+        ),
+    ]
+}

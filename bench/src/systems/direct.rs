@@ -1,0 +1,139 @@
+//! What every system shares: the work folder, the binaries, the certificates (made by the
+//! project's own `eps_core::pki`) and the one internal TLS server, which is also the `direct`
+//! system.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use eps_core::pki::{self, ServerCert};
+use eps_core::tls::TlsSettings;
+
+use crate::procs::{self, Proc};
+
+/// The operators that get certificates: the demo's two and the RPC benchmark's pair.
+pub const OPERATORS: [&str; 4] = ["public-proxy-1", "private-proxy-1", "rpc-a", "rpc-b"];
+/// What the internal server prints once it listens.
+const LISTENING: &str = "internal-server listening on ";
+/// Connections the internal server serves at once (idle ones of every relay included).
+const SERVER_MAX_CONNECTIONS: &str = "15000";
+/// Log level of the Rust processes measured: their default, and no line per connection.
+pub const RUST_LOG: &str = "info";
+
+pub struct Env {
+    /// Temporary folder for settings, data and logs.
+    pub work: PathBuf,
+    /// Where `eps`, `proxy` and `internal-server` were built.
+    pub bins: PathBuf,
+    /// Certificates: root CA, operators, `internal-server`.
+    pub certs: PathBuf,
+    /// (operator, certificate fingerprint) for the directories' pins.
+    pub fingerprints: Vec<(String, String)>,
+    pub server_addr: SocketAddr,
+    pub server_pid: u32,
+    _server: Proc,
+}
+
+impl Env {
+    /// Issues the certificates in `work` and starts the internal server.
+    pub async fn start(work: &Path) -> anyhow::Result<Self> {
+        let bins = std::env::current_exe()?
+            .parent()
+            .context("the benchmark's folder")?
+            .to_path_buf();
+        let certs = work.join("certs");
+        let operators: Vec<String> = OPERATORS.iter().map(|s| s.to_string()).collect();
+        let server = ServerCert {
+            stem: "internal-server".into(),
+            dns_names: vec![
+                "*.internal-server.local".into(),
+                "internal-server.local".into(),
+            ],
+        };
+        let report = pki::ensure(&certs, &operators, &[server], None, false)
+            .context("issuing certificates")?;
+        let program = bin(&bins, "internal-server")?;
+        let log = work.join("internal-server.log");
+        let mut server = Proc::start(
+            "internal-server",
+            &program,
+            [""; 0],
+            [
+                ("IS_BIND_ADDRESS", "127.0.0.1:0".into()),
+                (
+                    "IS_CERTIFICATE",
+                    path_str(&certs.join("internal-server.crt")),
+                ),
+                ("IS_KEY", path_str(&certs.join("internal-server.key"))),
+                ("IS_MAX_CONNECTIONS", SERVER_MAX_CONNECTIONS.into()),
+                ("RUST_LOG", RUST_LOG.into()),
+            ],
+            &log,
+        )?;
+        let mut addr = None;
+        procs::wait_until(Duration::from_secs(30), || {
+            addr = std::fs::read_to_string(&log).ok().and_then(|text| {
+                let line = text.lines().find_map(|l| l.strip_prefix(LISTENING))?;
+                line.trim().parse().ok()
+            });
+            let found = addr.is_some() || server.check_running().is_err();
+            async move { found }
+        })
+        .await;
+        server.check_running()?;
+        let Some(server_addr) = addr else {
+            bail!("internal-server did not print {LISTENING:?} within 30 s");
+        };
+        Ok(Self {
+            work: work.to_path_buf(),
+            bins,
+            certs,
+            fingerprints: report.fingerprints,
+            server_addr,
+            server_pid: server.pid(),
+            _server: server,
+        })
+    }
+
+    /// The workspace binary `name`, built next to the benchmark.
+    pub fn bin(&self, name: &str) -> anyhow::Result<PathBuf> {
+        bin(&self.bins, name)
+    }
+
+    /// The log file of process `name`.
+    pub fn log(&self, name: &str) -> PathBuf {
+        self.work.join(format!("{name}.log"))
+    }
+
+    /// The root CA certificate.
+    pub fn root(&self) -> PathBuf {
+        self.certs.join(pki::ROOT_CERT)
+    }
+
+    /// `name`'s certificate and key, trusting the root; `verify_client` as given.
+    pub fn tls(&self, name: &str, verify_client: bool) -> TlsSettings {
+        TlsSettings {
+            ca_certificate: self.root(),
+            certificate: self.certs.join(format!("{name}.crt")),
+            key: self.certs.join(format!("{name}.key")),
+            verify_client,
+        }
+    }
+}
+
+fn bin(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
+    let path = dir.join(name);
+    if !path.is_file() {
+        bail!(
+            "{} not found: build it first (`cargo build --release -p eps -p proxy -p \
+             internal-server`, which `make bench` does)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+fn path_str(p: &Path) -> String {
+    p.display().to_string()
+}

@@ -1,0 +1,245 @@
+//! eps as in the demo (`settings/dev/roles/*`, `settings/dev/directory/10-operators.json`), on
+//! free ports in the work folder: public proxy, private proxy and their two EPS servers, in front
+//! of the shared internal server. Limits are raised so that 5,000 idle relays fit.
+//!
+//! Also the settings and start of any EPS server, which the RPC benchmark reuses.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use eps_core::tls::TlsSettings;
+use serde_json::{json, Value};
+
+use super::direct::RUST_LOG;
+use super::{free_addr, Env, Kind, System};
+use crate::client::SNI;
+use crate::procs::Proc;
+
+const PUBLIC: &str = "public-proxy-1";
+const PRIVATE: &str = "private-proxy-1";
+/// Relays each proxy may hold: above the 5,000 idle connections, below the descriptor limit.
+const MAX_RELAYS: usize = 15_000;
+/// Clients waiting for a dial-back at once (the benchmark has at most a few dozen in flight).
+const MAX_PENDING: usize = 4_096;
+
+pub fn start(env: &Env) -> anyhow::Result<System> {
+    let root = env.work.join("eps");
+    let directory = root.join("directory");
+    let (public, internal) = (free_addr()?, free_addr()?);
+    let (public_rpc, private_rpc) = (free_addr()?, free_addr()?);
+    let public_eps = EpsAddrs::new()?;
+    let private_eps = EpsAddrs::new()?;
+
+    let proxy_services = |group: &str, methods: &[&str]| {
+        let methods: Vec<Value> = methods.iter().map(|m| json!({"name": m})).collect();
+        json!([{"name": "proxy", "permissions": [{"group": group, "rights": ["call"]}],
+                "methods": methods}])
+    };
+    let mut records = operator_records(
+        PUBLIC,
+        public_eps.grpc,
+        "public-proxies",
+        proxy_services(
+            "private-proxies",
+            &["announceConnections", "getAnnouncements"],
+        ),
+    );
+    records.extend(operator_records(
+        PRIVATE,
+        private_eps.grpc,
+        "private-proxies",
+        proxy_services(
+            "public-proxies",
+            &["incomingConnection", "getAnnouncements"],
+        ),
+    ));
+    records.push(record(
+        PRIVATE,
+        "settings",
+        json!([{"service": "proxy", "environment": "development",
+                "settings": {"allowed_domains": [".internal-server.local"]}}]),
+    ));
+    write_directory(env, &directory, &records, &[PUBLIC, PRIVATE])?;
+
+    let tls = |name: &str, verify: bool| tls_value(&env.tls(name, verify));
+    let public_settings = json!({
+        "name": PUBLIC,
+        "eps": {"url": public_eps.url(), "tls": tls(PUBLIC, false)},
+        "jsonrpc_server": {"bind_address": public_rpc.to_string(), "tls": tls(PUBLIC, true)},
+        "datastore": {"type": "file",
+                      "settings": {"path": root.join("data/public/announcements.json")}},
+        "public": {
+            "bind_address": public.to_string(),
+            "internal_bind_address": internal.to_string(),
+            "internal_endpoint": internal.to_string(),
+            "limits": {"max_connections": MAX_RELAYS, "max_internal_connections": MAX_RELAYS,
+                       "max_pending": MAX_PENDING},
+        },
+    });
+    let private_settings = json!({
+        "name": PRIVATE,
+        "eps": {"url": private_eps.url(), "tls": tls(PRIVATE, false)},
+        "jsonrpc_server": {"bind_address": private_rpc.to_string(), "tls": tls(PRIVATE, true)},
+        "datastore": {"type": "file",
+                      "settings": {"path": root.join("data/private/announcements.json")}},
+        "private": {
+            "public_proxy": PUBLIC,
+            "internal_endpoint": env.server_addr.to_string(),
+            "announcements": [{"domain": SNI}],
+            "max_relays": MAX_RELAYS,
+        },
+    });
+    let delivery = |addr: SocketAddr| format!("https://{addr}/jsonrpc");
+    let public_eps_settings = public_eps.settings(
+        env,
+        PUBLIC,
+        &directory,
+        &delivery(public_rpc),
+        Some(env.tls(PUBLIC, false)),
+    );
+    let private_eps_settings = private_eps.settings(
+        env,
+        PRIVATE,
+        &directory,
+        &delivery(private_rpc),
+        Some(env.tls(PRIVATE, false)),
+    );
+
+    let proxy = env.bin("proxy")?;
+    let mut procs = Vec::new();
+    for (name, role, settings) in [
+        ("public-proxy", "public", &public_settings),
+        ("private-proxy", "private", &private_settings),
+    ] {
+        let dir = write_settings(&root.join(name), "proxy.yml", settings)?;
+        procs.push(Proc::start(
+            name,
+            &proxy,
+            ["run", role],
+            [
+                ("PROXY_SETTINGS", dir.as_os_str()),
+                ("RUST_LOG", RUST_LOG.as_ref()),
+            ],
+            &env.log(name),
+        )?);
+    }
+    for (name, settings) in [
+        ("public-proxy-eps", &public_eps_settings),
+        ("private-proxy-eps", &private_eps_settings),
+    ] {
+        let dir = write_settings(&root.join(name), "eps.yml", settings)?;
+        procs.push(start_eps(env, name, &dir)?);
+    }
+    Ok(System::new(Kind::Eps, public, procs))
+}
+
+/// The two listeners of an EPS server.
+pub struct EpsAddrs {
+    /// JSON-RPC for its local client.
+    pub jsonrpc: SocketAddr,
+    /// gRPC with mutual TLS for peers.
+    pub grpc: SocketAddr,
+}
+
+impl EpsAddrs {
+    pub fn new() -> anyhow::Result<Self> {
+        Ok(Self {
+            jsonrpc: free_addr()?,
+            grpc: free_addr()?,
+        })
+    }
+
+    /// The URL local clients post to.
+    pub fn url(&self) -> String {
+        format!("https://{}/jsonrpc", self.jsonrpc)
+    }
+
+    /// Settings of operator `name` (its own certificate everywhere, clients verified on the
+    /// JSON-RPC port), delivering incoming calls to `delivery_url`.
+    pub fn settings(
+        &self,
+        env: &Env,
+        name: &str,
+        directory: &Path,
+        delivery_url: &str,
+        delivery_tls: Option<TlsSettings>,
+    ) -> Value {
+        let mut client = json!({"url": delivery_url});
+        if let Some(t) = &delivery_tls {
+            client["tls"] = tls_value(t);
+        }
+        json!({
+            "name": name,
+            "directory": {"type": "files", "settings": {"path": directory}},
+            "jsonrpc_server": {"bind_address": self.jsonrpc.to_string(),
+                               "tls": tls_value(&env.tls(name, true))},
+            "jsonrpc_client": client,
+            "grpc_server": {"bind_address": self.grpc.to_string(),
+                            "tls": tls_value(&env.tls(name, false))},
+        })
+    }
+}
+
+/// Starts `eps server run` with the settings in `dir`.
+pub fn start_eps(env: &Env, name: &str, dir: &Path) -> anyhow::Result<Proc> {
+    Proc::start(
+        name,
+        &env.bin("eps")?,
+        ["server", "run"],
+        [
+            ("EPS_SETTINGS", dir.as_os_str()),
+            ("RUST_LOG", RUST_LOG.as_ref()),
+        ],
+        &env.log(name),
+    )
+}
+
+/// Writes `value` to `dir/file` (JSON, which YAML reads as is) and returns `dir`.
+pub fn write_settings(dir: &Path, file: &str, value: &Value) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(dir).with_context(|| format!("mkdir {}", dir.display()))?;
+    let path = dir.join(file);
+    std::fs::write(&path, serde_json::to_string_pretty(value)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(dir.to_path_buf())
+}
+
+/// Writes `records` as `10-operators.json` and the pins of `pinned` in `dir`.
+pub fn write_directory(
+    env: &Env,
+    dir: &Path,
+    records: &[Value],
+    pinned: &[&str],
+) -> anyhow::Result<()> {
+    write_settings(dir, "10-operators.json", &json!({ "records": records }))?;
+    let pins: Vec<(String, String)> = env
+        .fingerprints
+        .iter()
+        .filter(|(name, _)| pinned.contains(&name.as_str()))
+        .cloned()
+        .collect();
+    eps_core::pki::write_certificate_records(dir, &pins)?;
+    Ok(())
+}
+
+/// One directory record.
+pub fn record(name: &str, section: &str, data: Value) -> Value {
+    json!({"name": name, "section": section, "data": data, "created_at": "2026-01-01T00:00:00Z"})
+}
+
+/// The `channels`, `groups` and `services` records of an operator.
+pub fn operator_records(name: &str, grpc: SocketAddr, group: &str, services: Value) -> Vec<Value> {
+    vec![
+        record(
+            name,
+            "channels",
+            json!([{"type": "grpc_server", "settings": {"address": grpc.to_string()}}]),
+        ),
+        record(name, "groups", json!([group])),
+        record(name, "services", services),
+    ]
+}
+
+fn tls_value(t: &TlsSettings) -> Value {
+    serde_json::to_value(t).expect("TLS settings serialize")
+}
