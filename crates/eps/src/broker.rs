@@ -18,13 +18,16 @@ use crate::grpc::Peers;
 use crate::metrics::Metrics;
 use crate::peers::SharedDirectory;
 
+/// A caller's serialized `_client`, and the directory version it was made from.
+type CachedClient = (Arc<Directory>, Arc<RawValue>);
+
 /// The method every EPS server answers itself.
 pub const PING: &str = "_ping";
 
 pub struct Broker {
     metrics: Metrics,
     /// Serialized `_client` values by caller, valid for one directory version.
-    clients: Mutex<HashMap<String, (Arc<Directory>, Arc<RawValue>)>>,
+    clients: Mutex<HashMap<String, CachedClient>>,
     name: String,
     directory: SharedDirectory,
     peers: Peers,
