@@ -1,10 +1,14 @@
 //! Relaying one TCP stream to another until both directions are done.
 //!
-//! On Linux each direction moves bytes with splice(2) through a pipe ([`splice`]); elsewhere it
-//! copies through a fixed buffer. Either exists only while data flows (taken when the socket
-//! turns readable, given back when a read would block), so idle relays hold neither. An
-//! end-of-stream is passed on as a half-close (`shutdown(Write)`), never turned into a reset;
-//! the other direction goes on. A relay with no traffic either way for `idle_timeout` is closed.
+//! Each direction copies through a fixed buffer that exists only while data flows (taken when
+//! the socket turns readable, given back when a read would block), so idle relays hold none.
+//! An end-of-stream is passed on as a half-close (`shutdown(Write)`), never turned into a
+//! reset; the other direction goes on. A relay with no traffic either way for `idle_timeout` is
+//! closed.
+//!
+//! splice(2) was tried and measured slower than this copy on loopback (bench: eps
+//! throughput_1 0.41–0.45 × direct with splice against 0.43–0.49 × with copy, same runs), so
+//! the simpler copy stays.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -12,9 +16,6 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
-
-#[cfg(target_os = "linux")]
-mod splice;
 
 /// Bytes per direction buffer. 64 KiB keeps per-syscall overhead low on bulk transfers.
 pub const BUFFER_BYTES: usize = 64 * 1024;
@@ -59,16 +60,8 @@ pub async fn relay(a: TcpStream, b: TcpStream, idle_timeout: Duration) -> Totals
     let (ar, aw) = a.into_split();
     let (br, bw) = b.into_split();
     let (ab, ba) = (AtomicU64::new(0), AtomicU64::new(0));
-    #[cfg(target_os = "linux")]
-    let (up, down) = (
-        splice::pump(ar, bw, &ab, &last, start),
-        splice::pump(br, aw, &ba, &last, start),
-    );
-    #[cfg(not(target_os = "linux"))]
-    let (up, down) = (
-        pump(ar, bw, &ab, &last, start),
-        pump(br, aw, &ba, &last, start),
-    );
+    let up = pump(ar, bw, &ab, &last, start);
+    let down = pump(br, aw, &ba, &last, start);
     tokio::pin!(up, down);
     let (mut up_done, mut down_done) = (false, false);
     let tick = (idle_timeout / 4).max(Duration::from_millis(10));
@@ -98,7 +91,6 @@ pub async fn relay(a: TcpStream, b: TcpStream, idle_timeout: Duration) -> Totals
     }
 }
 
-#[cfg_attr(target_os = "linux", allow(dead_code))]
 async fn pump(
     r: OwnedReadHalf,
     mut w: OwnedWriteHalf,
