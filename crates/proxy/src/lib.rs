@@ -37,6 +37,13 @@ pub(crate) struct ClientParams {
     pub entry: Entry,
 }
 
+/// The caller's name only, for calls on the per-connection path: the directory entry is
+/// skipped, not built.
+#[derive(Debug, Clone, Deserialize)]
+pub(crate) struct ClientName {
+    pub name: String,
+}
+
 /// Decodes a request's params, or says what is wrong with them.
 pub(crate) fn params<T: DeserializeOwned>(req: &Request) -> Result<T, RpcError> {
     let raw = req.params.as_ref().map(|p| p.get()).unwrap_or("{}");

@@ -23,7 +23,7 @@ use crate::public::{rfc3339, TOKEN_LEN};
 use crate::relay;
 use crate::settings::{AnnouncementSetting, PrivateSettings};
 use crate::store::FileStore;
-use crate::ClientParams;
+use crate::ClientName;
 
 /// Longest pause between announcement attempts while the EPS network is not reachable.
 const MAX_RETRY: Duration = Duration::from_secs(10);
@@ -444,7 +444,7 @@ struct IncomingParams {
     #[serde(default)]
     server_address: Option<String>,
     #[serde(rename = "_client", default)]
-    client: Option<ClientParams>,
+    client: Option<ClientName>,
 }
 
 #[derive(Deserialize)]
