@@ -183,6 +183,7 @@ async fn run_public(
         shutdown.clone(),
     ));
     serve_ops(ops, prometheus, &c.eps, &shutdown);
+    tokio::spawn(reload_on_hangup(None, shutdown.clone()));
     tokio::spawn(wait_for_eps(c.eps, shutdown.clone()));
     public.run(clients, internal, tracker, shutdown).await;
     let _ = rpc_task.await;
@@ -221,15 +222,17 @@ async fn run_private(
         shutdown.clone(),
     ));
     serve_ops(ops, prometheus, &c.eps, &shutdown);
-    tokio::spawn(reload_on_hangup(private.clone(), shutdown.clone()));
+    tokio::spawn(reload_on_hangup(Some(private.clone()), shutdown.clone()));
     private.announcer(shutdown).await;
     let _ = rpc_task.await;
     Ok(())
 }
 
-/// On SIGHUP, re-reads PROXY_SETTINGS and takes its announcements; relays are untouched. Bad
-/// settings are logged and the current ones kept.
-async fn reload_on_hangup(private: Arc<Private>, shutdown: CancellationToken) {
+/// On SIGHUP, re-reads PROXY_SETTINGS; a private proxy takes its announcements from them
+/// (`private` is `Some`), a public one only checks them (its listeners and limits take effect
+/// at restart; what it routes comes from announcements, not settings). Relays are untouched.
+/// Bad settings are logged and the current ones kept.
+async fn reload_on_hangup(private: Option<Arc<Private>>, shutdown: CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
     let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
     loop {
@@ -239,10 +242,17 @@ async fn reload_on_hangup(private: Arc<Private>, shutdown: CancellationToken) {
         }
         let fresh = eps_core::settings::load_from_env::<Settings>("PROXY_SETTINGS")
             .map_err(|e| e.to_string())
-            .and_then(|s| s.validate(false).map(|()| s))
-            .and_then(|s| private.reload(s.private.as_ref().expect("validated")));
-        match fresh {
-            Ok(n) => tracing::info!(announcements = n, "settings reloaded"),
+            .and_then(|s| s.validate(private.is_none()).map(|()| s));
+        let outcome = match (&private, fresh) {
+            (_, Err(e)) => Err(e),
+            (Some(p), Ok(s)) => p.reload(s.private.as_ref().expect("validated")),
+            (None, Ok(_)) => Ok(0),
+        };
+        match outcome {
+            Ok(n) if private.is_some() => tracing::info!(announcements = n, "settings reloaded"),
+            Ok(_) => tracing::info!(
+                "settings checked; a public proxy's listeners and limits change at restart"
+            ),
             Err(e) => tracing::error!("settings not reloaded, keeping the current ones: {e}"),
         }
     }
