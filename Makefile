@@ -5,7 +5,7 @@
 #   make examples   install `internal-server`
 #   make certs      create the development PKI (settings/dev/certs) if missing
 #   make demo       run the five-process demo in this terminal (Ctrl-C stops it)
-#   make test       formatting, lints and every test (what CI runs)
+#   make test       formatting, lints and every test (what CI runs), then `N passed, N failed`
 #   make bench      benchmarks (see bench/README.md)
 
 CARGO ?= cargo
@@ -39,9 +39,8 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings
 
-test: lint
-	$(CARGO) build --locked --workspace
-	$(CARGO) test --locked --workspace
+test:
+	scripts/test.sh
 
 clean:
 	$(CARGO) clean
