@@ -7,12 +7,13 @@
 #   make demo       run the five-process demo in this terminal (Ctrl-C stops it)
 #   make test       formatting, lints and every test (what CI runs), then `N passed, N failed`
 #   make bench      benchmarks (see bench/README.md)
+#   make fuzz       fuzz the ClientHello reader for 5 minutes (nightly; installs cargo-fuzz)
 
 CARGO ?= cargo
 # One target dir for `cargo install` and `cargo build`, so nothing is compiled twice.
 INSTALL := $(CARGO) install --locked --quiet --target-dir target --path
 
-.PHONY: all install examples certs demo test lint unit clean bench
+.PHONY: all install examples certs demo test lint unit clean bench fuzz
 
 all: install certs
 
@@ -34,6 +35,13 @@ demo:
 # BENCH_ARGS are passed on, e.g. `make bench BENCH_ARGS=--quick`.
 bench:
 	bench/run.sh $(BENCH_ARGS)
+
+# FUZZ_SECONDS sets the run's length, e.g. `make fuzz FUZZ_SECONDS=60`. New inputs go to
+# fuzz/corpus/client_hello/, crashes to fuzz/artifacts/.
+FUZZ_SECONDS ?= 300
+fuzz:
+	command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	$(CARGO) +nightly fuzz run client_hello -- -max_total_time=$(FUZZ_SECONDS)
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -49,6 +50,7 @@ pub struct Public {
     endpoint: String,
     registry: Registry,
     pending: Mutex<HashMap<Token, Pending>>,
+    pending_refused: AtomicU64,
     guesses: GuessLimiter,
     eps: RpcClient,
 }
@@ -95,6 +97,7 @@ impl Public {
             endpoint: s.internal_endpoint.clone(),
             registry,
             pending: Mutex::new(HashMap::new()),
+            pending_refused: AtomicU64::new(0),
             guesses: GuessLimiter::new(s.limits.max_token_failures, s.limits.token_failure_window),
             eps,
         }
@@ -190,7 +193,11 @@ impl Public {
             if pending.len() >= self.limits.max_pending {
                 drop(pending);
                 self.metrics.refuse("pending_full");
-                tracing::warn!(client = %short_addr(addr), %sni, max_pending = self.limits.max_pending, "pending set full; client refused");
+                // One line for the first refusal and then every 1000th, not one per client.
+                let n = self.pending_refused.fetch_add(1, Ordering::Relaxed);
+                if n % 1000 == 0 {
+                    tracing::warn!(client = %short_addr(addr), %sni, max_pending = self.limits.max_pending, refused_so_far = n + 1, "pending set full; refusing clients");
+                }
                 return;
             }
             pending.insert(token, Pending { tx });

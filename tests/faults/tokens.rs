@@ -1,0 +1,261 @@
+//! The public proxy's internal port: wrong, short, reused and late tokens are closed, a
+//! guessing address is rate-limited, and legitimate dial-backs go on meanwhile.
+//!
+//! To get hold of real tokens, the public proxy's `internal_endpoint` (the address it tells the
+//! private side to dial) is a forwarder in the test that records each dial-back's token and
+//! passes the connection on to the real internal port; it can also hold a dial-back back.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use eps_tests::tunnel::{Role, DOMAIN, SUCCESS, TOKEN_TIMEOUT};
+use eps_tests::*;
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::fixture::{connect_from, min_max, read_until_closed, serial, Fx};
+use crate::hellos::{parse_response, rustls_hello};
+
+/// Token length on the internal port.
+const TOKEN_LEN: usize = 32;
+/// Time a refused data connection gets to be closed.
+const CLOSE_WAIT: Duration = Duration::from_secs(3);
+/// The public proxy's `accept_timeout` here.
+const ACCEPT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Records the token of every dial-back and forwards the connection to the public proxy's
+/// internal port, or, while holding, keeps it without forwarding.
+struct Forwarder {
+    addr: SocketAddr,
+    tokens: Arc<Mutex<Vec<[u8; TOKEN_LEN]>>>,
+    hold: Arc<AtomicBool>,
+    held: Arc<Mutex<Vec<TcpStream>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Forwarder {
+    async fn start(upstream: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let tokens: Arc<Mutex<Vec<[u8; TOKEN_LEN]>>> = Arc::default();
+        let hold = Arc::new(AtomicBool::new(false));
+        let held: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let (t, h, k) = (tokens.clone(), hold.clone(), held.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let (tokens, hold, held) = (t.clone(), h.clone(), k.clone());
+                tokio::spawn(async move {
+                    let mut token = [0u8; TOKEN_LEN];
+                    if s.read_exact(&mut token).await.is_err() {
+                        return;
+                    }
+                    tokens.lock().unwrap().push(token);
+                    if hold.load(Ordering::SeqCst) {
+                        held.lock().unwrap().push(s);
+                        return;
+                    }
+                    let Ok(mut up) = TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    let _ = up.set_nodelay(true);
+                    if up.write_all(&token).await.is_ok() {
+                        let _ = tokio::io::copy_bidirectional(&mut s, &mut up).await;
+                    }
+                });
+            }
+        });
+        Self {
+            addr,
+            tokens,
+            hold,
+            held,
+            task,
+        }
+    }
+
+    fn tokens(&self) -> Vec<[u8; TOKEN_LEN]> {
+        self.tokens.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Forwarder {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Presents `token` on a new data connection from `from`; whether and when it was closed
+/// without a byte back.
+async fn present(from: &str, to: SocketAddr, token: &[u8], fin: bool) -> Duration {
+    let mut s = connect_from(from, to).await.expect("connect");
+    // A rate-limited address is closed unread: the write may meet a closed socket.
+    let _ = s.write_all(token).await;
+    if fin {
+        let _ = s.shutdown().await;
+    }
+    let (bytes, after) = read_until_closed(&mut s, CLOSE_WAIT)
+        .await
+        .unwrap_or_else(|| panic!("a data connection from {from} was not closed"));
+    assert_eq!(bytes, 0, "the internal port answered a bad token");
+    after
+}
+
+fn random_token() -> [u8; TOKEN_LEN] {
+    let mut token = [0u8; TOKEN_LEN];
+    getrandom::fill(&mut token).expect("OS random bytes");
+    token
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_tokens_are_closed_and_guessers_rate_limited() {
+    const GUESSES: usize = 1_000;
+    const GUESS_PARALLEL: usize = 50;
+    const LEGIT: usize = 40;
+    let _serial = serial().await;
+    let mut fx = Fx::new("tokens");
+    let fwd = Forwarder::start(fx.t.public_internal_addr).await;
+    fx.configure(
+        Role::PublicProxy,
+        json!({"public": {"internal_endpoint": fwd.addr.to_string(),
+                          "limits": {"accept_timeout": ACCEPT_TIMEOUT.as_secs_f64()}}}),
+    );
+    fx.start_all().await;
+    let internal = fx.t.public_internal_addr;
+
+    // 1,000 wrong tokens from 127.0.0.2, a short token and no token from 127.0.0.3, while
+    // legitimate clients are served through the real private proxy.
+    let guesses = async {
+        let permits = Arc::new(tokio::sync::Semaphore::new(GUESS_PARALLEL));
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..GUESSES {
+            let permit = permits.clone().acquire_owned().await.expect("semaphore");
+            tasks.spawn(async move {
+                let after = present("127.0.0.2", internal, &random_token(), false).await;
+                drop(permit);
+                after
+            });
+        }
+        let mut closes = Vec::new();
+        while let Some(r) = tasks.join_next().await {
+            closes.push(r.expect("a guess"));
+        }
+        closes
+    };
+    let odd = async {
+        let short = present("127.0.0.3", internal, &random_token()[..10], true).await;
+        let silent = present("127.0.0.3", internal, &[], false).await;
+        (short, silent)
+    };
+    let legit = async {
+        let mut failures = Vec::new();
+        for i in 0..LEGIT {
+            if !fx.t.works().await {
+                failures.push(i);
+            }
+        }
+        failures
+    };
+    let start = Instant::now();
+    let (closes, (short, silent), failures) = tokio::join!(guesses, odd, legit);
+    let took = start.elapsed();
+    assert!(
+        failures.is_empty(),
+        "legitimate requests {failures:?} of {LEGIT} failed next to the guesses"
+    );
+    let m = fx.metrics(Role::PublicProxy).await;
+    let (bad, limited) = (m.refused("bad_token"), m.refused("token_rate_limited"));
+    let (min, max) = min_max(&closes);
+    println!(
+        "{GUESSES} wrong tokens from 127.0.0.2 ({GUESS_PARALLEL} at a time) in {:.2} s next to \
+         {LEGIT} good requests (all served): closed after {:.1} .. {:.1} ms; {bad} read and \
+         refused as bad_token, {limited} closed unread as token_rate_limited",
+        took.as_secs_f64(),
+        min * 1e3,
+        max * 1e3
+    );
+    println!(
+        "a 10-byte token then FIN: closed after {:.1} ms; no token: closed after {:.3} s \
+         (token_timeout {TOKEN_TIMEOUT:?})",
+        short.as_secs_f64() * 1e3,
+        silent.as_secs_f64()
+    );
+    assert!(limited > 0, "no guess was rate-limited");
+    assert_eq!(bad + limited, GUESSES as u64, "every guess refused once");
+    assert!(bad > 20, "the limiter blocked before max_token_failures");
+    assert_eq!(m.refused("token_truncated"), 1);
+    assert_eq!(m.refused("token_timeout"), 1);
+    assert!(silent + Duration::from_millis(50) >= TOKEN_TIMEOUT);
+
+    // A token used twice: the second presentation is refused, the first client is unaffected.
+    let config = fx.t.client_config();
+    let tcp = TcpStream::connect(fx.t.public_addr).await.expect("connect");
+    let name = ServerName::try_from(DOMAIN.to_string()).expect("a DNS name");
+    let mut tls = tokio_rustls::TlsConnector::from(config.clone())
+        .connect(name, tcp)
+        .await
+        .expect("TLS through the tunnel");
+    let tokens = fwd.tokens();
+    let (first, live) = (tokens[0], *tokens.last().expect("a token"));
+    let bad_before = fx.refused("bad_token").await;
+    present("127.0.0.3", internal, &live, false).await;
+    present("127.0.0.3", internal, &first, false).await;
+    assert_eq!(fx.refused("bad_token").await, bad_before + 2);
+    let request = format!("GET /jsonrpc HTTP/1.1\r\nHost: {DOMAIN}\r\nConnection: close\r\n\r\n");
+    tls.write_all(request.as_bytes()).await.expect("request");
+    let mut buf = Vec::new();
+    let reply = loop {
+        if let Some(r) = parse_response(&buf).expect("HTTP") {
+            break r;
+        }
+        let mut chunk = [0u8; 4096];
+        let n = tls.read(&mut chunk).await.expect("response");
+        assert!(n > 0, "closed before the response");
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    assert_eq!(reply.body, SUCCESS.as_bytes());
+    println!(
+        "a used token presented again (while its relay was live, and after one ended): both \
+         closed; the first client's request still succeeded"
+    );
+
+    // A late token: the dial-back is held back past accept_timeout; the client is closed at
+    // accept_timeout and the token, sent 3 s after the client connected, is refused.
+    fwd.hold.store(true, Ordering::SeqCst);
+    let seen = fwd.tokens().len();
+    let hello = rustls_hello(config, DOMAIN);
+    let mut client = TcpStream::connect(fx.t.public_addr).await.expect("connect");
+    let connected = Instant::now();
+    client.write_all(&hello).await.expect("send");
+    let waiting = tokio::spawn(async move { read_until_closed(&mut client, CLOSE_WAIT * 2).await });
+    assert!(
+        wait_until(CLOSE_WAIT, || async { fwd.tokens().len() > seen }).await,
+        "no dial-back reached the forwarder"
+    );
+    let late = fwd.tokens()[seen];
+    let (bytes, client_closed) = waiting
+        .await
+        .expect("the waiting client")
+        .expect("the waiting client was never closed");
+    assert_eq!(bytes, 0);
+    tokio::time::sleep_until((connected + Duration::from_secs(3)).into()).await;
+    let bad_before = fx.refused("bad_token").await;
+    present("127.0.0.3", internal, &late, false).await;
+    assert_eq!(fx.refused("bad_token").await, bad_before + 1);
+    assert_eq!(fx.refused("no_dial_back").await, 1);
+    println!(
+        "a dial-back held back: the client was closed after {:.3} s (accept_timeout \
+         {ACCEPT_TIMEOUT:?}); its token presented after 3 s was refused",
+        client_closed.as_secs_f64()
+    );
+    assert!(
+        client_closed + Duration::from_millis(50) >= ACCEPT_TIMEOUT
+            && client_closed <= ACCEPT_TIMEOUT + Duration::from_secs(1),
+        "the waiting client was closed after {client_closed:?}"
+    );
+    assert_eq!(fwd.held.lock().unwrap().len(), 1);
+    fwd.hold.store(false, Ordering::SeqCst);
+    assert!(fx.t.works().await, "a client after the token tests");
+}
