@@ -10,6 +10,7 @@
 //! - [`jsonrpc`]: JSON-RPC 2.0 types and error codes, plain functions over bytes.
 //! - [`http`]: the bounded HTTPS JSON-RPC server and the keep-alive client both sides of a local
 //!   link use.
+//! - [`net`]: the accept loop's building block: backoff on errors, `TCP_NODELAY`.
 //! - [`pki`]: the development PKI (`eps certs`), also used by tests.
 //! - [`ops`]: the operations listener: `/metrics`, `/healthz`, `/readyz`.
 //! - [`logging`]: the tracing setup every binary shares.
@@ -18,6 +19,7 @@ pub mod directory;
 pub mod http;
 pub mod jsonrpc;
 pub mod logging;
+pub mod net;
 pub mod ops;
 pub mod pki;
 pub mod settings;

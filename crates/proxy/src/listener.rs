@@ -5,8 +5,8 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
+use eps_core::net::Acceptor;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -17,6 +17,7 @@ use tokio_util::task::TaskTracker;
 /// on its own task (tracked by `tracker`) holding a permit.
 pub async fn accept_loop<F, Fut, R>(
     listener: TcpListener,
+    what: &'static str,
     permits: Arc<Semaphore>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
@@ -28,19 +29,10 @@ pub async fn accept_loop<F, Fut, R>(
     Fut: Future<Output = ()> + Send + 'static,
 {
     let refused = AtomicU64::new(0);
-    let mut backoff = Duration::from_millis(5);
+    let mut listener = Acceptor::new(listener, what);
     loop {
-        let (stream, addr) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(s) => { backoff = Duration::from_millis(5); s }
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed; backing off");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
-                    continue;
-                }
-            },
-            _ = shutdown.cancelled() => return,
+        let Some((stream, addr)) = listener.next(&shutdown).await else {
+            return;
         };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             on_refused();
@@ -52,7 +44,6 @@ pub async fn accept_loop<F, Fut, R>(
             drop(stream);
             continue;
         };
-        let _ = stream.set_nodelay(true);
         let fut = handle(stream, addr);
         tracker.spawn(async move {
             fut.await;

@@ -117,6 +117,7 @@ impl Public {
         let (me, m) = (self.clone(), self.metrics.clone());
         let a = accept_loop(
             public,
+            "public",
             clients,
             shutdown.clone(),
             tracker.clone(),
@@ -129,6 +130,7 @@ impl Public {
         let (me, m) = (self.clone(), self.metrics.clone());
         let b = accept_loop(
             internal,
+            "internal",
             data,
             shutdown.clone(),
             tracker,

@@ -5,6 +5,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
+use eps_core::net::Acceptor;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
@@ -36,28 +37,15 @@ pub async fn serve(
     let max_connections = max_connections.clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
     let permits = Arc::new(Semaphore::new(max_connections));
     let acceptor = TlsAcceptor::from(tls);
-    let mut backoff = Duration::from_millis(5);
+    let mut accept = Acceptor::new(listener, "https");
     loop {
         // The permit comes first: at the limit, new clients wait in the kernel's backlog.
         let permit = tokio::select! {
             p = permits.clone().acquire_owned() => p.expect("the semaphore is never closed"),
             _ = shutdown.cancelled() => break,
         };
-        let (stream, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(s) => {
-                    backoff = Duration::from_millis(5);
-                    s
-                }
-                Err(e) => {
-                    // Usually out of file descriptors: wait for connections to close.
-                    tracing::warn!(error = %e, "accept failed; backing off");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
-                    continue;
-                }
-            },
-            _ = shutdown.cancelled() => break,
+        let Some((stream, peer)) = accept.next(&shutdown).await else {
+            break;
         };
         let (acceptor, shutdown) = (acceptor.clone(), shutdown.clone());
         tokio::spawn(async move {
@@ -66,7 +54,7 @@ pub async fn serve(
             drop(permit);
         });
     }
-    drop(listener);
+    drop(accept);
     tracing::info!("shutting down; letting open connections finish");
     let all = permits.acquire_many(max_connections as u32);
     if tokio::time::timeout(SHUTDOWN_GRACE, all).await.is_err() {

@@ -21,6 +21,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::jsonrpc::{self, Outcome, Request, Response, RpcError};
+use crate::net::Acceptor;
 use crate::tls;
 
 /// Default cap on concurrent connections of one JSON-RPC listener.
@@ -109,26 +110,15 @@ pub async fn serve<H: Handler>(
     let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let acceptor = tls.map(TlsAcceptor::from);
     let limits = Arc::new(limits);
-    let mut backoff = Duration::from_millis(5);
+    let mut listener = Acceptor::new(listener, "jsonrpc");
     loop {
         let permit = tokio::select! {
             p = permits.clone().acquire_owned() => p.expect("semaphore never closes"),
             _ = shutdown.cancelled() => return,
         };
-        let (stream, addr) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(s) => { backoff = Duration::from_millis(5); s }
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed; backing off");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
-                    continue;
-                }
-            },
-            _ = shutdown.cancelled() => return,
+        let Some((stream, addr)) = listener.next(&shutdown).await else {
+            return;
         };
-        let _ = stream.set_nodelay(true);
         let (acceptor, limits, handler, shutdown) = (
             acceptor.clone(),
             limits.clone(),

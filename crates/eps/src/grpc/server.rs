@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use eps_core::net::Acceptor;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
@@ -121,25 +122,15 @@ pub async fn serve(
     let permits = Arc::new(Semaphore::new(max_connections.max(1)));
     let accept_shutdown = shutdown.clone();
     tokio::spawn(async move {
-        let mut backoff = Duration::from_millis(5);
+        let mut listener = Acceptor::new(listener, "grpc");
         loop {
             let permit = tokio::select! {
                 p = permits.clone().acquire_owned() => p.expect("semaphore never closes"),
                 _ = accept_shutdown.cancelled() => return,
             };
-            let (tcp, addr) = tokio::select! {
-                r = listener.accept() => match r {
-                    Ok(s) => { backoff = Duration::from_millis(5); s }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "gRPC accept failed; backing off");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(1));
-                        continue;
-                    }
-                },
-                _ = accept_shutdown.cancelled() => return,
+            let Some((tcp, addr)) = listener.next(&accept_shutdown).await else {
+                return;
             };
-            let _ = tcp.set_nodelay(true);
             let (acceptor, tx, directory) = (acceptor.clone(), tx.clone(), directory.clone());
             tokio::spawn(async move {
                 let io = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {

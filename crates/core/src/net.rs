@@ -1,0 +1,57 @@
+//! Accepting connections the way every listener of eps does.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+/// First pause after a failed `accept`.
+const FIRST_BACKOFF: Duration = Duration::from_millis(5);
+/// Longest pause after repeated failures.
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
+
+/// Accepts connections from one listener. A failed `accept` (usually out of file descriptors)
+/// is logged and followed by a growing pause instead of a spin; every accepted socket gets
+/// `TCP_NODELAY`, since everything eps carries is latency-sensitive.
+pub struct Acceptor {
+    listener: TcpListener,
+    what: &'static str,
+    backoff: Duration,
+}
+
+impl Acceptor {
+    /// `what` names the listener in logs.
+    pub fn new(listener: TcpListener, what: &'static str) -> Self {
+        Self {
+            listener,
+            what,
+            backoff: FIRST_BACKOFF,
+        }
+    }
+
+    /// The next connection, or `None` once `shutdown` is cancelled.
+    pub async fn next(&mut self, shutdown: &CancellationToken) -> Option<(TcpStream, SocketAddr)> {
+        loop {
+            let r = tokio::select! {
+                r = self.listener.accept() => r,
+                _ = shutdown.cancelled() => return None,
+            };
+            match r {
+                Ok((stream, addr)) => {
+                    self.backoff = FIRST_BACKOFF;
+                    let _ = stream.set_nodelay(true);
+                    return Some((stream, addr));
+                }
+                Err(e) => {
+                    tracing::warn!(listener = self.what, error = %e, "accept failed; backing off");
+                    tokio::select! {
+                        _ = tokio::time::sleep(self.backoff) => {}
+                        _ = shutdown.cancelled() => return None,
+                    }
+                    self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+    }
+}
