@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use eps_tests::keepalive::KeepAlive;
 use eps_tests::tunnel::{
     Role, Tunnel, ATTEMPT_TIMEOUT, DOMAIN, PRIVATE, PROCESS_WAIT, PUBLIC, SUCCESS, TUNNEL_WAIT,
 };
@@ -181,7 +182,9 @@ async fn metrics_count_what_happens() {
     s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
         .expect("send");
-    let closed = read_until_closed(&mut s, Duration::from_secs(2)).await;
+    let closed = read_until_closed(&mut s, Duration::from_secs(2))
+        .await
+        .map(|(n, _)| n);
     assert_eq!(closed, Some(0), "plaintext was answered or left open");
     let refused = wait_until(SETTLE, || async {
         scrape(public).await.is_ok_and(|s| {
@@ -329,8 +332,10 @@ async fn sigterm_lets_a_download_finish() {
         match TcpStream::connect(t.public_addr).await {
             Err(_) => true,
             Ok(mut s) => {
-                let _ = s.write_all(&client_hello(&t, DOMAIN)).await;
-                read_until_closed(&mut s, Duration::from_millis(500)).await == Some(0)
+                let _ = s.write_all(&rustls_hello(t.client_config(), DOMAIN)).await;
+                read_until_closed(&mut s, Duration::from_millis(500))
+                    .await
+                    .is_some_and(|(n, _)| n == 0)
             }
         }
     })
@@ -373,8 +378,7 @@ async fn sigterm_lets_a_download_finish() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sighup_reloads_directory_and_announcements() {
-    let mut t = Tunnel::new("ops-sighup");
-    t.start_all().await;
+    let mut t = Tunnel::started("ops-sighup").await;
     let mut kept = KeepAlive::open(t.public_addr, t.client_config(), DOMAIN)
         .await
         .expect("a kept-alive connection through the tunnel");
@@ -531,8 +535,7 @@ async fn proxy_header_carries_the_client_address() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn eps_call_round_trip() {
-    let mut t = Tunnel::new("ops-eps-call");
-    t.start_all().await;
+    let t = Tunnel::started("ops-eps-call").await;
     let private_eps = t.settings_dir(Role::PrivateEps).to_path_buf();
 
     let out = eps(
@@ -584,8 +587,7 @@ async fn settings_check_names_file_and_key() {
 
     // Good settings: exit 0 and the merged settings as YAML.
     let out = proxy(&[&public], &["settings", "check", "public"], &[]).await;
-    assert_success(&out, "proxy settings check public");
-    let merged: Value = serde_yaml_ng::from_slice(&out.stdout).expect("YAML");
+    let merged = merged_settings(&out, "proxy settings check public");
     assert_eq!(merged["name"], PUBLIC, "{merged}");
 
     // An unknown key in an extra file: exit 64 naming that file and the key.
@@ -644,8 +646,7 @@ async fn settings_check_names_file_and_key() {
     // The EPS server's settings: good ones print, an unknown key names file and key.
     let public_eps = t.settings_dir(Role::PublicEps).to_path_buf();
     let out = eps(&public_eps, &["settings", "check"]).await;
-    assert_success(&out, "eps settings check");
-    let merged: Value = serde_yaml_ng::from_slice(&out.stdout).expect("YAML");
+    let merged = merged_settings(&out, "eps settings check");
     assert_eq!(merged["name"], PUBLIC, "{merged}");
     let eps_extra = t.dir.mkdir("eps-extra");
     let bad = t.dir.write_yaml(
@@ -850,14 +851,7 @@ async fn status_of(addr: SocketAddr, path: &str) -> Option<u16> {
 /// A plain HTTP/1.1 GET (`Connection: close`, read to the end); the status and the body.
 async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     let work = async {
-        let mut s = TcpStream::connect(addr).await?;
-        s.write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await?;
-        let text = String::from_utf8_lossy(&buf).into_owned();
+        let text = get_to_end(addr, path).await?;
         let (head, body) = text
             .split_once("\r\n\r\n")
             .ok_or_else(|| std::io::Error::other(format!("no HTTP head in {text:?}")))?;
@@ -922,30 +916,10 @@ fn assert_success(out: &Output, what: &str) {
     );
 }
 
-/// Reads until the peer closes: the bytes read, or `None` if still open after `timeout`.
-async fn read_until_closed(s: &mut TcpStream, timeout: Duration) -> Option<usize> {
-    let mut total = 0;
-    let mut buf = [0u8; 4096];
-    let work = async {
-        loop {
-            match s.read(&mut buf).await {
-                Ok(0) | Err(_) => return total,
-                Ok(n) => total += n,
-            }
-        }
-    };
-    tokio::time::timeout(timeout, work).await.ok()
-}
-
-/// The first flight of a TLS client (its ClientHello) for server name `sni`.
-fn client_hello(t: &Tunnel, sni: &str) -> Vec<u8> {
-    let name = ServerName::try_from(sni.to_string()).expect("a DNS name");
-    let mut conn = rustls::ClientConnection::new(t.client_config(), name).expect("TLS client");
-    let mut out = Vec::new();
-    while conn.wants_write() {
-        conn.write_tls(&mut out).expect("writing to a Vec");
-    }
-    out
+/// The merged settings a successful `settings check` printed as YAML (`what` names the run).
+fn merged_settings(out: &Output, what: &str) -> Value {
+    assert_success(out, what);
+    serde_yaml_ng::from_slice(&out.stdout).expect("YAML")
 }
 
 /// `GET /bytes/N` through the public port `addr` (SNI `DOMAIN`, `Connection: close`), reading
@@ -1004,99 +978,4 @@ async fn slow_download(
         }
         body += r as u64;
     }
-}
-
-/// An HTTP/1.1 keep-alive connection over TLS: many requests, one relayed connection.
-struct KeepAlive {
-    tls: tokio_rustls::client::TlsStream<TcpStream>,
-    /// The client socket's own address (what a PROXY header must carry).
-    local: SocketAddr,
-    host: String,
-    buf: Vec<u8>,
-}
-
-impl KeepAlive {
-    async fn open(
-        addr: SocketAddr,
-        config: Arc<rustls::ClientConfig>,
-        host: &str,
-    ) -> std::io::Result<Self> {
-        let name = ServerName::try_from(host.to_string())
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-        let work = async {
-            let tcp = TcpStream::connect(addr).await?;
-            tcp.set_nodelay(true)?;
-            let local = tcp.local_addr()?;
-            let tls = tokio_rustls::TlsConnector::from(config)
-                .connect(name, tcp)
-                .await?;
-            Ok::<_, std::io::Error>((tls, local))
-        };
-        let (tls, local) = tokio::time::timeout(ATTEMPT_TIMEOUT, work)
-            .await
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake"))??;
-        Ok(Self {
-            tls,
-            local,
-            host: host.to_string(),
-            buf: Vec::new(),
-        })
-    }
-
-    /// `GET /jsonrpc` on this connection; the status and the body.
-    async fn get(&mut self) -> std::io::Result<(u16, String)> {
-        let request = format!("GET /jsonrpc HTTP/1.1\r\nHost: {}\r\n\r\n", self.host);
-        let work = async {
-            self.tls.write_all(request.as_bytes()).await?;
-            self.tls.flush().await?;
-            loop {
-                if let Some((status, body, used)) = parse_response(&self.buf) {
-                    self.buf.drain(..used);
-                    return Ok((status, body));
-                }
-                let mut chunk = [0u8; 16 * 1024];
-                let n = self.tls.read(&mut chunk).await?;
-                if n == 0 {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::UnexpectedEof,
-                        "the kept-alive connection was closed",
-                    ));
-                }
-                self.buf.extend_from_slice(&chunk[..n]);
-            }
-        };
-        tokio::time::timeout(ATTEMPT_TIMEOUT, work)
-            .await
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no response"))?
-    }
-
-    async fn expect_success(&mut self, when: &str) {
-        let r = self
-            .get()
-            .await
-            .unwrap_or_else(|e| panic!("kept-alive request ({when}): {e}"));
-        assert_eq!(
-            (r.0, r.1.as_str()),
-            (200, SUCCESS),
-            "kept-alive request ({when})"
-        );
-    }
-}
-
-/// A complete response with a `Content-Length` at the start of `buf`: status, body, length.
-fn parse_response(buf: &[u8]) -> Option<(u16, String, usize)> {
-    let end = buf.windows(4).position(|w| w == b"\r\n\r\n")?;
-    let head = std::str::from_utf8(&buf[..end]).ok()?;
-    let mut lines = head.split("\r\n");
-    let status = lines.next()?.split(' ').nth(1)?.parse().ok()?;
-    let len: usize = lines
-        .filter_map(|l| l.split_once(':'))
-        .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
-        .and_then(|(_, v)| v.trim().parse().ok())?;
-    let body = buf.get(end + 4..end + 4 + len)?;
-    Some((
-        status,
-        String::from_utf8_lossy(body).into_owned(),
-        end + 4 + len,
-    ))
 }

@@ -19,15 +19,13 @@ use std::time::{Duration, Instant};
 
 use eps_core::http::{CallError, RpcClient};
 use eps_core::jsonrpc;
+use eps_tests::keepalive::KeepAlive;
 use eps_tests::redis::Redis;
 use eps_tests::tunnel::{
     https_request, Role, Tunnel, ATTEMPT_TIMEOUT, DOMAIN, PRIVATE, PROCESS_WAIT, PUBLIC,
     RPC_TIMEOUT, SUCCESS,
 };
 use eps_tests::*;
-use rustls::pki_types::ServerName;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 /// The Redis password (given literally in the test's settings file).
 const REDIS_PASSWORD: &str = "test-redis-password";
@@ -131,6 +129,15 @@ impl Cluster {
         works_at(&self.t, self.b_public, sni).await
     }
 
+    /// How many announcements Redis holds (`HLEN` of the store's hash).
+    async fn stored(&self) -> Option<i64> {
+        self.redis
+            .command(&["HLEN", REDIS_KEY])
+            .await
+            .expect("HLEN")
+            .as_integer()
+    }
+
     /// The domains `client` (an instance) lists.
     async fn listed(client: &RpcClient) -> Result<Vec<String>, CallError> {
         Ok(domains(&call(client, "getAnnouncements", json!({})).await?))
@@ -155,12 +162,7 @@ async fn two_instances_serve_one_announcement() {
             "instance {name}: {list}"
         );
     }
-    let stored = c
-        .redis
-        .command(&["HLEN", REDIS_KEY])
-        .await
-        .expect("HLEN")
-        .as_integer();
+    let stored = c.stored().await;
     assert_eq!(stored, Some(1), "announcements in Redis");
 
     // Clients at either instance reach the internal server: each instance names its own
@@ -185,7 +187,7 @@ async fn two_instances_serve_one_announcement() {
                 "#{i} at {name}"
             );
         }
-        let (status, body) = curl(t, addr, DOMAIN).await;
+        let (status, body) = curl(&t.root(), addr, DOMAIN, None).await;
         assert_eq!((status, body.as_str()), (200, SUCCESS), "curl at {name}");
     }
     // B relayed its own clients (11), A did not see them.
@@ -244,12 +246,7 @@ async fn announcements_propagate_within_a_second() {
         assert!(c.b_works_for(&domain).await, "{domain} is not routed at B");
         assert!(c.t.works_for(&domain).await, "{domain} is not routed at A");
     }
-    let stored = c
-        .redis
-        .command(&["HLEN", REDIS_KEY])
-        .await
-        .expect("HLEN")
-        .as_integer();
+    let stored = c.stored().await;
     assert_eq!(stored, Some(TOTAL as i64 + 1), "announcements in Redis");
 
     let (p50, p99, max) = percentiles(&mut propagation_ms);
@@ -375,8 +372,7 @@ async fn redis_down_routes_from_memory_and_recovers() {
 #[tokio::test(flavor = "multi_thread")]
 async fn file_store_keeps_acknowledged_announcements_through_kill_9() {
     const TOTAL: usize = 200;
-    let mut t = Tunnel::new("store-file-kill");
-    t.start_all().await;
+    let mut t = Tunnel::started("store-file-kill").await;
 
     // Announce TOTAL domains one after the other, each retried until acknowledged, while the
     // public proxy is killed (SIGKILL) and started again at random points.
@@ -516,13 +512,7 @@ async fn redis_store_keeps_acknowledged_announcements_through_kill_9() {
         .wait_for_log(FOLLOWING, PROCESS_WAIT)
         .await;
     c.b.wait_for_log(FOLLOWING, PROCESS_WAIT).await;
-    let in_redis = c
-        .redis
-        .command(&["HLEN", REDIS_KEY])
-        .await
-        .expect("HLEN")
-        .as_integer()
-        .unwrap_or_default();
+    let in_redis = c.stored().await.unwrap_or_default();
     for (name, client) in [("A", c.a_rpc()), ("B", c.b_rpc())] {
         let listed = Cluster::listed(&client)
             .await
@@ -580,120 +570,4 @@ fn random_u32() -> u32 {
     let mut b = [0u8; 4];
     getrandom::fill(&mut b).expect("OS random bytes");
     u32::from_le_bytes(b)
-}
-
-/// `curl` through the public port `addr` with `host` resolved to it; the status and the body.
-async fn curl(t: &Tunnel, addr: SocketAddr, host: &str) -> (u16, String) {
-    let out = tokio::process::Command::new("curl")
-        .args(["-sS", "--max-time", "10", "--cacert"])
-        .arg(t.root())
-        .arg("--resolve")
-        .arg(format!("{host}:{}:{}", addr.port(), addr.ip()))
-        .args(["-w", "\n%{http_code}"])
-        .arg(format!("https://{host}:{}/jsonrpc", addr.port()))
-        .output()
-        .await
-        .expect("running curl (apt-get install curl)");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "curl failed ({}): {}{stdout}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let (body, code) = stdout.rsplit_once('\n').expect("curl's status line");
-    (
-        code.trim().parse().expect("an HTTP status"),
-        body.to_string(),
-    )
-}
-
-/// An HTTP/1.1 keep-alive connection over TLS: many requests, one relayed connection.
-struct KeepAlive {
-    tls: tokio_rustls::client::TlsStream<TcpStream>,
-    host: String,
-    buf: Vec<u8>,
-}
-
-impl KeepAlive {
-    async fn open(
-        addr: SocketAddr,
-        config: Arc<rustls::ClientConfig>,
-        host: &str,
-    ) -> std::io::Result<Self> {
-        let name = ServerName::try_from(host.to_string())
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-        let work = async {
-            let tcp = TcpStream::connect(addr).await?;
-            tcp.set_nodelay(true)?;
-            tokio_rustls::TlsConnector::from(config)
-                .connect(name, tcp)
-                .await
-        };
-        let tls = tokio::time::timeout(ATTEMPT_TIMEOUT, work)
-            .await
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake"))??;
-        Ok(Self {
-            tls,
-            host: host.to_string(),
-            buf: Vec::new(),
-        })
-    }
-
-    /// `GET /jsonrpc` on this connection; the status and the body.
-    async fn get(&mut self) -> std::io::Result<(u16, String)> {
-        let request = format!("GET /jsonrpc HTTP/1.1\r\nHost: {}\r\n\r\n", self.host);
-        let work = async {
-            self.tls.write_all(request.as_bytes()).await?;
-            self.tls.flush().await?;
-            loop {
-                if let Some((status, body, used)) = parse_response(&self.buf) {
-                    self.buf.drain(..used);
-                    return Ok((status, body));
-                }
-                let mut chunk = [0u8; 16 * 1024];
-                let n = self.tls.read(&mut chunk).await?;
-                if n == 0 {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::UnexpectedEof,
-                        "the kept-alive connection was closed",
-                    ));
-                }
-                self.buf.extend_from_slice(&chunk[..n]);
-            }
-        };
-        tokio::time::timeout(ATTEMPT_TIMEOUT, work)
-            .await
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no response"))?
-    }
-
-    async fn expect_success(&mut self, when: &str) {
-        let r = self
-            .get()
-            .await
-            .unwrap_or_else(|e| panic!("kept-alive request ({when}): {e}"));
-        assert_eq!(
-            (r.0, r.1.as_str()),
-            (200, SUCCESS),
-            "kept-alive request ({when})"
-        );
-    }
-}
-
-/// A complete response with a `Content-Length` at the start of `buf`: status, body, length.
-fn parse_response(buf: &[u8]) -> Option<(u16, String, usize)> {
-    let end = buf.windows(4).position(|w| w == b"\r\n\r\n")?;
-    let head = std::str::from_utf8(&buf[..end]).ok()?;
-    let mut lines = head.split("\r\n");
-    let status = lines.next()?.split(' ').nth(1)?.parse().ok()?;
-    let len: usize = lines
-        .filter_map(|l| l.split_once(':'))
-        .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
-        .and_then(|(_, v)| v.trim().parse().ok())?;
-    let body = buf.get(end + 4..end + 4 + len)?;
-    Some((
-        status,
-        String::from_utf8_lossy(body).into_owned(),
-        end + 4 + len,
-    ))
 }

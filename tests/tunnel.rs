@@ -10,14 +10,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use eps_core::http::CallError;
+use eps_core::http::{CallError, RpcClient};
 use eps_core::jsonrpc;
 use eps_tests::tunnel::{
     https_request, Role, Tunnel, DOMAIN, PRIVATE, PUBLIC, SUCCESS, TOKEN_TIMEOUT,
 };
 use eps_tests::*;
-use rustls::pki_types::ServerName;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 /// Deadline of one request under load.
@@ -29,12 +28,11 @@ const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 #[tokio::test(flavor = "multi_thread")]
 async fn get_and_post_through_the_tunnel() {
-    let mut t = Tunnel::new("get-post");
-    t.start_all().await;
+    let t = Tunnel::started("get-post").await;
 
     // The README's commands, with curl.
     for data in [None, Some("{}")] {
-        let (status, body) = curl(&t, DOMAIN, data).await;
+        let (status, body) = curl(&t.root(), t.public_addr, DOMAIN, data).await;
         assert_eq!(status, 200, "curl with data {data:?}: body {body:?}");
         assert_eq!(body, SUCCESS, "curl with data {data:?}");
     }
@@ -89,7 +87,7 @@ async fn reverse_start_order() {
         took.unwrap_or_default().as_secs_f64()
     );
     for data in [None, Some("{}")] {
-        let (status, body) = curl(&t, DOMAIN, data).await;
+        let (status, body) = curl(&t.root(), t.public_addr, DOMAIN, data).await;
         assert_eq!((status, body.as_str()), (200, SUCCESS), "data {data:?}");
     }
 }
@@ -98,8 +96,7 @@ async fn reverse_start_order() {
 async fn two_thousand_requests_25_parallel() {
     const TOTAL: usize = 2_000;
     const PARALLEL: usize = 25;
-    let mut t = Tunnel::new("2000");
-    t.start_all().await;
+    let t = Tunnel::started("2000").await;
     // Like 2,000 curl processes: a full handshake each, no session resumption.
     let mut config = (*t.client_config()).clone();
     config.resumption = rustls::client::Resumption::disabled();
@@ -119,13 +116,14 @@ async fn two_thousand_requests_25_parallel() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn unknown_sni_and_non_tls_are_closed() {
-    let mut t = Tunnel::new("refused");
-    t.start_all().await;
+    let t = Tunnel::started("refused").await;
     let nope = "nope.internal-server.local";
 
     // A real ClientHello for a name nobody announced: closed, not one byte of TLS back.
     let mut s = TcpStream::connect(t.public_addr).await.expect("connect");
-    s.write_all(&client_hello(&t, nope)).await.expect("send");
+    s.write_all(&rustls_hello(t.client_config(), nope))
+        .await
+        .expect("send");
     let (bytes, after) = read_until_closed(&mut s, CLOSE_WAIT)
         .await
         .expect("the connection of an unknown SNI was not closed");
@@ -179,22 +177,17 @@ async fn unknown_sni_and_non_tls_are_closed() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn announcement_rules() {
-    let mut t = Tunnel::new("announce");
-    t.start_all().await;
+    let t = Tunnel::started("announce").await;
     let private = t.private_rpc();
     let public = t.public_rpc();
 
     // Both proxies list the domain from the settings.
-    let listed = call(&public, "getAnnouncements", json!({}))
-        .await
-        .expect("public getAnnouncements");
+    let listed = announcements(&public, "public").await;
     assert!(
         has(&listed, DOMAIN, "operator", PRIVATE),
         "public side: {listed}"
     );
-    let listed = call(&private, "getAnnouncements", json!({}))
-        .await
-        .expect("private getAnnouncements");
+    let listed = announcements(&private, "private").await;
     assert!(
         has(&listed, DOMAIN, "proxy", PUBLIC),
         "private side: {listed}"
@@ -252,9 +245,7 @@ async fn announcement_rules() {
         jsonrpc::CONFLICT,
         "{r}"
     );
-    let listed = call(&public, "getAnnouncements", json!({}))
-        .await
-        .expect("public getAnnouncements");
+    let listed = announcements(&public, "public").await;
     assert!(has(&listed, DOMAIN, "operator", PRIVATE), "{listed}");
     assert!(t.works().await, "{DOMAIN} after the refused takeover");
 
@@ -276,36 +267,15 @@ async fn announcement_rules() {
     })
     .await;
     assert!(gone, "{short} is still routed after it expired");
-    let listed = call(&public, "getAnnouncements", json!({}))
-        .await
-        .expect("public getAnnouncements");
-    assert!(
-        !listed
-            .as_array()
-            .expect("a list")
-            .iter()
-            .any(|a| a["domain"] == short),
-        "the public proxy still lists {short}: {listed}"
-    );
+    let listed = listed_without(&public, "public", short).await;
     assert!(has(&listed, other, "operator", PRIVATE), "{listed}");
-    let listed = call(&private, "getAnnouncements", json!({}))
-        .await
-        .expect("private getAnnouncements");
-    assert!(
-        !listed
-            .as_array()
-            .expect("a list")
-            .iter()
-            .any(|a| a["domain"] == short),
-        "the private proxy still lists {short}: {listed}"
-    );
+    listed_without(&private, "private", short).await;
     assert!(t.works().await);
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn restarts_recover() {
-    let mut t = Tunnel::new("restarts");
-    t.start_all().await;
+    let mut t = Tunnel::started("restarts").await;
     let mut report = Vec::new();
     for role in [
         Role::PublicProxy,
@@ -341,9 +311,7 @@ async fn restarts_recover() {
         }
         if role == Role::PublicProxy {
             // The private proxy re-announces only every minute: the domain comes from the store.
-            let listed = call(&t.public_rpc(), "getAnnouncements", json!({}))
-                .await
-                .expect("public getAnnouncements");
+            let listed = announcements(&t.public_rpc(), "public").await;
             assert!(has(&listed, DOMAIN, "operator", PRIVATE), "{listed}");
             let log = t.proc(role).run_log();
             assert!(
@@ -363,8 +331,7 @@ async fn restarts_recover() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn token_rules() {
-    let mut t = Tunnel::new("tokens");
-    t.start_all().await;
+    let t = Tunnel::started("tokens").await;
 
     // A wrong token: closed at once.
     let mut s = TcpStream::connect(t.public_internal_addr)
@@ -500,69 +467,25 @@ async fn hammer(
     took
 }
 
-/// Runs the README's curl command against the tunnel (a POST of `data` when given); the status
-/// and the body.
-async fn curl(t: &Tunnel, host: &str, data: Option<&str>) -> (u16, String) {
-    let port = t.public_addr.port();
-    let mut cmd = tokio::process::Command::new("curl");
-    cmd.args(["-sS", "--max-time", "10", "--cacert"])
-        .arg(t.root())
-        .arg("--resolve")
-        .arg(format!("{host}:{port}:127.0.0.1"))
-        .args(["-w", "\n%{http_code}"]);
-    if let Some(d) = data {
-        cmd.args(["--data", d]);
-    }
-    cmd.arg(format!("https://{host}:{port}/jsonrpc"));
-    let out = cmd
-        .output()
+/// What `client` (the `side` proxy) lists in getAnnouncements.
+async fn announcements(client: &RpcClient, side: &str) -> Value {
+    call(client, "getAnnouncements", json!({}))
         .await
-        .expect("running curl (the tunnel tests need it: apt-get install curl)");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        .unwrap_or_else(|e| panic!("{side} getAnnouncements: {e:?}"))
+}
+
+/// What `client` (the `side` proxy) lists in getAnnouncements, which must not name `domain`.
+async fn listed_without(client: &RpcClient, side: &str, domain: &str) -> Value {
+    let listed = announcements(client, side).await;
     assert!(
-        out.status.success(),
-        "curl failed ({}): {}{stdout}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
+        !listed
+            .as_array()
+            .expect("a list")
+            .iter()
+            .any(|a| a["domain"] == domain),
+        "the {side} proxy still lists {domain}: {listed}"
     );
-    let (body, code) = stdout
-        .rsplit_once('\n')
-        .unwrap_or_else(|| panic!("no status line in curl's output {stdout:?}"));
-    (
-        code.trim().parse().expect("curl's %{http_code}"),
-        body.to_string(),
-    )
-}
-
-/// The first flight of a TLS client (its ClientHello) for server name `sni`.
-fn client_hello(t: &Tunnel, sni: &str) -> Vec<u8> {
-    let name = ServerName::try_from(sni.to_string()).expect("a DNS name");
-    let mut conn = rustls::ClientConnection::new(t.client_config(), name).expect("TLS client");
-    let mut out = Vec::new();
-    while conn.wants_write() {
-        conn.write_tls(&mut out).expect("writing to a Vec");
-    }
-    out
-}
-
-/// Reads until the peer closes (end of stream or an error such as a reset): the bytes read and
-/// when, or `None` if the connection is still open after `timeout`.
-async fn read_until_closed(s: &mut TcpStream, timeout: Duration) -> Option<(usize, Duration)> {
-    let start = Instant::now();
-    let mut total = 0;
-    let mut buf = [0u8; 4096];
-    let work = async {
-        loop {
-            match s.read(&mut buf).await {
-                Ok(0) | Err(_) => return total,
-                Ok(n) => total += n,
-            }
-        }
-    };
-    tokio::time::timeout(timeout, work)
-        .await
-        .ok()
-        .map(|n| (n, start.elapsed()))
+    listed
 }
 
 /// True when `list` has an entry for `domain` whose `key` is `value`.

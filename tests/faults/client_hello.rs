@@ -9,10 +9,10 @@ use eps_tests::*;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use crate::fixture::{read_until_closed, serial, Fx, Recorder};
+use crate::fixture::{serial, Fx, Recorder};
 use crate::hellos::{
-    frame, grease_hello, hello_with_names, large_hello, records_of_first_message, rustls_hello,
-    shaped_request, unframe,
+    frame, grease_hello, hello_with_names, large_hello, records_of_first_message, shaped_request,
+    unframe,
 };
 
 /// Time a refused connection may stay open once its first bytes are recognisably wrong.
@@ -148,20 +148,33 @@ fn openssl_args(fx: &Fx, port: u16, alpn: &str) -> Vec<String> {
     .to_vec()
 }
 
+/// Starts `openssl s_client` towards `port` (see [`openssl_args`]) with a piped stdin, and its
+/// stdout and stderr piped with `capture` (dropped without).
+fn spawn_openssl(fx: &Fx, port: u16, alpn: &str, capture: bool) -> tokio::process::Child {
+    let out = || {
+        if capture {
+            std::process::Stdio::piped()
+        } else {
+            std::process::Stdio::null()
+        }
+    };
+    tokio::process::Command::new("openssl")
+        .args(openssl_args(fx, port, alpn))
+        .stdin(std::process::Stdio::piped())
+        .stdout(out())
+        .stderr(out())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("running openssl (apt-get install openssl)")
+}
+
 /// What `openssl s_client` sends first (its ClientHello records), captured by a listener.
 async fn openssl_first_flight(fx: &Fx, alpn: &str) -> Vec<u8> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let port = listener.local_addr().expect("address").port();
-    let mut child = tokio::process::Command::new("openssl")
-        .args(openssl_args(fx, port, alpn))
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("running openssl (apt-get install openssl)");
+    let mut child = spawn_openssl(fx, port, alpn, false);
     let (mut s, _) = tokio::time::timeout(WAIT, listener.accept())
         .await
         .expect("openssl connects")
@@ -180,14 +193,7 @@ async fn openssl_first_flight(fx: &Fx, alpn: &str) -> Vec<u8> {
 
 /// `GET /jsonrpc` through the tunnel with `openssl s_client`; what it printed.
 async fn openssl_get(fx: &Fx, alpn: &str) -> String {
-    let mut child = tokio::process::Command::new("openssl")
-        .args(openssl_args(fx, fx.t.public_addr.port(), alpn))
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("running openssl (apt-get install openssl)");
+    let mut child = spawn_openssl(fx, fx.t.public_addr.port(), alpn, true);
     let request = format!("GET /jsonrpc HTTP/1.1\r\nHost: {DOMAIN}\r\nConnection: close\r\n\r\n");
     let mut stdin = child.stdin.take().expect("stdin");
     stdin.write_all(request.as_bytes()).await.expect("stdin");
@@ -221,10 +227,7 @@ async fn crafted_client_hellos_arrive_byte_exact() {
     // (d) A ClientHello of about 21 KB, in two records (16384 + the rest).
     let large = large_hello(DOMAIN, 21_000);
     assert_eq!(records_of_first_message(&large), 2);
-    let mut d = TcpStream::connect(public).await.expect("connect");
-    d.write_all(&large).await.expect("send");
-    let got = recorder.wait_data(0, large.len(), WAIT).await;
-    assert!(got == large, "the 21 KB ClientHello arrived changed");
+    let d = arrives_exact(public, &recorder, 0, &large, "21 KB").await;
     println!(
         "(d) a {} byte ClientHello in 2 records arrived byte-exact",
         large.len()
@@ -232,10 +235,7 @@ async fn crafted_client_hellos_arrive_byte_exact() {
 
     // (e) GREASE cipher suite, extensions, group, version and key share.
     let grease = grease_hello(DOMAIN);
-    let mut e = TcpStream::connect(public).await.expect("connect");
-    e.write_all(&grease).await.expect("send");
-    let got = recorder.wait_data(1, grease.len(), WAIT).await;
-    assert!(got == grease, "the GREASE ClientHello arrived changed");
+    let e = arrives_exact(public, &recorder, 1, &grease, "GREASE").await;
     println!(
         "(e) a {} byte ClientHello with GREASE values arrived byte-exact",
         grease.len()
@@ -437,4 +437,20 @@ async fn bad_first_bytes_are_closed_at_once_and_not_routed() {
         };
         assert!(logged, "{}: no debug line for {}", case.what, case.reason);
     }
+}
+
+/// Sends `hello` on a new connection to `public`; the internal server's connection `i` must
+/// receive it byte-exact (`what` names the ClientHello). The connection, left open.
+async fn arrives_exact(
+    public: std::net::SocketAddr,
+    recorder: &Recorder,
+    i: usize,
+    hello: &[u8],
+    what: &str,
+) -> TcpStream {
+    let mut s = TcpStream::connect(public).await.expect("connect");
+    s.write_all(hello).await.expect("send");
+    let got = recorder.wait_data(i, hello.len(), WAIT).await;
+    assert!(got == hello, "the {what} ClientHello arrived changed");
+    s
 }

@@ -9,8 +9,7 @@ use eps_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::fixture::{min_max, read_until_closed, rss_kib, serial, Fx};
-use crate::hellos::rustls_hello;
+use crate::fixture::{min_max, rss_kib, serial, Fx};
 
 /// What a close may take beyond its deadline on a loaded 2-core machine.
 const SLACK: Duration = Duration::from_secs(1);

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use eps_tests::tunnel::{Role, Tunnel, DOMAIN, PROCESS_WAIT, TUNNEL_WAIT};
 use eps_tests::*;
@@ -189,14 +189,7 @@ impl Metrics {
 /// A plain HTTP/1.1 GET; the body.
 async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
     let work = async {
-        let mut s = TcpStream::connect(addr).await?;
-        s.write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await?;
-        let mut out = Vec::new();
-        s.read_to_end(&mut out).await?;
-        let text = String::from_utf8_lossy(&out).into_owned();
+        let text = get_to_end(addr, path).await?;
         Ok(text
             .split_once("\r\n\r\n")
             .map(|(_, b)| b.to_string())
@@ -232,26 +225,6 @@ pub async fn connect_from(from: &str, to: SocketAddr) -> std::io::Result<TcpStre
     let s = socket.connect(to).await?;
     s.set_nodelay(true)?;
     Ok(s)
-}
-
-/// Reads until the peer closes (end of stream or an error such as a reset): the bytes read and
-/// when, or `None` if the connection is still open after `timeout`.
-pub async fn read_until_closed(s: &mut TcpStream, timeout: Duration) -> Option<(usize, Duration)> {
-    let start = Instant::now();
-    let mut total = 0;
-    let mut buf = [0u8; 4096];
-    let work = async {
-        loop {
-            match s.read(&mut buf).await {
-                Ok(0) | Err(_) => return total,
-                Ok(n) => total += n,
-            }
-        }
-    };
-    tokio::time::timeout(timeout, work)
-        .await
-        .ok()
-        .map(|n| (n, start.elapsed()))
 }
 
 /// Minimum and maximum of some durations, in seconds.

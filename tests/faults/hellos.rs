@@ -6,22 +6,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use eps_tests::tunnel::Reply;
+use eps_tests::tunnel::{parse_response, Reply};
 use rustls::pki_types::ServerName;
 
 /// Deadline of each read and write of [`shaped_request`].
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The first flight of a rustls client with `config` (its ClientHello records) for `sni`.
-pub fn rustls_hello(config: Arc<rustls::ClientConfig>, sni: &str) -> Vec<u8> {
-    let name = ServerName::try_from(sni.to_string()).expect("a DNS name");
-    let mut conn = rustls::ClientConnection::new(config, name).expect("TLS client");
-    let mut out = Vec::new();
-    while conn.wants_write() {
-        conn.write_tls(&mut out).expect("writing to a Vec");
-    }
-    out
-}
 
 /// The handshake messages carried by well-formed records.
 pub fn unframe(mut records: &[u8]) -> Vec<u8> {
@@ -223,28 +212,4 @@ pub fn shaped_request(
         }
         buf.extend_from_slice(&chunk[..n]);
     }
-}
-
-/// The response in `buf` once it is complete (it must carry a `Content-Length`).
-pub fn parse_response(buf: &[u8]) -> std::io::Result<Option<Reply>> {
-    let bad = |what: String| std::io::Error::new(std::io::ErrorKind::InvalidData, what);
-    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-        return Ok(None);
-    };
-    let head = String::from_utf8_lossy(&buf[..end]);
-    let mut lines = head.split("\r\n");
-    let status = lines
-        .next()
-        .and_then(|l| l.split(' ').nth(1))
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| bad(format!("bad status line in {head:?}")))?;
-    let len: usize = lines
-        .filter_map(|l| l.split_once(':'))
-        .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
-        .and_then(|(_, v)| v.trim().parse().ok())
-        .ok_or_else(|| bad(format!("no Content-Length in {head:?}")))?;
-    Ok(buf.get(end + 4..end + 4 + len).map(|body| Reply {
-        status,
-        body: body.to_vec(),
-    }))
 }

@@ -6,7 +6,7 @@ use eps_tests::tunnel::Role;
 use eps_tests::*;
 use tokio::net::TcpStream;
 
-use crate::fixture::{fd_count, min_max, read_until_closed, rss_kib, serial, Fx};
+use crate::fixture::{fd_count, min_max, rss_kib, serial, Fx};
 
 /// Raises this process's soft limit of open files to the hard limit; the new soft limit.
 fn raise_open_files_limit() -> u64 {

@@ -3,15 +3,14 @@
 
 use std::time::{Duration, Instant};
 
-use eps_tests::tunnel::{Reply, Role, DOMAIN};
+use eps_tests::tunnel::{read_reply, Role, DOMAIN};
 use eps_tests::*;
 use rustls::pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
 use crate::fixture::{fd_count, rss_kib, serial, Fx};
-use crate::hellos::parse_response;
 
 /// Deadline of the downloads here.
 const DOWNLOAD_WAIT: Duration = Duration::from_secs(30);
@@ -38,25 +37,6 @@ async fn tls_through(fx: &Fx) -> TlsStream<TcpStream> {
 fn get(path: &str, close: bool) -> Vec<u8> {
     let connection = if close { "Connection: close\r\n" } else { "" };
     format!("GET {path} HTTP/1.1\r\nHost: {DOMAIN}\r\n{connection}\r\n").into_bytes()
-}
-
-/// Reads one response with a `Content-Length` body.
-async fn read_reply(io: &mut (impl AsyncRead + Unpin)) -> std::io::Result<Reply> {
-    let mut buf = Vec::new();
-    let mut chunk = vec![0u8; 64 * 1024];
-    loop {
-        if let Some(r) = parse_response(&buf)? {
-            return Ok(r);
-        }
-        let n = io.read(&mut chunk).await?;
-        if n == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                format!("closed after {} bytes of response", buf.len()),
-            ));
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
 }
 
 /// Open file descriptors of both proxies.

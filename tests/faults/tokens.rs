@@ -10,14 +10,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use eps_tests::tunnel::{Role, DOMAIN, SUCCESS, TOKEN_TIMEOUT};
+use eps_tests::tunnel::{parse_response, Role, DOMAIN, SUCCESS, TOKEN_TIMEOUT};
 use eps_tests::*;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::fixture::{connect_from, min_max, read_until_closed, serial, Fx};
-use crate::hellos::{parse_response, rustls_hello};
+use crate::fixture::{connect_from, min_max, serial, Fx};
 
 /// Token length on the internal port.
 const TOKEN_LEN: usize = 32;

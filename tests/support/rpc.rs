@@ -251,17 +251,5 @@ where
 
 /// A complete response with a `Content-Length` body, once `buf` holds one.
 fn parse_response(buf: &[u8]) -> Option<HttpReply> {
-    let end = buf.windows(4).position(|w| w == b"\r\n\r\n")?;
-    let head = std::str::from_utf8(&buf[..end]).ok()?;
-    let mut lines = head.split("\r\n");
-    let status = lines.next()?.split(' ').nth(1)?.parse().ok()?;
-    let len: usize = lines
-        .filter_map(|l| l.split_once(':'))
-        .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
-        .and_then(|(_, v)| v.trim().parse().ok())?;
-    let body = buf.get(end + 4..end + 4 + len)?;
-    Some(HttpReply {
-        status,
-        body: String::from_utf8_lossy(body).into_owned(),
-    })
+    crate::keepalive::parse_response(buf).map(|(status, body, _)| HttpReply { status, body })
 }

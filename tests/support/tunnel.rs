@@ -18,13 +18,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use eps_core::http::RpcClient;
-use rustls::pki_types::ServerName;
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
 use crate::eps::{record, start_eps, write_records, EpsConfig, EPS_READY};
 use crate::files::TestDir;
+use crate::keepalive::connect_tls;
 use crate::pki::Pki;
 use crate::process::{bin_path, Proc};
 use crate::rpc::{client_tls_without_cert, rpc_client};
@@ -286,6 +285,13 @@ impl Tunnel {
             .await;
     }
 
+    /// [`new`](Self::new) and [`start_all`](Self::start_all): the tunnel of test `test`, working.
+    pub async fn started(test: &str) -> Self {
+        let mut t = Self::new(test);
+        t.start_all().await;
+        t
+    }
+
     /// Starts the five in the README's order, each once the previous one is listening, then
     /// waits until a request goes through the tunnel.
     pub async fn start_all(&mut self) {
@@ -449,14 +455,8 @@ pub async fn https_request(
     body: &[u8],
     timeout: Duration,
 ) -> std::io::Result<Reply> {
-    let name = ServerName::try_from(host.to_string())
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
     let work = async {
-        let tcp = TcpStream::connect(addr).await?;
-        tcp.set_nodelay(true)?;
-        let mut tls = tokio_rustls::TlsConnector::from(config)
-            .connect(name, tcp)
-            .await?;
+        let (mut tls, _) = connect_tls(addr, config, host).await?;
         let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\n");
         if !body.is_empty() || method == "POST" {
             request.push_str(&format!(
@@ -469,25 +469,7 @@ pub async fn https_request(
         out.extend_from_slice(body);
         tls.write_all(&out).await?;
         tls.flush().await?;
-        let mut buf = Vec::with_capacity(4096);
-        let mut chunk = vec![0u8; 64 * 1024];
-        loop {
-            if let Some(reply) = parse_response(&buf)? {
-                return Ok(reply);
-            }
-            let n = tls.read(&mut chunk).await?;
-            if n == 0 {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    format!(
-                        "connection closed after {} bytes of response: {:?}",
-                        buf.len(),
-                        String::from_utf8_lossy(&buf[..buf.len().min(200)])
-                    ),
-                ));
-            }
-            buf.extend_from_slice(&chunk[..n]);
-        }
+        read_reply(&mut tls).await
     };
     tokio::time::timeout(timeout, work).await.map_err(|_| {
         std::io::Error::new(
@@ -497,25 +479,48 @@ pub async fn https_request(
     })?
 }
 
+/// Reads one response with a `Content-Length` body from `io`.
+pub async fn read_reply(io: &mut (impl AsyncRead + Unpin)) -> std::io::Result<Reply> {
+    let mut buf = Vec::with_capacity(4096);
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        if let Some(reply) = parse_response(&buf)? {
+            return Ok(reply);
+        }
+        let n = io.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!(
+                    "connection closed after {} bytes of response: {:?}",
+                    buf.len(),
+                    String::from_utf8_lossy(&buf[..buf.len().min(200)])
+                ),
+            ));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
 /// The response in `buf` once it is complete; an error when its head is not HTTP/1.1 with a
 /// `Content-Length`.
-fn parse_response(buf: &[u8]) -> std::io::Result<Option<Reply>> {
-    let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
+pub fn parse_response(buf: &[u8]) -> std::io::Result<Option<Reply>> {
+    let bad = |what: String| std::io::Error::new(std::io::ErrorKind::InvalidData, what);
     let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
         return Ok(None);
     };
-    let head = std::str::from_utf8(&buf[..end]).map_err(|_| bad("response head not UTF-8"))?;
+    let head = String::from_utf8_lossy(&buf[..end]);
     let mut lines = head.split("\r\n");
     let status = lines
         .next()
         .and_then(|l| l.split(' ').nth(1))
         .and_then(|s| s.parse().ok())
-        .ok_or_else(|| bad(&format!("bad status line in {head:?}")))?;
+        .ok_or_else(|| bad(format!("bad status line in {head:?}")))?;
     let len: usize = lines
         .filter_map(|l| l.split_once(':'))
         .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
         .and_then(|(_, v)| v.trim().parse().ok())
-        .ok_or_else(|| bad(&format!("no Content-Length in {head:?}")))?;
+        .ok_or_else(|| bad(format!("no Content-Length in {head:?}")))?;
     Ok(buf.get(end + 4..end + 4 + len).map(|body| Reply {
         status,
         body: body.to_vec(),

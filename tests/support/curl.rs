@@ -1,0 +1,39 @@
+//! `curl` as the README runs it against the tunnel ([`curl`]): the real client a user would
+//! try first.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+/// Runs `curl` against `https://HOST:PORT/jsonrpc` with `host` resolved to `addr` and `ca`
+/// trusted (a POST of `data` when given); the status and the body.
+pub async fn curl(ca: &Path, addr: SocketAddr, host: &str, data: Option<&str>) -> (u16, String) {
+    let port = addr.port();
+    let mut cmd = tokio::process::Command::new("curl");
+    cmd.args(["-sS", "--max-time", "10", "--cacert"])
+        .arg(ca)
+        .arg("--resolve")
+        .arg(format!("{host}:{port}:{}", addr.ip()))
+        .args(["-w", "\n%{http_code}"]);
+    if let Some(d) = data {
+        cmd.args(["--data", d]);
+    }
+    cmd.arg(format!("https://{host}:{port}/jsonrpc"));
+    let out = cmd
+        .output()
+        .await
+        .expect("running curl (the tunnel tests need it: apt-get install curl)");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "curl failed ({}): {}{stdout}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (body, code) = stdout
+        .rsplit_once('\n')
+        .unwrap_or_else(|| panic!("no status line in curl's output {stdout:?}"));
+    (
+        code.trim().parse().expect("curl's %{http_code}"),
+        body.to_string(),
+    )
+}
