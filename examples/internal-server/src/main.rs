@@ -14,7 +14,9 @@
 //! # Layout
 //! - [`server`]: the accept loop, one task per connection, TLS and HTTP, shutdown.
 //! - [`routes`]: the answers: success, `/echo`, `/bytes/N`.
+//! - [`linger`]: the lingering close that keeps a reset from cutting a response's tail.
 
+mod linger;
 mod routes;
 mod server;
 

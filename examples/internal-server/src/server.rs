@@ -6,6 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use eps_core::net::Acceptor;
+
+use crate::linger::Lingering;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
@@ -88,6 +90,7 @@ async fn serve_conn(
             }
         }
     }
+    let stream = Lingering::new(stream);
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
