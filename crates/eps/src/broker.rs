@@ -80,14 +80,31 @@ impl Broker {
         if req.method == PING {
             return self.ping();
         }
+        let Some((operator, method)) = jsonrpc::split_method(&req.method) else {
+            let outcome = Err(RpcError::method_not_found(format!(
+                "method {:?} must be OPERATOR.METHOD",
+                req.method
+            )));
+            self.metrics
+                .record("out", "unknown", false, "unknown", &outcome, 0.0);
+            return outcome;
+        };
         let started = Instant::now();
-        let name = req.method.clone();
-        let outcome = self.route_out(req).await;
-        let (peer, method) = jsonrpc::split_method(&name).unwrap_or(("unknown", "unknown"));
-        let known = self.directory.load().entry(peer).is_some();
+        // One directory version serves the whole call, routing and metrics alike.
+        let dir = self.directory.load();
+        let none;
+        let params = match req.params.as_deref() {
+            Some(p) => p,
+            None => {
+                none = RawValue::from_string("{}".into()).expect("{} is JSON");
+                &*none
+            }
+        };
+        let outcome = self.route_out(&dir, operator, method, params).await;
+        let known = dir.entry(operator).is_some();
         self.metrics.record(
             "out",
-            peer,
+            operator,
             known,
             method,
             &outcome,
@@ -96,38 +113,31 @@ impl Broker {
         outcome
     }
 
-    async fn route_out(&self, req: Request) -> Outcome {
-        let Some((operator, method)) = jsonrpc::split_method(&req.method) else {
-            return Err(RpcError::method_not_found(format!(
-                "method {:?} must be OPERATOR.METHOD",
-                req.method
-            )));
-        };
-        let params = req.params.unwrap_or_else(empty_object);
+    async fn route_out(
+        &self,
+        dir: &Arc<Directory>,
+        operator: &str,
+        method: &str,
+        params: &RawValue,
+    ) -> Outcome {
         if operator == self.name {
             return self
                 .incoming(&self.name, method, params.get().as_bytes())
                 .await;
         }
-        let address = {
-            let dir = self.directory.load();
-            let Some(entry) = dir.entry(operator) else {
-                return Err(RpcError::new(
-                    jsonrpc::UNKNOWN_OPERATOR,
-                    format!("unknown operator {operator:?}: not in the directory"),
-                ));
-            };
-            match entry.grpc_address() {
-                Some(a) => a.to_string(),
-                None => {
-                    return Err(RpcError::new(
-                        jsonrpc::PEER_UNREACHABLE,
-                        format!("operator {operator} has no grpc_server channel in the directory"),
-                    ))
-                }
-            }
+        let Some(entry) = dir.entry(operator) else {
+            return Err(RpcError::new(
+                jsonrpc::UNKNOWN_OPERATOR,
+                format!("unknown operator {operator:?}: not in the directory"),
+            ));
         };
-        self.peers.call(operator, &address, method, &params).await
+        let Some(address) = entry.grpc_address() else {
+            return Err(RpcError::new(
+                jsonrpc::PEER_UNREACHABLE,
+                format!("operator {operator} has no grpc_server channel in the directory"),
+            ));
+        };
+        self.peers.call(operator, address, method, params).await
     }
 
     /// A call from peer `caller` (already authenticated) for this server's service.
@@ -136,8 +146,9 @@ impl Broker {
             return self.ping();
         }
         let started = Instant::now();
-        let outcome = self.deliver(caller, method, params).await;
-        let known = self.directory.load().entry(caller).is_some();
+        let dir = self.directory.load();
+        let outcome = self.deliver(&dir, caller, method, params).await;
+        let known = dir.entry(caller).is_some();
         self.metrics.record(
             "in",
             caller,
@@ -149,9 +160,14 @@ impl Broker {
         outcome
     }
 
-    async fn deliver(&self, caller: &str, method: &str, params: &[u8]) -> Outcome {
+    async fn deliver(
+        &self,
+        dir: &Arc<Directory>,
+        caller: &str,
+        method: &str,
+        params: &[u8],
+    ) -> Outcome {
         let client = {
-            let dir = self.directory.load();
             let Some(caller_entry) = dir.entry(caller) else {
                 return Err(RpcError::new(
                     jsonrpc::FORBIDDEN,
@@ -168,7 +184,7 @@ impl Broker {
                 AccessError::UnknownMethod { .. } => RpcError::method_not_found(e.to_string()),
                 AccessError::Forbidden { .. } => RpcError::new(jsonrpc::FORBIDDEN, e.to_string()),
             })?;
-            self.client_json(&dir, caller, caller_entry)
+            self.client_json(dir, caller, caller_entry)
         };
         let params = with_client(params, &client)?;
         match self
@@ -188,10 +204,6 @@ impl Broker {
             )),
         }
     }
-}
-
-fn empty_object() -> Box<RawValue> {
-    RawValue::from_string("{}".into()).expect("{} is JSON")
 }
 
 /// Adds `_client` (already serialized) to an object of params, replacing any the caller sent.

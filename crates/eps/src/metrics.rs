@@ -67,26 +67,25 @@ impl Metrics {
         outcome: &Outcome,
         seconds: f64,
     ) {
-        let peer = if known_peer { peer } else { "unknown" }.to_string();
         let (method, outcome) = match outcome {
-            Ok(_) => (method.to_string(), "ok".to_string()),
+            Ok(_) => (method, "ok".to_string()),
             Err(e) if e.code == eps_core::jsonrpc::METHOD_NOT_FOUND => {
-                ("unknown".to_string(), e.code.to_string())
+                ("unknown", e.code.to_string())
             }
-            Err(e) => (method.to_string(), e.code.to_string()),
+            Err(e) => (method, e.code.to_string()),
         };
-        self.seconds
-            .get_or_create(&LatencyLabels {
-                direction,
-                peer: peer.clone(),
-                method: method.clone(),
-            })
-            .observe(seconds);
+        let latency = LatencyLabels {
+            direction,
+            peer: if known_peer { peer } else { "unknown" }.to_string(),
+            method: method.to_string(),
+        };
+        self.seconds.get_or_create(&latency).observe(seconds);
+        // The latency labels move into the call labels: one allocation per label value.
         self.calls
             .get_or_create(&CallLabels {
                 direction,
-                peer,
-                method,
+                peer: latency.peer,
+                method: latency.method,
                 outcome,
             })
             .inc();

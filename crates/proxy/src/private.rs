@@ -240,14 +240,14 @@ impl Private {
         };
         let domain = normalize_domain(&p.domain)
             .ok_or_else(|| RpcError::invalid_params("invalid domain"))?;
-        let announced_to = self
+        let now = OffsetDateTime::now_utc();
+        let announced = self
             .accepted
             .read()
             .expect("lock")
             .get(&domain)
-            .filter(|(_, exp)| exp.is_none_or(|t| t > OffsetDateTime::now_utc()))
-            .map(|(p, _)| p.clone());
-        if announced_to.as_deref() != Some(caller.name.as_str()) {
+            .is_some_and(|(proxy, exp)| *proxy == caller.name && exp.is_none_or(|t| t > now));
+        if !announced {
             return Err(RpcError::new(
                 jsonrpc::FORBIDDEN,
                 format!("{domain} is not announced to {}", caller.name),
@@ -264,6 +264,20 @@ impl Private {
                 "too many relays; raise private.max_relays",
             )
         })?;
+        // Checked before dialing: a call that cannot be served costs no connection.
+        let header = if self.settings.proxy_protocol {
+            Some(
+                proxy_header(p.client_address.as_deref(), p.server_address.as_deref()).ok_or_else(
+                    || {
+                        RpcError::invalid_params(
+                            "client_address and server_address are needed for the PROXY header",
+                        )
+                    },
+                )?,
+            )
+        } else {
+            None
+        };
         let timeout = self.settings.connect_timeout;
         let internal = &self.settings.internal_endpoint;
         let (public, server) = tokio::join!(dial(&p.endpoint, timeout), dial(internal, timeout));
@@ -279,13 +293,7 @@ impl Private {
                 format!("internal endpoint {internal}: {e}"),
             )
         })?;
-        if self.settings.proxy_protocol {
-            let header = proxy_header(p.client_address.as_deref(), p.server_address.as_deref())
-                .ok_or_else(|| {
-                    RpcError::invalid_params(
-                        "client_address and server_address are needed for the PROXY header",
-                    )
-                })?;
+        if let Some(header) = header {
             server.write_all(&header).await.map_err(|e| {
                 RpcError::new(
                     jsonrpc::PEER_UNREACHABLE,

@@ -14,7 +14,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use eps_core::http::{Handler, Peer, RpcClient};
 use eps_core::jsonrpc::{self, Outcome, Request, RpcError};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use time::OffsetDateTime;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -213,13 +213,14 @@ impl Public {
             .local_addr()
             .map(|a| a.to_string())
             .unwrap_or_default();
-        let params = json!({
-            "domain": sni,
-            "token": base64::engine::general_purpose::STANDARD.encode(token),
-            "endpoint": self.endpoint,
-            // For a PROXY protocol header on the private side.
-            "client_address": addr.to_string(),
-            "server_address": server_address,
+        let token_text = base64::engine::general_purpose::STANDARD.encode(token);
+        // Serialized straight from borrowed fields: no JSON tree on the per-connection path.
+        let params = jsonrpc::to_raw(&IncomingConnection {
+            domain: &sni,
+            token: &token_text,
+            endpoint: &self.endpoint,
+            client_address: addr,
+            server_address: &server_address,
         });
         let method = format!("{operator}.incomingConnection");
         // The request runs on its own task: the dial-back usually arrives before the answer,
@@ -227,7 +228,8 @@ impl Public {
         let me = self.clone();
         let domain = sni.clone();
         tokio::spawn(async move {
-            if let Err(e) = me.eps.call::<_, Value>(&method, &params).await {
+            // The answer carries nothing the public side needs: it is not decoded.
+            if let Err(e) = me.eps.call_raw(&method, &params).await {
                 me.metrics.refuse("dial_back_failed");
                 tracing::info!(client = %short_addr(addr), %domain, error = %e, "dial-back request failed; client closed");
                 me.pending.lock().expect("pending lock").remove(&token);
@@ -404,6 +406,17 @@ impl Public {
 pub fn rfc3339(t: OffsetDateTime) -> String {
     t.format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()
+}
+
+/// The params of `incomingConnection`; `client_address` and `server_address` let the private
+/// side write a PROXY protocol header.
+#[derive(Serialize)]
+struct IncomingConnection<'a> {
+    domain: &'a str,
+    token: &'a str,
+    endpoint: &'a str,
+    client_address: SocketAddr,
+    server_address: &'a str,
 }
 
 #[derive(Deserialize)]

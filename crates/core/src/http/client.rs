@@ -164,14 +164,15 @@ impl RpcClient {
             .header(header::CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from(body)))
             .expect("request parts are valid");
-        let url = self.url.to_string();
+        // Formatted only when an error needs it, not on every call.
+        let url = || self.url.to_string();
         let work = async {
             let resp = self
                 .client
                 .request(req)
                 .await
                 .map_err(|e| CallError::Unreachable {
-                    url: url.clone(),
+                    url: url(),
                     reason: error_chain(&e),
                 })?;
             let status = resp.status();
@@ -180,14 +181,14 @@ impl RpcClient {
                 .collect()
                 .await
                 .map_err(|e| CallError::Unreachable {
-                    url: url.clone(),
+                    url: url(),
                     reason: e.to_string(),
                 })?
                 .to_bytes();
             match serde_json::from_slice::<Response>(&body) {
                 Ok(r) => r.into_outcome().map_err(CallError::Rpc),
                 Err(_) => Err(CallError::Http {
-                    url: url.clone(),
+                    url: url(),
                     status: status.as_u16(),
                 }),
             }
@@ -195,7 +196,7 @@ impl RpcClient {
         match tokio::time::timeout(deadline, work).await {
             Ok(r) => r,
             Err(_) => Err(CallError::Timeout {
-                url,
+                url: url(),
                 secs: deadline.as_secs_f64(),
             }),
         }

@@ -29,7 +29,8 @@ const MAX_CONCURRENT_STREAMS: u32 = 1024;
 #[derive(Debug, Clone)]
 pub struct PeerConn {
     pub addr: SocketAddr,
-    pub identity: PeerIdentity,
+    /// Shared, so that handing it to each call costs a reference count, not two strings.
+    pub identity: Arc<PeerIdentity>,
 }
 
 /// A verified peer connection, holding its connection permit for as long as it lives.
@@ -92,12 +93,10 @@ impl Eps for Service {
         &self,
         request: tonic::Request<pb::CallRequest>,
     ) -> Result<tonic::Response<pb::CallResponse>, tonic::Status> {
-        let conn = request
-            .extensions()
+        let (_, extensions, req) = request.into_parts();
+        let conn = extensions
             .get::<PeerConn>()
-            .cloned()
             .ok_or_else(|| tonic::Status::unauthenticated("no verified peer certificate"))?;
-        let req = request.into_inner();
         tracing::debug!(peer = %conn.identity.name, addr = %conn.addr, fingerprint = %conn.identity.fingerprint, method = %req.method, "call from peer");
         let outcome = self
             .broker
@@ -152,7 +151,10 @@ pub async fn serve(
                 tracing::debug!(%addr, peer = %identity.name, "peer connected");
                 let stream = PeerStream {
                     io,
-                    info: PeerConn { addr, identity },
+                    info: PeerConn {
+                        addr,
+                        identity: Arc::new(identity),
+                    },
                     _permit: permit,
                 };
                 let _ = tx.send(Ok(stream)).await;
