@@ -7,6 +7,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::Value;
 
+/// The method every EPS server answers itself; proxies use it to check their EPS server.
+pub const PING: &str = "_ping";
+
 /// Invalid JSON was received.
 pub const PARSE_ERROR: i64 = -32700;
 /// The JSON is not a valid request object.

@@ -18,6 +18,8 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use crate::net::Acceptor;
+
 /// Connections the operations listener serves at once; scrapers and probes need few.
 const MAX_CONNECTIONS: usize = 64;
 /// Deadline for a request's headers.
@@ -47,21 +49,14 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut listener = Acceptor::new(listener, "metrics");
     loop {
         let permit = tokio::select! {
             p = permits.clone().acquire_owned() => p.expect("semaphore never closes"),
             _ = shutdown.cancelled() => return,
         };
-        let (stream, _) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.cancelled() => return,
+        let Some((stream, _)) = listener.next(&shutdown).await else {
+            return;
         };
         let (registry, ready) = (registry.clone(), ready.clone());
         tokio::spawn(async move {

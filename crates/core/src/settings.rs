@@ -57,10 +57,6 @@ pub enum SettingsError {
 pub struct Secret(String);
 
 impl Secret {
-    pub fn new(s: impl Into<String>) -> Self {
-        Self(s.into())
-    }
-
     /// The secret itself, for the one place that needs it.
     pub fn expose(&self) -> &str {
         &self.0

@@ -3,14 +3,13 @@
 //! Per call: one directory lookup (in memory), one permission check, one forward. Params are
 //! passed on as raw JSON; only the receiving side opens them once, to add `_client`.
 
-use std::time::{Duration, Instant};
-
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use eps_core::directory::{AccessError, Directory, Entry};
 use eps_core::http::{CallError, Handler, Peer, RpcClient};
-use eps_core::jsonrpc::{self, Outcome, Request, RpcError};
+use eps_core::jsonrpc::{self, Outcome, Request, RpcError, PING};
 use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 
@@ -20,9 +19,6 @@ use crate::peers::SharedDirectory;
 
 /// A caller's serialized `_client`, and the directory version it was made from.
 type CachedClient = (Arc<Directory>, Arc<RawValue>);
-
-/// The method every EPS server answers itself.
-pub const PING: &str = "_ping";
 
 pub struct Broker {
     metrics: Metrics,

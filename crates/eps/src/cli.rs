@@ -10,17 +10,18 @@ use serde_json::value::RawValue;
 
 use crate::settings::{DirectorySettings, Settings};
 
-/// Exit code for bad settings or arguments.
-const EXIT_USAGE: u8 = 64;
+/// Exit code for bad settings or arguments, before any port is bound.
+pub const EXIT_BAD_SETTINGS: u8 = 64;
 
-fn load() -> Result<Settings, ExitCode> {
+/// Loads and validates `EPS_SETTINGS`, or says what is wrong and gives the exit code.
+pub fn load() -> Result<Settings, ExitCode> {
     let s: Settings = eps_core::settings::load_from_env("EPS_SETTINGS").map_err(|e| {
         eprintln!("eps: bad settings: {e}");
-        ExitCode::from(EXIT_USAGE)
+        ExitCode::from(EXIT_BAD_SETTINGS)
     })?;
     s.validate().map_err(|e| {
         eprintln!("eps: bad settings: {e}");
-        ExitCode::from(EXIT_USAGE)
+        ExitCode::from(EXIT_BAD_SETTINGS)
     })?;
     Ok(s)
 }
@@ -34,7 +35,7 @@ pub fn settings_check() -> ExitCode {
     let DirectorySettings::Files { path } = &s.directory;
     if let Err(e) = Directory::load_dir(path) {
         eprintln!("eps: bad directory: {e}");
-        return ExitCode::from(EXIT_USAGE);
+        return ExitCode::from(EXIT_BAD_SETTINGS);
     }
     print!(
         "{}",
@@ -54,7 +55,7 @@ pub fn directory_show(operator: Option<String>) -> ExitCode {
         Ok(d) => d,
         Err(e) => {
             eprintln!("eps: bad directory: {e}");
-            return ExitCode::from(EXIT_USAGE);
+            return ExitCode::from(EXIT_BAD_SETTINGS);
         }
     };
     let out = match operator {
@@ -89,7 +90,7 @@ pub fn call(method: String, params: String, timeout: Duration) -> ExitCode {
         Ok(p) => p,
         Err(e) => {
             eprintln!("eps call: PARAMS is not JSON: {e}");
-            return ExitCode::from(EXIT_USAGE);
+            return ExitCode::from(EXIT_BAD_SETTINGS);
         }
     };
     let server = &s.jsonrpc_server;
@@ -106,7 +107,7 @@ pub fn call(method: String, params: String, timeout: Duration) -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             eprintln!("eps call: {e}");
-            return ExitCode::from(EXIT_USAGE);
+            return ExitCode::from(EXIT_BAD_SETTINGS);
         }
     };
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -19,21 +19,13 @@ use crate::metrics::Metrics;
 use crate::peers::{DirectoryClientVerifier, SharedDirectory};
 use crate::settings::{DirectorySettings, Settings};
 
-/// Exit code for bad settings, before any port is bound.
-const EXIT_BAD_SETTINGS: u8 = 64;
+use crate::cli::EXIT_BAD_SETTINGS;
 
 pub fn main() -> ExitCode {
-    let settings: Settings = match eps_core::settings::load_from_env("EPS_SETTINGS") {
+    let settings = match crate::cli::load() {
         Ok(s) => s,
-        Err(e) => {
-            eprintln!("eps: bad settings: {e}");
-            return ExitCode::from(EXIT_BAD_SETTINGS);
-        }
+        Err(code) => return code,
     };
-    if let Err(e) = settings.validate() {
-        eprintln!("eps: bad settings: {e}");
-        return ExitCode::from(EXIT_BAD_SETTINGS);
-    }
     let prepared = match prepare(&settings) {
         Ok(p) => p,
         Err(e) => {
@@ -72,10 +64,7 @@ fn prepare(s: &Settings) -> anyhow::Result<Prepared> {
     let directory = SharedDirectory::new(dir);
     let jsonrpc_tls = s
         .jsonrpc_server
-        .tls
-        .as_ref()
-        .map(|t| tls::server_config(t, &[b"h2", b"http/1.1"]))
-        .transpose()
+        .tls_config()
         .context("jsonrpc_server.tls")?;
     let g = &s.grpc_server.tls;
     let inner = WebPkiClientVerifier::builder_with_provider(

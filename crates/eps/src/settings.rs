@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use eps_core::http::{secs, ServerLimits};
+use eps_core::http::{secs, JsonRpcServerSettings};
 use eps_core::ops::MetricsSettings;
 use eps_core::tls::TlsSettings;
 use serde::{Deserialize, Serialize};
@@ -57,18 +57,6 @@ fn default_grace() -> Duration {
 pub enum DirectorySettings {
     /// A folder of `{"records": [...]}` JSON files, read in lexical order.
     Files { path: PathBuf },
-}
-
-/// The JSON-RPC server local clients (the proxy) call.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct JsonRpcServerSettings {
-    pub bind_address: SocketAddr,
-    /// HTTPS when set (recommended, with `verify_client: true`); plain HTTP otherwise.
-    #[serde(default)]
-    pub tls: Option<TlsSettings>,
-    #[serde(default)]
-    pub limits: ServerLimits,
 }
 
 /// The local service incoming calls are delivered to.

@@ -18,6 +18,12 @@ pub struct Announcement {
     pub expires_at: OffsetDateTime,
 }
 
+/// A time as RFC 3339 text, the form announcements are exchanged in.
+pub fn rfc3339(t: OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
 /// Why a domain was refused, as a JSON-RPC error code and message.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Refusal {
@@ -128,7 +134,9 @@ impl Table {
     }
 
     /// Applies the rules to one requested domain from `operator`, whose directory settings
-    /// allow `allowed_suffixes`, and stores it when accepted.
+    /// allow `allowed_suffixes`, and stores it when accepted. (The registry does the same in two
+    /// steps, so that Redis can make the second one atomic.)
+    #[cfg(test)]
     pub fn announce(
         &mut self,
         operator: &str,

@@ -17,9 +17,9 @@ use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::announcements::normalize_domain;
+use crate::announcements::{normalize_domain, rfc3339};
 use crate::metrics::Metrics;
-use crate::public::{rfc3339, TOKEN_LEN};
+use crate::public::TOKEN_LEN;
 use crate::relay;
 use crate::settings::{AnnouncementSetting, PrivateSettings};
 use crate::store::FileStore;
@@ -103,11 +103,11 @@ impl Private {
     fn wanted_by_proxy(&self) -> BTreeMap<String, Vec<Wanted>> {
         let now = OffsetDateTime::now_utc();
         let mut by_domain: BTreeMap<String, Wanted> = BTreeMap::new();
-        let configured = self.configured.lock().expect("lock").clone();
-        for w in configured
-            .iter()
-            .chain(self.added.lock().expect("lock").iter())
-        {
+        let (configured, added) = (
+            self.configured.lock().expect("lock"),
+            self.added.lock().expect("lock"),
+        );
+        for w in configured.iter().chain(added.iter()) {
             by_domain.insert(w.domain.clone(), w.clone());
         }
         let mut out: BTreeMap<String, Vec<Wanted>> = BTreeMap::new();

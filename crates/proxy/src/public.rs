@@ -24,6 +24,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::announcements::rfc3339;
 use crate::clienthello::{self, ClientHelloError, Parse};
 use crate::limiter::GuessLimiter;
 use crate::listener::accept_loop;
@@ -394,18 +395,9 @@ impl Public {
     }
 
     fn get_announcements(&self) -> Outcome {
-        let live = self.registry.live();
-        let list: Vec<Value> = live
-            .iter()
-            .map(|a| json!({"domain": a.domain, "operator": a.operator, "expires_at": rfc3339(a.expires_at)}))
-            .collect();
-        Ok(jsonrpc::to_raw(&list))
+        // `Announcement` serializes as `{domain, operator, expires_at}`.
+        Ok(jsonrpc::to_raw(&self.registry.live()))
     }
-}
-
-pub fn rfc3339(t: OffsetDateTime) -> String {
-    t.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
 }
 
 /// The params of `incomingConnection`; `client_address` and `server_address` let the private

@@ -8,7 +8,6 @@ use anyhow::Context as _;
 use eps_core::http::RpcClient;
 use eps_core::jsonrpc;
 use eps_core::ops;
-use eps_core::tls;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -139,10 +138,7 @@ fn common(s: &Settings) -> anyhow::Result<Common> {
         .map_err(|e| bad(format!("eps: {e}")))?;
     let rpc_tls = s
         .jsonrpc_server
-        .tls
-        .as_ref()
-        .map(|t| tls::server_config(t, &[b"h2", b"http/1.1"]))
-        .transpose()
+        .tls_config()
         .map_err(|e| bad(format!("jsonrpc_server.tls: {e}")))?;
     Ok(Common { eps, rpc_tls })
 }
@@ -281,7 +277,7 @@ fn serve_ops(
         let eps = eps.clone();
         Box::pin(async move {
             eps.call_with_deadline(
-                "_ping",
+                jsonrpc::PING,
                 &jsonrpc::to_raw(&serde_json::json!({})),
                 ops::READY_TIMEOUT,
             )
@@ -303,7 +299,7 @@ async fn wait_for_eps(eps: RpcClient, shutdown: CancellationToken) {
     let mut wait = Duration::from_millis(250);
     loop {
         match eps
-            .call::<_, serde_json::Value>("_ping", &serde_json::json!({}))
+            .call::<_, serde_json::Value>(jsonrpc::PING, &serde_json::json!({}))
             .await
         {
             Ok(_) => {

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use eps_core::http::{secs, ServerLimits};
+use eps_core::http::{secs, JsonRpcServerSettings};
 use eps_core::ops::MetricsSettings;
 use eps_core::settings::Secret;
 use eps_core::tls::TlsSettings;
@@ -73,16 +73,6 @@ pub struct EpsClientSettings {
     /// Seconds a call through the EPS network may take.
     #[serde(default = "default_call_timeout", with = "secs")]
     pub timeout: Duration,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct JsonRpcServerSettings {
-    pub bind_address: SocketAddr,
-    #[serde(default)]
-    pub tls: Option<TlsSettings>,
-    #[serde(default)]
-    pub limits: ServerLimits,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

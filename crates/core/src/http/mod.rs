@@ -6,6 +6,7 @@ mod server;
 
 pub use client::{error_chain, CallError, ClientError, RpcClient};
 pub use server::{
-    secs, serve, Handler, Peer, ServerLimits, DEFAULT_HEADER_TIMEOUT, DEFAULT_MAX_BODY_BYTES,
-    DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_HEADER_BYTES, DEFAULT_REQUEST_TIMEOUT,
+    secs, serve, Handler, JsonRpcServerSettings, Peer, ServerLimits, DEFAULT_HEADER_TIMEOUT,
+    DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_HEADER_BYTES,
+    DEFAULT_REQUEST_TIMEOUT,
 };

@@ -65,6 +65,28 @@ impl Default for ServerLimits {
     }
 }
 
+/// A JSON-RPC listener as settings describe it; both binaries' local links use it.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct JsonRpcServerSettings {
+    pub bind_address: SocketAddr,
+    /// HTTPS when set (recommended, with `verify_client: true`); plain HTTP otherwise.
+    #[serde(default)]
+    pub tls: Option<tls::TlsSettings>,
+    #[serde(default)]
+    pub limits: ServerLimits,
+}
+
+impl JsonRpcServerSettings {
+    /// The listener's TLS config (HTTP/2 and HTTP/1.1 offered), if it speaks HTTPS.
+    pub fn tls_config(&self) -> Result<Option<Arc<rustls::ServerConfig>>, tls::TlsError> {
+        self.tls
+            .as_ref()
+            .map(|t| tls::server_config(t, &[b"h2", b"http/1.1"]))
+            .transpose()
+    }
+}
+
 /// Durations in settings are written as (fractional) seconds.
 pub mod secs {
     use serde::{Deserialize, Deserializer, Serializer};
