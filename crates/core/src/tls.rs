@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::danger::ClientCertVerifier;
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use serde::{Deserialize, Serialize};
@@ -84,17 +85,30 @@ pub fn root_store(ca_file: &Path) -> Result<Arc<RootCertStore>, TlsError> {
 /// A server config with this side's certificate; a client certificate from the CA is required
 /// when `verify_client` is set. `alpn` lists the protocols offered, in order of preference.
 pub fn server_config(s: &TlsSettings, alpn: &[&[u8]]) -> Result<Arc<ServerConfig>, TlsError> {
+    let verifier = s.verify_client.then(|| client_verifier(s)).transpose()?;
+    server_config_with(s, verifier, alpn)
+}
+
+/// The verifier that accepts client certificates chaining to `ca_certificate`.
+pub fn client_verifier(s: &TlsSettings) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
+    WebPkiClientVerifier::builder_with_provider(root_store(&s.ca_certificate)?, provider())
+        .build()
+        .map_err(|e| TlsError::Config(e.to_string()))
+}
+
+/// A server config with this side's certificate and the given client verifier (none: clients
+/// present no certificate).
+pub fn server_config_with(
+    s: &TlsSettings,
+    verifier: Option<Arc<dyn ClientCertVerifier>>,
+    alpn: &[&[u8]],
+) -> Result<Arc<ServerConfig>, TlsError> {
     let builder = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Config(e.to_string()))?;
-    let builder = if s.verify_client {
-        let verifier =
-            WebPkiClientVerifier::builder_with_provider(root_store(&s.ca_certificate)?, provider())
-                .build()
-                .map_err(|e| TlsError::Config(e.to_string()))?;
-        builder.with_client_cert_verifier(verifier)
-    } else {
-        builder.with_no_client_auth()
+    let builder = match verifier {
+        Some(v) => builder.with_client_cert_verifier(v),
+        None => builder.with_no_client_auth(),
     };
     let mut config = builder
         .with_single_cert(load_certs(&s.certificate)?, load_key(&s.key)?)

@@ -8,8 +8,7 @@ use anyhow::Context as _;
 use eps_core::directory::Directory;
 use eps_core::http::RpcClient;
 use eps_core::ops;
-use eps_core::tls;
-use rustls::server::WebPkiClientVerifier;
+use eps_core::tls::{self, TlsError};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -67,22 +66,16 @@ fn prepare(s: &Settings) -> anyhow::Result<Prepared> {
         .tls_config()
         .context("jsonrpc_server.tls")?;
     let g = &s.grpc_server.tls;
-    let inner = WebPkiClientVerifier::builder_with_provider(
-        tls::root_store(&g.ca_certificate).context("grpc_server.tls")?,
-        tls::provider(),
-    )
-    .build()
-    .context("grpc_server.tls")?;
+    let inner = tls::client_verifier(g).context("grpc_server.tls")?;
     let verifier = Arc::new(DirectoryClientVerifier::new(inner, directory.clone()));
-    let mut grpc_tls = rustls::ServerConfig::builder_with_provider(tls::provider())
-        .with_safe_default_protocol_versions()?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(
-            tls::load_certs(&g.certificate).context("grpc_server.tls.certificate")?,
-            tls::load_key(&g.key).context("grpc_server.tls.key")?,
-        )
-        .context("grpc_server.tls")?;
-    grpc_tls.alpn_protocols = vec![b"h2".to_vec()];
+    let grpc_tls = tls::server_config_with(g, Some(verifier), &[b"h2"]).map_err(|e| {
+        let key = match &e {
+            TlsError::File { path, .. } if *path == g.key => "grpc_server.tls.key",
+            TlsError::File { .. } => "grpc_server.tls.certificate",
+            TlsError::Config(_) => "grpc_server.tls",
+        };
+        anyhow::Error::new(e).context(key)
+    })?;
     check_own_name(&s.name, &g.certificate)?;
     let peer_tls = tls::client_config(s.peer_tls(), &[b"h2"]).context("grpc_client.tls")?;
     let local = RpcClient::new(
@@ -94,7 +87,7 @@ fn prepare(s: &Settings) -> anyhow::Result<Prepared> {
     Ok(Prepared {
         directory,
         jsonrpc_tls,
-        grpc_tls: Arc::new(grpc_tls),
+        grpc_tls,
         peer_tls,
         local,
     })
