@@ -1,4 +1,5 @@
-//! Accepting connections the way every listener of eps does.
+//! Accepting connections the way every listener of eps does, and the stop signals every
+//! process obeys.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -53,5 +54,16 @@ impl Acceptor {
                 }
             }
         }
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM. Each call waits for a signal that comes after it started.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = int.recv() => {}
+        _ = term.recv() => {}
     }
 }

@@ -194,12 +194,12 @@ async fn run(s: Settings, p: Prepared) -> anyhow::Result<()> {
 /// the current one kept).
 async fn wait_for_shutdown(directory: &SharedDirectory, path: &std::path::Path) {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
+    let stop = eps_core::net::shutdown_signal();
+    tokio::pin!(stop);
     loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => return,
-            _ = term.recv() => return,
+            _ = &mut stop => return,
             _ = hup.recv() => match Directory::load_dir(path) {
                 Ok(d) => {
                     tracing::info!(operators = d.len(), "directory reloaded");

@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use eps_core::http::RpcClient;
 use eps_core::jsonrpc;
+use eps_core::net::shutdown_signal;
 use eps_core::ops;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -313,16 +314,5 @@ async fn wait_for_eps(eps: RpcClient, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => return,
         }
         wait = (wait * 2).min(Duration::from_secs(5));
-    }
-}
-
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = int.recv() => {}
-        _ = term.recv() => {}
     }
 }
