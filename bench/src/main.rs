@@ -43,6 +43,15 @@ pub struct Args {
         default_value = "direct,haproxy,rathole,eps"
     )]
     pub systems: Vec<Kind>,
+    /// Scenario groups to run, comma-separated: idle (idle_rss_per_conn), connect (connect_*,
+    /// conn_rate), throughput (throughput_1, throughput_8), rpc (rpc_*). A partial run suits
+    /// profiling one path; its report has only those rows.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "idle,connect,throughput,rpc"
+    )]
+    pub scenarios: Vec<Group>,
     /// Folder that receives latest.json, latest.md and latest.png.
     #[arg(long, default_value = "bench/results")]
     pub out: PathBuf,
@@ -53,6 +62,15 @@ pub struct Args {
     /// Callers in parallel in the RPC scenario (default 64); 1 shows the latency of one call.
     #[arg(long)]
     pub rpc_callers: Option<usize>,
+}
+
+/// A group of scenarios that run together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Group {
+    Idle,
+    Connect,
+    Throughput,
+    Rpc,
 }
 
 #[tokio::main]

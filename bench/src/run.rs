@@ -8,7 +8,7 @@ use crate::client::Client;
 use crate::report::{num, Report};
 use crate::scenarios::{self, Plan, Timed};
 use crate::systems::{Env, Kind, System};
-use crate::{procs, rpc, Args};
+use crate::{procs, rpc, Args, Group};
 
 pub async fn run(args: &Args, work: &Path) -> anyhow::Result<()> {
     let mut plan = if args.quick {
@@ -52,16 +52,24 @@ pub async fn run(args: &Args, work: &Path) -> anyhow::Result<()> {
     }
     let mut report = Report::new(running.iter().map(|s| s.kind.name().into()).collect());
     report.notes = notes(&plan);
-    let rpc_systems = running
-        .iter()
-        .filter(|s| matches!(s.kind, Kind::Direct | Kind::Eps))
-        .count();
+    let wants = |g: Group| args.scenarios.contains(&g);
+    let rpc_systems = if wants(Group::Rpc) {
+        running
+            .iter()
+            .filter(|s| matches!(s.kind, Kind::Direct | Kind::Eps))
+            .count()
+    } else {
+        0
+    };
+    let per_system = usize::from(wants(Group::Idle))
+        + usize::from(wants(Group::Connect))
+        + 2 * usize::from(wants(Group::Throughput));
     let mut progress = Progress {
         step: 0,
-        total: running.len() * 4 + rpc_systems,
+        total: running.len() * per_system + rpc_systems,
     };
 
-    for s in &running {
+    for s in running.iter().filter(|_| wants(Group::Idle)) {
         let r = scenarios::idle_rss(&client, s, plan.idle, env.server_pid).await;
         let line = r.map(|idle| {
             report.push("idle_rss_per_conn", s.kind.name(), idle.kib);
@@ -91,7 +99,7 @@ pub async fn run(args: &Args, work: &Path) -> anyhow::Result<()> {
     // Connect: the connections split over the rounds, samples and time added up per system.
     let mut connect: Vec<Timed> = running.iter().map(|_| Timed::default()).collect();
     let mut cpu: Vec<Vec<f64>> = running.iter().map(|s| vec![0.0; s.pids.len()]).collect();
-    for round in 0..plan.rounds {
+    for round in (0..plan.rounds).filter(|_| wants(Group::Connect)) {
         let n = share(plan.connections, plan.rounds, round);
         let mut rates = Vec::new();
         for (i, s) in running.iter().enumerate() {
@@ -105,7 +113,12 @@ pub async fn run(args: &Args, work: &Path) -> anyhow::Result<()> {
         }
         progress.round("connect", round, plan.rounds, "conn/s", &rates);
     }
-    for ((s, t), cpu) in running.iter().zip(connect).zip(cpu) {
+    for ((s, t), cpu) in running
+        .iter()
+        .zip(connect)
+        .zip(cpu)
+        .filter(|_| wants(Group::Connect))
+    {
         cpu_note(&mut report, s, &cpu, t.samples_ms.len());
         let (p50, p99) = (t.quantile(0.5), t.quantile(0.99));
         let name = s.kind.name();
@@ -125,10 +138,11 @@ pub async fn run(args: &Args, work: &Path) -> anyhow::Result<()> {
         progress.line(&mut report, "connect_*, conn_rate", s.kind, line);
     }
     // Throughput: each round downloads the full size; the median round counts.
-    for (scenario, conns, bytes) in [
+    let downloads = [
         ("throughput_1", 1, plan.download_1),
         ("throughput_8", 8, plan.download_8),
-    ] {
+    ];
+    for (scenario, conns, bytes) in downloads.into_iter().filter(|_| wants(Group::Throughput)) {
         let mut got: Vec<Vec<f64>> = running.iter().map(|_| Vec::new()).collect();
         for round in 0..plan.rounds {
             let mut rates = Vec::new();
