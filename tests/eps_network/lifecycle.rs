@@ -164,3 +164,71 @@ async fn missing_certificate_file_exits_64_naming_it() {
     )
     .await;
 }
+
+/// Calls to one peer share one stream; a slow call must not hold back the calls behind it.
+#[tokio::test(flavor = "multi_thread")]
+async fn calls_to_one_peer_are_answered_as_they_finish_not_in_order() {
+    let mut net = Net::new("order");
+    net.start(&["alice", "bob"]).await;
+    let client = net.node("alice").client();
+    let slow = tokio::spawn({
+        let client = client.clone();
+        async move { call(&client, "bob.slow", json!({"sleep_ms": 1800})).await }
+    });
+    let bob = &net.node("bob").service;
+    let arrived = wait_until(PROCESS_WAIT, || async {
+        bob.received().iter().any(|r| r.method == "slow")
+    })
+    .await;
+    assert!(arrived, "the slow call never reached bob's service");
+    for i in 0..10 {
+        call(&client, "bob.echo", json!({"i": i}))
+            .await
+            .expect("a quick call while the slow one runs");
+    }
+    assert!(
+        !slow.is_finished(),
+        "the quick calls were answered only after the slow one"
+    );
+    let answer = slow
+        .await
+        .expect("task")
+        .expect("the slow call is answered");
+    assert_eq!(answer["echo"]["sleep_ms"], 1800, "{answer}");
+}
+
+/// SIGTERM answers the calls a peer's open stream has in flight, then ends the stream, so the
+/// server exits without waiting out its grace period (10 s) on a stream the peer keeps open.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_answers_calls_in_flight_on_a_peer_stream_and_exits_promptly() {
+    let mut net = Net::new("drain");
+    net.start(&["alice", "bob"]).await;
+    let client = net.node("alice").client();
+    call(&client, "bob.echo", json!({}))
+        .await
+        .expect("a first call opens alice's stream to bob");
+    let slow = tokio::spawn({
+        let client = client.clone();
+        async move { call(&client, "bob.slow", json!({"sleep_ms": 800})).await }
+    });
+    let service = &net.node("bob").service;
+    let arrived = wait_until(PROCESS_WAIT, || async {
+        service.received().iter().any(|r| r.method == "slow")
+    })
+    .await;
+    assert!(arrived, "the slow call never reached bob's service");
+    let t0 = Instant::now();
+    let bob = &mut net.node_mut("bob").proc;
+    let status = bob.stop(PROCESS_WAIT).await.expect("bob exits on SIGTERM");
+    let took = t0.elapsed();
+    assert!(status.success(), "{status}; log: {}", bob.log());
+    assert!(
+        took < Duration::from_secs(5),
+        "bob took {took:?} to exit: the open stream held its shutdown"
+    );
+    let answer = slow
+        .await
+        .expect("task")
+        .expect("the call in flight is answered before bob exits");
+    assert_eq!(answer["echo"]["sleep_ms"], 800, "{answer}");
+}

@@ -1,7 +1,14 @@
 //! Outgoing channels: one lazily connected, long-lived HTTP/2 channel per peer, reconnected
 //! with backoff, with the peer's pinned certificate checked on every connect.
+//!
+//! Calls to a peer share one `Calls` stream on that channel ([`CallStream`]): a call is one
+//! request message with an id and one response message with the same id, so a call costs no
+//! HTTP/2 stream, no headers and no task of its own. When the stream ends (the peer shut down,
+//! the connection broke), every call still waiting on it fails at once and the next call opens
+//! a new stream.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -11,10 +18,13 @@ use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 use serde_json::value::RawValue;
 use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio_rustls::TlsConnector;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
 use super::pb::eps_client::EpsClient;
+use super::server::MAX_STREAM_CALLS;
 use super::{from_pb, pb, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT};
 use crate::peers::{check_peer, SharedDirectory};
 
@@ -33,7 +43,14 @@ pub struct Peers {
     call_timeout: Duration,
     max_backoff: Duration,
     max_message_bytes: usize,
-    channels: Mutex<HashMap<String, (String, EpsClient<Channel>)>>,
+    channels: Mutex<HashMap<String, PeerChannel>>,
+}
+
+/// A peer's channel and the call stream open on it, if any.
+struct PeerChannel {
+    address: String,
+    client: EpsClient<Channel>,
+    stream: Option<Arc<CallStream>>,
 }
 
 impl Peers {
@@ -64,40 +81,59 @@ impl Peers {
         method: &str,
         params: &RawValue,
     ) -> Outcome {
-        let mut client = match self.client(name, address) {
-            Ok(c) => c,
-            Err(e) => return Err(e),
-        };
-        let mut request = tonic::Request::new(pb::CallRequest {
-            method: method.to_string(),
-            params: Bytes::copy_from_slice(params.get().as_bytes()),
-        });
-        request.set_timeout(self.call_timeout);
         let secs = self.call_timeout.as_secs_f64();
-        match tokio::time::timeout(self.call_timeout, client.call(request)).await {
+        let work = async {
+            // A stream that ended before the call went out is replaced once; the call was not
+            // sent, so sending it on the new stream cannot run it twice.
+            let mut resent = false;
+            loop {
+                let stream = self.stream(name, address)?;
+                match stream.call(method, params, self.call_timeout).await {
+                    Ok(outcome) => return outcome,
+                    Err(NotSent(e)) if resent => return Err(e),
+                    Err(NotSent(_)) => resent = true,
+                }
+            }
+        };
+        match tokio::time::timeout(self.call_timeout, work).await {
             Err(_) => Err(RpcError::new(
                 jsonrpc::PEER_TIMEOUT,
                 format!("peer {name} ({address}) did not answer within {secs:.1} s"),
             )),
-            Ok(Ok(resp)) => from_pb(resp.into_inner()),
-            Ok(Err(status)) => Err(status_error(name, address, &status, secs)),
+            Ok(outcome) => outcome,
         }
     }
 
-    fn client(&self, name: &str, address: &str) -> Result<EpsClient<Channel>, RpcError> {
+    /// The open call stream to `name`, or a new one.
+    fn stream(&self, name: &str, address: &str) -> Result<Arc<CallStream>, RpcError> {
         let mut channels = self.channels.lock().expect("channel map poisoned");
-        if let Some((addr, client)) = channels.get(name) {
-            if addr == address {
-                return Ok(client.clone());
+        let peer = match channels.get_mut(name) {
+            Some(p) if p.address == address => p,
+            _ => {
+                // The map holds at most one channel per operator in the directory.
+                let client = EpsClient::new(self.channel(name, address)?)
+                    .max_decoding_message_size(self.max_message_bytes)
+                    .max_encoding_message_size(self.max_message_bytes);
+                let peer = PeerChannel {
+                    address: address.to_string(),
+                    client,
+                    stream: None,
+                };
+                channels.insert(name.to_string(), peer);
+                channels.get_mut(name).expect("just inserted")
             }
+        };
+        if let Some(s) = peer.stream.as_ref().filter(|s| !s.waiting.is_ended()) {
+            return Ok(s.clone());
         }
-        // The map holds at most one channel per operator in the directory.
-        let channel = self.channel(name, address)?;
-        let client = EpsClient::new(channel)
-            .max_decoding_message_size(self.max_message_bytes)
-            .max_encoding_message_size(self.max_message_bytes);
-        channels.insert(name.to_string(), (address.to_string(), client.clone()));
-        Ok(client)
+        let stream = CallStream::open(
+            peer.client.clone(),
+            name.to_string(),
+            address.to_string(),
+            self.call_timeout.as_secs_f64(),
+        );
+        peer.stream = Some(stream.clone());
+        Ok(stream)
     }
 
     fn channel(&self, name: &str, address: &str) -> Result<Channel, RpcError> {
@@ -135,6 +171,165 @@ impl Peers {
                 async move { c.connect().await }
             })),
         )
+    }
+}
+
+/// One `Calls` stream to a peer. Dropping the last handle ends the stream's request side; the
+/// peer then answers what it has read and ends its side.
+struct CallStream {
+    requests: mpsc::Sender<pb::CallRequest>,
+    waiting: Arc<Waiting>,
+    next_id: AtomicU64,
+    /// Bounds the calls waiting on this stream; a call beyond it waits for a slot (within its
+    /// deadline).
+    slots: Semaphore,
+}
+
+/// Callers waiting for their answer, by call id; the error that ended the stream once it has.
+struct Waiting {
+    callers: Mutex<Result<HashMap<u64, oneshot::Sender<Outcome>>, RpcError>>,
+    ended: AtomicBool,
+}
+
+/// A call that never went out, and why.
+struct NotSent(RpcError);
+
+impl Waiting {
+    fn is_ended(&self) -> bool {
+        self.ended.load(Ordering::Acquire)
+    }
+
+    /// Registers call `id`, unless the stream has already ended.
+    fn insert(&self, id: u64, tx: oneshot::Sender<Outcome>) -> Result<(), NotSent> {
+        match self.callers.lock().expect("waiting map poisoned").as_mut() {
+            Ok(map) => {
+                map.insert(id, tx);
+                Ok(())
+            }
+            Err(e) => Err(NotSent(e.clone())),
+        }
+    }
+
+    fn remove(&self, id: u64) {
+        if let Ok(map) = self.callers.lock().expect("waiting map poisoned").as_mut() {
+            map.remove(&id);
+        }
+    }
+
+    /// Hands an answer to its caller (gone callers, e.g. after their deadline, are skipped).
+    fn answer(&self, resp: pb::CallResponse) {
+        let id = resp.id;
+        let tx = self
+            .callers
+            .lock()
+            .expect("waiting map poisoned")
+            .as_mut()
+            .ok()
+            .and_then(|m| m.remove(&id));
+        if let Some(tx) = tx {
+            let _ = tx.send(from_pb(resp));
+        }
+    }
+
+    /// Ends the stream: every caller still waiting gets `error`.
+    fn end(&self, error: RpcError) {
+        self.ended.store(true, Ordering::Release);
+        let callers = std::mem::replace(
+            &mut *self.callers.lock().expect("waiting map poisoned"),
+            Err(error.clone()),
+        );
+        for (_, tx) in callers.into_iter().flatten() {
+            let _ = tx.send(Err(error.clone()));
+        }
+    }
+}
+
+/// Forgets a call whose caller stopped waiting (deadline, cancellation).
+struct Forget<'a> {
+    waiting: &'a Waiting,
+    id: u64,
+}
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        self.waiting.remove(self.id);
+    }
+}
+
+impl CallStream {
+    /// Opens a stream on `client` and starts the task that hands answers to their callers.
+    fn open(mut client: EpsClient<Channel>, name: String, address: String, secs: f64) -> Arc<Self> {
+        let (requests, rx) = mpsc::channel(MAX_STREAM_CALLS);
+        let waiting = Arc::new(Waiting {
+            callers: Mutex::new(Ok(HashMap::new())),
+            ended: AtomicBool::new(false),
+        });
+        let answers = waiting.clone();
+        tokio::spawn(async move {
+            let error = match client.calls(ReceiverStream::new(rx)).await {
+                Err(status) => status_error(&name, &address, &status, secs),
+                Ok(resp) => {
+                    let mut stream = resp.into_inner();
+                    loop {
+                        match stream.message().await {
+                            Ok(Some(resp)) => answers.answer(resp),
+                            Ok(None) => {
+                                break RpcError::new(
+                                    jsonrpc::PEER_UNREACHABLE,
+                                    format!("peer {name} ({address}) closed its call stream"),
+                                )
+                            }
+                            Err(status) => break status_error(&name, &address, &status, secs),
+                        }
+                    }
+                }
+            };
+            tracing::debug!(peer = %name, %address, error = %error.message, "call stream ended");
+            answers.end(error);
+        });
+        Arc::new(Self {
+            requests,
+            waiting,
+            next_id: AtomicU64::new(1),
+            slots: Semaphore::new(MAX_STREAM_CALLS),
+        })
+    }
+
+    /// Sends one call and waits for its answer (the caller bounds the wait).
+    async fn call(
+        &self,
+        method: &str,
+        params: &RawValue,
+        deadline: Duration,
+    ) -> Result<Outcome, NotSent> {
+        let _slot = self.slots.acquire().await.expect("semaphore never closes");
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.waiting.insert(id, tx)?;
+        let _forget = Forget {
+            waiting: &self.waiting,
+            id,
+        };
+        let request = pb::CallRequest {
+            method: method.to_string(),
+            params: Bytes::copy_from_slice(params.get().as_bytes()),
+            id,
+            timeout_ms: deadline.as_millis().min(u32::MAX.into()) as u32,
+        };
+        if self.requests.send(request).await.is_err() {
+            // The stream's task dropped the receiver: it has ended or is ending.
+            return Err(NotSent(RpcError::new(
+                jsonrpc::PEER_UNREACHABLE,
+                "the call stream to the peer ended",
+            )));
+        }
+        // The sender is dropped only after `end` has answered every caller.
+        Ok(rx.await.unwrap_or_else(|_| {
+            Err(RpcError::new(
+                jsonrpc::PEER_UNREACHABLE,
+                "the call stream to the peer ended",
+            ))
+        }))
     }
 }
 

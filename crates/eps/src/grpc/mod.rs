@@ -1,5 +1,6 @@
 //! The EPS network's transport: a mutual-TLS gRPC server for peers ([`serve`]) and one
-//! long-lived HTTP/2 channel per peer for outgoing calls ([`Peers`]).
+//! long-lived HTTP/2 channel per peer for outgoing calls ([`Peers`]), on which every call
+//! travels as two messages of one long-lived `Calls` stream.
 
 use std::time::Duration;
 
@@ -36,6 +37,7 @@ pub(crate) fn to_pb(outcome: Outcome) -> pb::CallResponse {
     };
     pb::CallResponse {
         outcome: Some(outcome),
+        id: 0,
     }
 }
 

@@ -7,11 +7,14 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use eps_core::jsonrpc::{self, RpcError};
 use eps_core::net::Acceptor;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::Connected;
 
@@ -24,6 +27,9 @@ use crate::peers::{check_peer, PeerIdentity, SharedDirectory};
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Streams one peer connection may carry at once.
 const MAX_CONCURRENT_STREAMS: u32 = 1024;
+/// Calls one peer connection may have in flight on its `Calls` streams, all streams together.
+/// The next call is read from the stream only once one of these has been answered.
+pub const MAX_STREAM_CALLS: usize = 1024;
 
 /// What the gRPC handler knows of the connection a call came on.
 #[derive(Debug, Clone)]
@@ -31,6 +37,8 @@ pub struct PeerConn {
     pub addr: SocketAddr,
     /// Shared, so that handing it to each call costs a reference count, not two strings.
     pub identity: Arc<PeerIdentity>,
+    /// Bounds the calls in flight on this connection's `Calls` streams.
+    in_flight: Arc<Semaphore>,
 }
 
 /// A verified peer connection, holding its connection permit for as long as it lives.
@@ -85,10 +93,76 @@ impl AsyncWrite for PeerStream {
 
 struct Service {
     broker: Arc<Broker>,
+    /// Ends the `Calls` streams (after their calls in flight are answered) on shutdown, so
+    /// that the graceful shutdown does not wait on streams a peer keeps open.
+    shutdown: CancellationToken,
 }
+
+type CallResponses =
+    Pin<Box<dyn Stream<Item = Result<pb::CallResponse, tonic::Status>> + Send + 'static>>;
 
 #[tonic::async_trait]
 impl Eps for Service {
+    type CallsStream = CallResponses;
+
+    async fn calls(
+        &self,
+        request: tonic::Request<tonic::Streaming<pb::CallRequest>>,
+    ) -> Result<tonic::Response<CallResponses>, tonic::Status> {
+        let conn = request
+            .extensions()
+            .get::<PeerConn>()
+            .cloned()
+            .ok_or_else(|| tonic::Status::unauthenticated("no verified peer certificate"))?;
+        tracing::debug!(peer = %conn.identity.name, addr = %conn.addr, "call stream opened");
+        let mut incoming = request.into_inner();
+        let (tx, rx) = mpsc::channel(MAX_STREAM_CALLS);
+        let (broker, shutdown) = (self.broker.clone(), self.shutdown.clone());
+        tokio::spawn(async move {
+            loop {
+                let permit = tokio::select! {
+                    p = conn.in_flight.clone().acquire_owned() => p.expect("semaphore never closes"),
+                    _ = shutdown.cancelled() => break,
+                };
+                let req = tokio::select! {
+                    r = incoming.message() => r,
+                    _ = shutdown.cancelled() => break,
+                };
+                let req = match req {
+                    Ok(Some(r)) => r,
+                    Ok(None) => break,
+                    Err(status) => {
+                        tracing::debug!(peer = %conn.identity.name, error = %status, "call stream broken");
+                        break;
+                    }
+                };
+                let (broker, tx, conn) = (broker.clone(), tx.clone(), conn.clone());
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    let call = broker.incoming(&conn.identity.name, &req.method, &req.params);
+                    let outcome = match req.timeout_ms {
+                        0 => call.await,
+                        ms => {
+                            let limit = Duration::from_millis(ms.into());
+                            tokio::time::timeout(limit, call).await.unwrap_or_else(|_| {
+                                Err(RpcError::new(
+                                    jsonrpc::PEER_TIMEOUT,
+                                    format!("not answered within the caller's {ms} ms"),
+                                ))
+                            })
+                        }
+                    };
+                    let mut resp = to_pb(outcome);
+                    resp.id = req.id;
+                    let _ = tx.send(Ok(resp)).await;
+                });
+            }
+            // The response stream ends once every call read from it has been answered and
+            // dropped its sender.
+        });
+        Ok(tonic::Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
     async fn call(
         &self,
         request: tonic::Request<pb::CallRequest>,
@@ -154,6 +228,7 @@ pub async fn serve(
                     info: PeerConn {
                         addr,
                         identity: Arc::new(identity),
+                        in_flight: Arc::new(Semaphore::new(MAX_STREAM_CALLS)),
                     },
                     _permit: permit,
                 };
@@ -167,13 +242,13 @@ pub async fn serve(
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
         .tcp_nodelay(true)
         .add_service(
-            EpsServer::new(Service { broker })
-                .max_decoding_message_size(max_message_bytes)
-                .max_encoding_message_size(max_message_bytes),
+            EpsServer::new(Service {
+                broker,
+                shutdown: shutdown.clone(),
+            })
+            .max_decoding_message_size(max_message_bytes)
+            .max_encoding_message_size(max_message_bytes),
         )
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-            shutdown.cancelled_owned(),
-        )
+        .serve_with_incoming_shutdown(ReceiverStream::new(rx), shutdown.cancelled_owned())
         .await
 }
