@@ -345,13 +345,14 @@ async fn token_rules() {
         .expect("a data connection with a wrong token was not closed");
     assert_eq!(bytes, 0);
 
-    // No token: closed at token_timeout, while clients go on working next to it, and while wrong
-    // guesses hit the internal port.
-    let mut silent = TcpStream::connect(t.public_internal_addr)
+    // Part of a token, then nothing: closed at token_timeout, while clients go on working next to
+    // it, and while wrong guesses hit the internal port.
+    let mut stalled = TcpStream::connect(t.public_internal_addr)
         .await
         .expect("connect");
+    stalled.write_all(&token[..5]).await.expect("send");
     let timeout = TOKEN_TIMEOUT + Duration::from_secs(3);
-    let silent_task = tokio::spawn(async move { read_until_closed(&mut silent, timeout).await });
+    let stalled_task = tokio::spawn(async move { read_until_closed(&mut stalled, timeout).await });
     // Guesses come from 127.0.0.2: the private proxy dials back from 127.0.0.1, and an address
     // that keeps guessing is rate-limited (max_token_failures, 20 per window by default).
     let internal = t.public_internal_addr;
@@ -369,23 +370,23 @@ async fn token_rules() {
         assert!(t.works().await, "a client next to the token tests");
     }
     guesses.await.expect("wrong guesses closed");
-    let (bytes, after) = silent_task
+    let (bytes, after) = stalled_task
         .await
-        .expect("the silent task")
-        .expect("a data connection without a token was not closed");
+        .expect("the stalled task")
+        .expect("a data connection with part of a token was not closed");
     assert_eq!(bytes, 0);
     assert!(
         after + Duration::from_millis(100) >= TOKEN_TIMEOUT,
         "closed after {after:?}, before token_timeout {TOKEN_TIMEOUT:?}"
     );
     println!(
-        "data connection without a token closed after {:.2} s (token_timeout {:?})",
+        "data connection with 5 bytes of a token closed after {:.2} s (token_timeout {:?})",
         after.as_secs_f64(),
         TOKEN_TIMEOUT
     );
     assert!(t.works().await);
     // The guessing address is now rate-limited: its connections are closed unread, at once,
-    // where an unknown address gets token_timeout to send its token.
+    // where an unknown address may wait for its token to come.
     let mut blocked = connect_from("127.0.0.2", t.public_internal_addr).await;
     let (bytes, after) = read_until_closed(&mut blocked, CLOSE_WAIT)
         .await

@@ -124,7 +124,7 @@ async fn bad_tokens_are_closed_and_guessers_rate_limited() {
     fx.start_all().await;
     let internal = fx.t.public_internal_addr;
 
-    // 1,000 wrong tokens from 127.0.0.2, a short token and no token from 127.0.0.3, while
+    // 1,000 wrong tokens from 127.0.0.2, a short token and a stalled one from 127.0.0.3, while
     // legitimate clients are served through the real private proxy.
     let guesses = async {
         let permits = Arc::new(tokio::sync::Semaphore::new(GUESS_PARALLEL));
@@ -145,8 +145,8 @@ async fn bad_tokens_are_closed_and_guessers_rate_limited() {
     };
     let odd = async {
         let short = present("127.0.0.3", internal, &random_token()[..10], true).await;
-        let silent = present("127.0.0.3", internal, &[], false).await;
-        (short, silent)
+        let stalled = present("127.0.0.3", internal, &random_token()[..5], false).await;
+        (short, stalled)
     };
     let legit = async {
         let mut failures = Vec::new();
@@ -158,7 +158,7 @@ async fn bad_tokens_are_closed_and_guessers_rate_limited() {
         failures
     };
     let start = Instant::now();
-    let (closes, (short, silent), failures) = tokio::join!(guesses, odd, legit);
+    let (closes, (short, stalled), failures) = tokio::join!(guesses, odd, legit);
     let took = start.elapsed();
     assert!(
         failures.is_empty(),
@@ -176,17 +176,17 @@ async fn bad_tokens_are_closed_and_guessers_rate_limited() {
         max * 1e3
     );
     println!(
-        "a 10-byte token then FIN: closed after {:.1} ms; no token: closed after {:.3} s \
-         (token_timeout {TOKEN_TIMEOUT:?})",
+        "a 10-byte token then FIN: closed after {:.1} ms; 5 bytes of a token, then nothing: \
+         closed after {:.3} s (token_timeout {TOKEN_TIMEOUT:?})",
         short.as_secs_f64() * 1e3,
-        silent.as_secs_f64()
+        stalled.as_secs_f64()
     );
     assert!(limited > 0, "no guess was rate-limited");
     assert_eq!(bad + limited, GUESSES as u64, "every guess refused once");
     assert!(bad > 20, "the limiter blocked before max_token_failures");
     assert_eq!(m.refused("token_truncated"), 1);
     assert_eq!(m.refused("token_timeout"), 1);
-    assert!(silent + Duration::from_millis(50) >= TOKEN_TIMEOUT);
+    assert!(stalled + Duration::from_millis(50) >= TOKEN_TIMEOUT);
 
     // A token used twice: the second presentation is refused, the first client is unaffected.
     let config = fx.t.client_config();
@@ -257,4 +257,95 @@ async fn bad_tokens_are_closed_and_guessers_rate_limited() {
     assert_eq!(fwd.held.lock().unwrap().len(), 1);
     fwd.hold.store(false, Ordering::SeqCst);
     assert!(fx.t.works().await, "a client after the token tests");
+}
+
+/// The private proxy dials a few data connections ahead of need and sends later clients'
+/// tokens on them; the public proxy lets such silent connections wait, but only
+/// `max_idle_data_per_address` per address and only for `data_idle_timeout`.
+#[tokio::test(flavor = "multi_thread")]
+async fn pooled_dial_backs_and_silent_connections_are_bounded() {
+    const DATA_IDLE: Duration = Duration::from_secs(3);
+    const PER_ADDRESS: usize = 4;
+    const CLIENTS: usize = 10;
+    let _serial = serial().await;
+    let mut fx = Fx::new("pool");
+    fx.configure(
+        Role::PublicProxy,
+        json!({"public": {"limits": {"data_idle_timeout": DATA_IDLE.as_secs_f64(),
+                                     "max_idle_data_per_address": PER_ADDRESS}}}),
+    );
+    fx.configure(
+        Role::PrivateProxy,
+        json!({"private": {"data_pool": 3, "data_pool_max_age": 2.0}}),
+    );
+    fx.start_all().await;
+    let internal = fx.t.public_internal_addr;
+
+    // After the first client (start_all's), dial-backs go out on pooled connections.
+    for i in 0..CLIENTS {
+        assert!(fx.t.works().await, "client {i}");
+    }
+    let m = fx.metrics(Role::PrivateProxy).await;
+    let hits = m.value("eps_proxy_data_pool_total", "result=\"hit\"") as usize;
+    let misses = m.value("eps_proxy_data_pool_total", "result=\"miss\"") as usize;
+    println!("{CLIENTS} clients after the first: {hits} pooled dial-backs, {misses} dialed");
+    assert!(hits >= CLIENTS - 2, "{hits} hits, {misses} misses");
+
+    // One address may hold PER_ADDRESS silent connections; the next is closed at once, while
+    // another address may still open one.
+    let mut held = Vec::new();
+    for _ in 0..PER_ADDRESS {
+        held.push(connect_from("127.0.0.4", internal).await.expect("connect"));
+    }
+    // The public proxy counts a connection once it has accepted it; wait for all four.
+    let counted = wait_until(Duration::from_secs(5), || async {
+        fx.metrics(Role::PublicProxy).await.value(
+            "eps_proxy_connections_accepted_total",
+            "listener=\"internal\"",
+        ) as usize
+            >= hits + misses + 1 + PER_ADDRESS
+    })
+    .await;
+    assert!(
+        counted,
+        "the public proxy did not accept the silent connections"
+    );
+    let mut extra = connect_from("127.0.0.4", internal).await.expect("connect");
+    let (bytes, refused_after) = read_until_closed(&mut extra, CLOSE_WAIT)
+        .await
+        .expect("a connection over max_idle_data_per_address was not closed");
+    assert_eq!(bytes, 0);
+    assert!(
+        refused_after < DATA_IDLE / 2,
+        "closed after {refused_after:?}, not at once"
+    );
+    let mut other = connect_from("127.0.0.5", internal).await.expect("connect");
+
+    // Silent connections are closed at data_idle_timeout, not at token_timeout.
+    let (bytes, after) = read_until_closed(&mut other, DATA_IDLE + CLOSE_WAIT)
+        .await
+        .expect("a silent connection was not closed");
+    assert_eq!(bytes, 0);
+    println!(
+        "{PER_ADDRESS} silent connections from one address held, the next closed after {:.1} ms; \
+         a silent one closed after {:.2} s (data_idle_timeout {DATA_IDLE:?}, token_timeout \
+         {TOKEN_TIMEOUT:?})",
+        refused_after.as_secs_f64() * 1e3,
+        after.as_secs_f64()
+    );
+    assert!(
+        after + Duration::from_millis(100) >= DATA_IDLE,
+        "closed after {after:?}"
+    );
+    for mut s in held {
+        let closed = read_until_closed(&mut s, CLOSE_WAIT).await;
+        assert!(matches!(closed, Some((0, _))), "{closed:?}");
+    }
+    let m = fx.metrics(Role::PublicProxy).await;
+    assert_eq!(m.refused("idle_data_limit"), 1);
+    assert_eq!(m.refused("data_idle_timeout"), PER_ADDRESS as u64 + 1);
+    // The pool retires its connections (data_pool_max_age 2 s) before the public side would
+    // time them out, and a retired one is not a refusal.
+    assert_eq!(m.refused("token_truncated"), 0);
+    assert!(fx.t.works().await, "a client after all this");
 }

@@ -17,6 +17,7 @@ pub mod clienthello;
 mod limiter;
 mod listener;
 pub mod metrics;
+mod pool;
 pub mod private;
 pub mod public;
 pub mod registry;

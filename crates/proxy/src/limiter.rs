@@ -1,4 +1,8 @@
-//! Rate limiting of wrong tokens on the internal port, per source address.
+//! Per-source-address bounds on the internal port: rate limiting of wrong tokens
+//! ([`GuessLimiter`]) and a cap on data connections waiting silently for a client
+//! ([`IdleSlots`]).
+//!
+//! Wrong tokens:
 //!
 //! Tokens are 256 random bits, so guessing cannot succeed; the limiter keeps a guesser from
 //! costing work and log lines. An address that presents more than `max_failures` unknown
@@ -83,6 +87,65 @@ impl GuessLimiter {
     }
 }
 
+/// Counts the data connections each address holds open before their token (a private proxy's
+/// pre-dialed pool), so that one address cannot take the whole internal port with silent
+/// connections. The map holds only addresses with such a connection, so it is bounded by the
+/// internal port's connection limit.
+#[derive(Debug)]
+pub struct IdleSlots {
+    max_per_address: u32,
+    held: Mutex<HashMap<IpAddr, u32>>,
+}
+
+/// One silent data connection's place; given back when dropped.
+pub struct IdleSlot<'a> {
+    slots: &'a IdleSlots,
+    ip: IpAddr,
+}
+
+impl IdleSlots {
+    pub fn new(max_per_address: u32) -> Self {
+        Self {
+            max_per_address,
+            held: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A place for one more silent connection from `ip`, unless it holds the maximum already.
+    pub fn enter(&self, ip: IpAddr) -> Option<IdleSlot<'_>> {
+        let mut held = self.held.lock().expect("idle slots lock");
+        let n = held.entry(ip).or_insert(0);
+        if *n >= self.max_per_address {
+            return None;
+        }
+        *n += 1;
+        Some(IdleSlot { slots: self, ip })
+    }
+
+    /// Silent connections `ip` holds now.
+    #[cfg(test)]
+    fn held(&self, ip: IpAddr) -> u32 {
+        self.held
+            .lock()
+            .expect("idle slots lock")
+            .get(&ip)
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for IdleSlot<'_> {
+    fn drop(&mut self) {
+        let mut held = self.slots.held.lock().expect("idle slots lock");
+        if let Some(n) = held.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(&self.ip);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -113,5 +176,24 @@ mod tests {
             assert!(!l.failure(a, t0));
         }
         assert!(!l.is_blocked(a, t0));
+    }
+
+    #[test]
+    fn idle_slots_are_bounded_per_address_and_given_back() {
+        let slots = IdleSlots::new(2);
+        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let first = slots.enter(a).expect("first");
+        let second = slots.enter(a).expect("second");
+        assert!(slots.enter(a).is_none(), "a third from the same address");
+        let other = slots.enter(b).expect("another address has its own slots");
+        drop(first);
+        assert_eq!(slots.held(a), 1);
+        let again = slots.enter(a).expect("a slot given back is free again");
+        drop((second, again, other));
+        assert_eq!((slots.held(a), slots.held(b)), (0, 0));
+        assert!(
+            slots.held.lock().unwrap().is_empty(),
+            "no entry left behind"
+        );
     }
 }

@@ -24,6 +24,11 @@ pub struct DirectionLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabel {
     pub outcome: &'static str,
 }
@@ -51,6 +56,9 @@ pub struct Metrics {
     pub dial_back_seconds: Histogram,
     /// Live announcements.
     pub announcements: Gauge,
+    /// Dial-backs by how they got their connection to the public proxy: `hit` (pre-dialed,
+    /// from the pool) or `miss` (dialed for the client).
+    pub data_pool: Family<ResultLabel, Counter>,
 }
 
 impl Metrics {
@@ -67,6 +75,7 @@ impl Metrics {
             client_hello_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 18)),
             dial_back_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 18)),
             announcements: Gauge::default(),
+            data_pool: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("eps_proxy");
         r.register(
@@ -119,7 +128,16 @@ impl Metrics {
             "Live announcements",
             m.announcements.clone(),
         );
+        r.register(
+            "data_pool",
+            "Dial-backs by where their connection came from (hit: pooled, miss: dialed)",
+            m.data_pool.clone(),
+        );
         m
+    }
+
+    pub fn data_pool(&self, result: &'static str) {
+        self.data_pool.get_or_create(&ResultLabel { result }).inc();
     }
 
     pub fn refuse(&self, reason: &'static str) {

@@ -12,13 +12,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use time::OffsetDateTime;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::announcements::{normalize_domain, rfc3339};
 use crate::metrics::Metrics;
+use crate::pool::{dial, DataPool};
 use crate::public::TOKEN_LEN;
 use crate::relay;
 use crate::settings::{AnnouncementSetting, PrivateSettings};
@@ -66,6 +66,8 @@ pub struct Private {
     accepted: RwLock<HashMap<String, (String, Option<OffsetDateTime>)>>,
     changed: Notify,
     relays: Arc<Semaphore>,
+    /// Connections to public proxies dialed ahead of need.
+    pool: Arc<DataPool>,
     metrics: Arc<Metrics>,
     tracker: TaskTracker,
 }
@@ -94,6 +96,12 @@ impl Private {
             accepted: RwLock::new(HashMap::new()),
             changed: Notify::new(),
             relays: Arc::new(Semaphore::new(s.max_relays)),
+            pool: Arc::new(DataPool::new(
+                s.data_pool,
+                s.data_pool_max_age,
+                s.connect_timeout,
+                metrics.clone(),
+            )),
             metrics,
             tracker,
         })
@@ -178,6 +186,7 @@ impl Private {
     /// Announces at start, on every change, every `reannounce_interval`, and sooner after a
     /// failure.
     pub async fn announcer(self: Arc<Self>, shutdown: CancellationToken) {
+        tokio::spawn(self.pool.clone().sweep(shutdown.clone()));
         let mut retry = Duration::from_millis(250);
         let mut was_ok = false;
         loop {
@@ -280,7 +289,7 @@ impl Private {
         };
         let timeout = self.settings.connect_timeout;
         let internal = &self.settings.internal_endpoint;
-        let (public, server) = tokio::join!(dial(&p.endpoint, timeout), dial(internal, timeout));
+        let (public, server) = tokio::join!(self.pool.get(&p.endpoint), dial(internal, timeout));
         let mut public = public.map_err(|e| {
             RpcError::new(
                 jsonrpc::PEER_UNREACHABLE,
@@ -432,14 +441,6 @@ fn v6(a: std::net::SocketAddr) -> std::net::SocketAddr {
         }
         v6 => v6,
     }
-}
-
-async fn dial(addr: &str, timeout: Duration) -> std::io::Result<TcpStream> {
-    let s = tokio::time::timeout(timeout, TcpStream::connect(addr))
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
-    s.set_nodelay(true)?;
-    Ok(s)
 }
 
 #[derive(Deserialize)]

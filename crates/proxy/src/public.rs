@@ -26,7 +26,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::announcements::rfc3339;
 use crate::clienthello::{self, ClientHelloError, Parse};
-use crate::limiter::GuessLimiter;
+use crate::limiter::{GuessLimiter, IdleSlots};
 use crate::listener::accept_loop;
 use crate::metrics::{short_addr, Metrics};
 use crate::registry::Registry;
@@ -53,6 +53,7 @@ pub struct Public {
     pending: Mutex<HashMap<Token, Pending>>,
     pending_refused: AtomicU64,
     guesses: GuessLimiter,
+    idle_data: IdleSlots,
     eps: RpcClient,
 }
 
@@ -100,6 +101,7 @@ impl Public {
             pending: Mutex::new(HashMap::new()),
             pending_refused: AtomicU64::new(0),
             guesses: GuessLimiter::new(s.limits.max_token_failures, s.limits.token_failure_window),
+            idle_data: IdleSlots::new(s.limits.max_idle_data_per_address),
             eps,
         }
     }
@@ -128,7 +130,7 @@ impl Public {
                 async move { me.handle_client(s, addr).await }
             },
         );
-        let (me, m) = (self.clone(), self.metrics.clone());
+        let (me, m, stop) = (self.clone(), self.metrics.clone(), shutdown.clone());
         let b = accept_loop(
             internal,
             "internal",
@@ -137,8 +139,8 @@ impl Public {
             tracker,
             move || m.refuse("internal_connection_limit"),
             move |s, addr| {
-                let me = me.clone();
-                async move { me.handle_data(s, addr).await }
+                let (me, stop) = (me.clone(), stop.clone());
+                async move { me.handle_data(s, addr, stop).await }
             },
         );
         let me = self.clone();
@@ -313,7 +315,7 @@ impl Public {
         }
     }
 
-    async fn handle_data(&self, mut data: TcpStream, addr: SocketAddr) {
+    async fn handle_data(&self, mut data: TcpStream, addr: SocketAddr, stop: CancellationToken) {
         self.metrics.accept("internal");
         if self
             .guesses
@@ -322,9 +324,42 @@ impl Public {
             self.metrics.refuse("token_rate_limited");
             return;
         }
+        // A private proxy dials a few data connections ahead of need: such a connection waits
+        // silently (bounded per address and in time) until a client's token goes out on it.
         let mut token: Token = [0; TOKEN_LEN];
-        match tokio::time::timeout(self.limits.token_timeout, data.read_exact(&mut token)).await {
-            Ok(Ok(_)) => {}
+        let first = {
+            let Some(_slot) = self.idle_data.enter(addr.ip()) else {
+                self.metrics.refuse("idle_data_limit");
+                tracing::debug!(%addr, "too many silent data connections from this address");
+                return;
+            };
+            tokio::select! {
+                r = tokio::time::timeout(self.limits.data_idle_timeout, data.read(&mut token)) => r,
+                // Nothing waits on a silent connection; a shutdown closes it at once.
+                _ = stop.cancelled() => return,
+            }
+        };
+        // From its first byte on, the whole token must arrive within token_timeout.
+        let rest = match first {
+            Err(_) => {
+                self.metrics.refuse("data_idle_timeout");
+                tracing::debug!(%addr, "data connection silent for data_idle_timeout");
+                return;
+            }
+            // A pooled connection its private proxy retired unused: not a refusal.
+            Ok(Ok(0)) => {
+                tracing::debug!(%addr, "data connection closed unused");
+                return;
+            }
+            Ok(Ok(n)) => {
+                tokio::time::timeout(self.limits.token_timeout, data.read_exact(&mut token[n..]))
+                    .await
+                    .map(|r| r.map(|_| ()))
+            }
+            Ok(Err(e)) => Ok(Err(e)),
+        };
+        match rest {
+            Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 self.metrics.refuse("token_truncated");
                 tracing::debug!(%addr, error = %e, "data connection closed before its token");
@@ -332,7 +367,7 @@ impl Public {
             }
             Err(_) => {
                 self.metrics.refuse("token_timeout");
-                tracing::debug!(%addr, "no token within token_timeout");
+                tracing::debug!(%addr, "no whole token within token_timeout");
                 return;
             }
         }

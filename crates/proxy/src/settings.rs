@@ -19,8 +19,19 @@ pub const DEFAULT_MAX_PENDING: usize = 1_024;
 pub const DEFAULT_MAX_CLIENT_HELLO_BYTES: usize = 64 * 1024;
 /// Time a client gets to send its whole ClientHello.
 pub const DEFAULT_CLIENT_HELLO_TIMEOUT: Duration = Duration::from_secs(5);
-/// Time a data connection on the internal port gets to send its token.
+/// Time a data connection on the internal port gets to send its whole token once it has sent
+/// its first byte.
 pub const DEFAULT_TOKEN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time a data connection may wait silently on the internal port (a private proxy's pooled,
+/// pre-dialed connection) before it is closed.
+pub const DEFAULT_DATA_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Silent data connections one address may hold on the internal port.
+pub const DEFAULT_MAX_IDLE_DATA_PER_ADDRESS: u32 = 64;
+/// Pre-dialed data connections a private proxy keeps per public proxy endpoint.
+pub const DEFAULT_DATA_POOL: usize = 8;
+/// Age at which the private proxy retires a pooled connection unused; below the public side's
+/// `data_idle_timeout`, so that a connection is never taken just as the public side closes it.
+pub const DEFAULT_DATA_POOL_MAX_AGE: Duration = Duration::from_secs(30);
 /// Time a matched client waits for the private proxy to dial back.
 pub const DEFAULT_ACCEPT_TIMEOUT: Duration = Duration::from_secs(10);
 /// A relay with no byte in either direction for this long is closed.
@@ -140,9 +151,17 @@ pub struct PublicLimits {
     /// Seconds to receive the whole ClientHello.
     #[serde(with = "secs")]
     pub client_hello_timeout: Duration,
-    /// Seconds for a data connection to present its token.
+    /// Seconds for a data connection to present its whole token, from its first byte.
     #[serde(with = "secs")]
     pub token_timeout: Duration,
+    /// Seconds a data connection may wait before its first byte: private proxies dial a few
+    /// ahead of need (`private.data_pool`), so that a client's token travels on a connection
+    /// that already exists. Keep it above the private side's `data_pool_max_age`.
+    #[serde(with = "secs")]
+    pub data_idle_timeout: Duration,
+    /// Data connections one address may hold open before their first byte; more from that
+    /// address are closed at once.
+    pub max_idle_data_per_address: u32,
     /// Seconds a matched client waits for the dial-back.
     #[serde(with = "secs")]
     pub accept_timeout: Duration,
@@ -171,6 +190,8 @@ impl Default for PublicLimits {
             max_client_hello_bytes: DEFAULT_MAX_CLIENT_HELLO_BYTES,
             client_hello_timeout: DEFAULT_CLIENT_HELLO_TIMEOUT,
             token_timeout: DEFAULT_TOKEN_TIMEOUT,
+            data_idle_timeout: DEFAULT_DATA_IDLE_TIMEOUT,
+            max_idle_data_per_address: DEFAULT_MAX_IDLE_DATA_PER_ADDRESS,
             accept_timeout: DEFAULT_ACCEPT_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             max_token_failures: DEFAULT_MAX_TOKEN_FAILURES,
@@ -205,6 +226,22 @@ pub struct PrivateSettings {
     /// server before the relayed bytes. Only for servers that expect one.
     #[serde(default)]
     pub proxy_protocol: bool,
+    /// Connections to each public proxy's internal port dialed ahead of need, so that a
+    /// client's token goes out on one that already exists; each one used is replaced. 0 dials
+    /// one per client instead.
+    #[serde(default = "default_data_pool")]
+    pub data_pool: usize,
+    /// Seconds after which an unused pooled connection is closed (and replaced while clients
+    /// keep coming). Keep it below the public proxy's `limits.data_idle_timeout`.
+    #[serde(default = "default_data_pool_max_age", with = "secs")]
+    pub data_pool_max_age: Duration,
+}
+
+fn default_data_pool() -> usize {
+    DEFAULT_DATA_POOL
+}
+fn default_data_pool_max_age() -> Duration {
+    DEFAULT_DATA_POOL_MAX_AGE
 }
 
 /// A domain to announce.
