@@ -38,12 +38,14 @@ pub struct Report {
 }
 
 /// Scenarios in table order, with their unit and whether higher is better.
-pub const SCENARIOS: [(&str, &str, bool); 9] = [
+pub const SCENARIOS: [(&str, &str, bool); 11] = [
     ("throughput_1", "MiB/s", true),
     ("throughput_8", "MiB/s", true),
     ("connect_p50", "ms", false),
     ("connect_p99", "ms", false),
     ("conn_rate", "conn/s", true),
+    ("connect1_p50", "ms", false),
+    ("connect1_p99", "ms", false),
     ("idle_rss_per_conn", "KiB", false),
     ("rpc_p50", "ms", false),
     ("rpc_p99", "ms", false),

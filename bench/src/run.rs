@@ -62,7 +62,7 @@ pub async fn run(args: &Args, work: &Path) -> anyhow::Result<()> {
         0
     };
     let per_system = usize::from(wants(Group::Idle))
-        + usize::from(wants(Group::Connect))
+        + 2 * usize::from(wants(Group::Connect))
         + 2 * usize::from(wants(Group::Throughput));
     let mut progress = Progress {
         step: 0,
@@ -136,6 +136,16 @@ pub async fn run(args: &Args, work: &Path) -> anyhow::Result<()> {
             .samples
             .insert(("connect".into(), name.into()), t.samples_ms);
         progress.line(&mut report, "connect_*, conn_rate", s.kind, line);
+    }
+    // One client at a time: the latency each system adds, without queueing for the CPU.
+    for s in running.iter().filter(|_| wants(Group::Connect)) {
+        let t = scenarios::connect(&client, s.addr, plan.connections_1, 1).await;
+        let (p50, p99, name) = (t.quantile(0.5), t.quantile(0.99), s.kind.name());
+        report.push("connect1_p50", name, p50);
+        report.push("connect1_p99", name, p99);
+        failures(&mut report, "connect1", s, &t, plan.connections_1);
+        let line = Ok(format!("p50 {} ms, p99 {} ms", num(p50), num(p99)));
+        progress.line(&mut report, "connect1_*", s.kind, line);
     }
     // Throughput: each round downloads the full size; the median round counts.
     let downloads = [
@@ -301,6 +311,11 @@ fn notes(plan: &Plan) -> Vec<String> {
             "connect_*, conn_rate: {} new TCP+TLS connections (full handshakes) with one small \
              request each, {} clients in parallel{rounds}.",
             plan.connections, plan.connect_clients
+        ),
+        format!(
+            "connect1_*: {} connections opened one after the other by a single client (after \
+             50 unmeasured): the latency a system adds when nothing queues for the CPU.",
+            plan.connections_1
         ),
         format!(
             "idle_rss_per_conn: {} idle connections; RSS of the system's own processes before \

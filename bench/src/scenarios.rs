@@ -42,6 +42,9 @@ pub struct Plan {
     /// Connections of the connect scenario, and how many clients open them in parallel.
     pub connections: usize,
     pub connect_clients: usize,
+    /// Connections opened one at a time (`connect1_*`): the latency a system adds when
+    /// nothing queues for the CPU.
+    pub connections_1: usize,
     /// Idle connections held open.
     pub idle: usize,
     /// Calls of the RPC scenario, and how many callers make them in parallel.
@@ -59,6 +62,7 @@ impl Plan {
             download_8: 256 << 20,
             connections: 5_000,
             connect_clients: 25,
+            connections_1: 300,
             idle: 5_000,
             rpc_calls: 20_000,
             rpc_callers: 64,
@@ -72,6 +76,7 @@ impl Plan {
             download_1: 256 << 20,
             download_8: 64 << 20,
             connections: 1_000,
+            connections_1: 100,
             idle: 1_000,
             rpc_calls: 4_000,
             rounds: 1,
