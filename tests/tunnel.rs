@@ -12,11 +12,13 @@ use std::time::{Duration, Instant};
 
 use eps_core::http::{CallError, RpcClient};
 use eps_core::jsonrpc;
+use eps_tests::keepalive::connect_tls;
 use eps_tests::tunnel::{
-    https_request, Role, Tunnel, DOMAIN, PRIVATE, PUBLIC, SUCCESS, TOKEN_TIMEOUT,
+    https_request, parse_response, Role, Tunnel, ATTEMPT_TIMEOUT, DOMAIN, PRIVATE, PUBLIC, SUCCESS,
+    TOKEN_TIMEOUT,
 };
 use eps_tests::*;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// Deadline of one request under load.
@@ -25,6 +27,10 @@ const LOADED_REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
 const RECOVERY: Duration = Duration::from_secs(15);
 /// Time a connection the proxy should close gets to be closed.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
+/// Size of the response a client asks for before its close_notify and FIN: more than the
+/// socket buffers between the internal server and the client hold, so that the server is still
+/// sending when the alert arrives and has the response's tail in its send queue when it closes.
+const LINGER_BYTES: usize = 16 * 1024 * 1024;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn get_and_post_through_the_tunnel() {
@@ -56,6 +62,43 @@ async fn get_and_post_through_the_tunnel() {
     assert!(
         reply.body == body,
         "the echoed body differs from the one sent"
+    );
+}
+
+/// The internal server's lingering close (`examples/internal-server/src/linger.rs`). A client
+/// sends `GET /bytes/N` with `Connection: close`, then its close_notify and FIN before reading
+/// anything, then reads to the end. The server answers without reading that alert; were it to
+/// close the socket with the alert unread, the kernel would send a reset and drop what of the
+/// response is still in its send queue. Every such client must get all N bytes and a clean end
+/// (close_notify, then end of stream; no reset), straight to the internal server and through the
+/// tunnel.
+#[tokio::test(flavor = "multi_thread")]
+async fn close_notify_before_reading_gets_the_whole_response() {
+    const ROUNDS: usize = 5;
+    let t = Tunnel::started("linger").await;
+    let mut failures = Vec::new();
+    for (via, addr) in [
+        ("straight to the internal server", t.internal_addr),
+        ("through the tunnel", t.public_addr),
+    ] {
+        let start = Instant::now();
+        for i in 0..ROUNDS {
+            if let Err(e) = get_after_close_notify(&t, addr, LINGER_BYTES).await {
+                failures.push(format!("{via}, #{i}: {e}"));
+            }
+        }
+        println!(
+            "{ROUNDS} x GET /bytes/{LINGER_BYTES} with close_notify and FIN sent before reading, \
+             {via}: {:.2} s",
+            start.elapsed().as_secs_f64()
+        );
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} clients that sent close_notify and FIN before reading lost (part of) the \
+         response: {failures:#?}",
+        failures.len(),
+        2 * ROUNDS
     );
 }
 
@@ -400,6 +443,100 @@ async fn token_rules() {
         t.works().await,
         "a client after the guessing address was blocked"
     );
+}
+
+/// Sends `GET /bytes/{n}` (`Connection: close`) to `addr` with SNI [`DOMAIN`]; once the internal
+/// server has read it, close_notify and FIN, before reading anything; then reads to the end of
+/// the stream. An error unless that end was clean (no reset, no end without close_notify) after
+/// a 200 response of exactly `n` zero bytes.
+///
+/// The alert waits for the server to have read the request (it logs each one): sent at once, it
+/// often reaches the server with the request, is read with it, and nothing is left unread for
+/// the lingering close to matter. (The client's socket turning readable does not tell: the
+/// server's TLS 1.3 session tickets arrive before its response.)
+async fn get_after_close_notify(
+    t: &Tunnel,
+    addr: std::net::SocketAddr,
+    n: usize,
+) -> Result<(), String> {
+    let logged = format!("path=/bytes/{n}");
+    let requests_read = || t.proc(Role::InternalServer).log().matches(&logged).count();
+    let before = requests_read();
+    let work = async {
+        let (mut tls, _) = connect_tls(addr, t.client_config(), DOMAIN)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let request =
+            format!("GET /bytes/{n} HTTP/1.1\r\nHost: {DOMAIN}\r\nConnection: close\r\n\r\n");
+        tls.write_all(request.as_bytes())
+            .await
+            .map_err(|e| format!("send: {e}"))?;
+        tls.flush().await.map_err(|e| format!("send: {e}"))?;
+        if !wait_until(ATTEMPT_TIMEOUT, || async { requests_read() > before }).await {
+            return Err(format!(
+                "the internal server did not log the request within {ATTEMPT_TIMEOUT:?}"
+            ));
+        }
+        // close_notify, then shutdown(Write): FIN.
+        tls.shutdown()
+            .await
+            .map_err(|e| format!("close_notify and FIN: {e}"))?;
+        let mut buf = Vec::with_capacity(n + 4096);
+        let mut chunk = vec![0u8; 64 * 1024];
+        loop {
+            match tls.read(&mut chunk).await {
+                Ok(0) => break,
+                Ok(got) => buf.extend_from_slice(&chunk[..got]),
+                Err(e) => {
+                    return Err(format!(
+                        "read error after {} bytes of response ({}): {e} ({:?})",
+                        buf.len(),
+                        body_progress(&buf, n),
+                        e.kind()
+                    ))
+                }
+            }
+        }
+        let reply = parse_response(&buf)
+            .map_err(|e| format!("bad response: {e}"))?
+            .ok_or_else(|| {
+                format!(
+                    "end of stream after {} bytes of response ({})",
+                    buf.len(),
+                    body_progress(&buf, n)
+                )
+            })?;
+        // All bytes after the head: the body and nothing more.
+        let got = body_bytes(&buf).unwrap_or(0);
+        if reply.status != 200 || got != n {
+            return Err(format!(
+                "HTTP {} with {got} body bytes, expected 200 with {n}",
+                reply.status
+            ));
+        }
+        if reply.body.iter().any(|b| *b != 0) {
+            return Err("the body is not all zero bytes".to_string());
+        }
+        Ok(())
+    };
+    tokio::time::timeout(LOADED_REQUEST_TIMEOUT, work)
+        .await
+        .unwrap_or_else(|_| Err(format!("not done within {LOADED_REQUEST_TIMEOUT:?}")))
+}
+
+/// The bytes after the head in `buf` (a response read so far); `None` before the head is
+/// complete.
+fn body_bytes(buf: &[u8]) -> Option<usize> {
+    let end = buf.windows(4).position(|w| w == b"\r\n\r\n")?;
+    Some(buf.len() - end - 4)
+}
+
+/// How much of an `n`-byte body `buf` (a response read so far) holds, for messages.
+fn body_progress(buf: &[u8], n: usize) -> String {
+    match body_bytes(buf) {
+        Some(got) => format!("{got} of {n} body bytes"),
+        None => "no complete head".to_string(),
+    }
 }
 
 /// Connects to `to` from the loopback address `from`.

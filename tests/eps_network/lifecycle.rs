@@ -232,3 +232,91 @@ async fn sigterm_answers_calls_in_flight_on_a_peer_stream_and_exits_promptly() {
         .expect("the call in flight is answered before bob exits");
     assert_eq!(answer["echo"]["sleep_ms"], 800, "{answer}");
 }
+
+/// A peer that dies mid-call ends the stream: every call waiting on it fails at once with 502
+/// (not at its deadline), and calls work again once the peer is back.
+#[tokio::test(flavor = "multi_thread")]
+async fn calls_in_flight_fail_at_once_when_the_peer_dies() {
+    let mut net = Net::new("dies");
+    net.start(&["alice", "bob"]).await;
+    let client = net.node("alice").client();
+    let slow: Vec<_> = (0..5)
+        .map(|i| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                let r = call(&client, "bob.slow", json!({"sleep_ms": 1900, "i": i})).await;
+                (r, Instant::now())
+            })
+        })
+        .collect();
+    let service = &net.node("bob").service;
+    let arrived = wait_until(PROCESS_WAIT, || async {
+        service
+            .received()
+            .iter()
+            .filter(|r| r.method == "slow")
+            .count()
+            == 5
+    })
+    .await;
+    assert!(arrived, "the slow calls never all reached bob's service");
+    let killed = Instant::now();
+    net.node_mut("bob").proc.kill();
+    for task in slow {
+        let (r, done) = task.await.expect("task");
+        let e = rpc_error(r, "a call in flight when bob died");
+        assert_eq!(e.code, jsonrpc::PEER_UNREACHABLE, "{e}");
+        assert!(e.message.contains("bob"), "{e}");
+        let after = done.saturating_duration_since(killed);
+        assert!(
+            after < CALL_TIMEOUT / 2,
+            "failed {after:?} after bob died (call_timeout {CALL_TIMEOUT:?})"
+        );
+    }
+    let bob = net.node_mut("bob");
+    bob.proc.restart();
+    bob.proc.wait_for_log(EPS_READY, PROCESS_WAIT).await;
+    let recovered = wait_until(Duration::from_secs(10), || {
+        let client = &client;
+        async move { call(client, "bob.echo", json!({})).await.is_ok() }
+    })
+    .await;
+    assert!(recovered, "alice never reached bob again");
+}
+
+/// A call too large for the EPS network fails alone with 413; the stream, and the calls on it,
+/// go on.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_oversized_call_or_answer_fails_alone() {
+    const LIMIT: usize = 10_000;
+    let mut net = Net::new("oversized");
+    for name in ["alice", "bob"] {
+        net.plans.get_mut(name).expect("planned").config.extra =
+            json!({"grpc_server": {"max_message_bytes": LIMIT}});
+    }
+    net.start(&["alice", "bob"]).await;
+    let client = net.node("alice").client();
+    let slow = tokio::spawn({
+        let client = client.clone();
+        async move { call(&client, "bob.slow", json!({"sleep_ms": 500})).await }
+    });
+    // Params over the limit: refused before they go out.
+    let e = rpc_error(
+        call(&client, "bob.echo", json!({"pad": "x".repeat(2 * LIMIT)})).await,
+        "params over max_message_bytes",
+    );
+    assert_eq!(e.code, jsonrpc::TOO_LARGE, "{e}");
+    // Params just under it: bob's answer (the params echoed, with `_client` added) is over it.
+    let e = rpc_error(
+        call(&client, "bob.echo", json!({"pad": "x".repeat(LIMIT - 200)})).await,
+        "an answer over max_message_bytes",
+    );
+    assert_eq!(e.code, jsonrpc::TOO_LARGE, "{e}");
+    assert!(e.message.contains("bob"), "{e}");
+    slow.await
+        .expect("task")
+        .expect("a call on the same stream is answered");
+    call(&client, "bob.echo", json!({"small": true}))
+        .await
+        .expect("a call after the oversized ones");
+}

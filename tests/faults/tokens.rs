@@ -26,11 +26,13 @@ const CLOSE_WAIT: Duration = Duration::from_secs(3);
 const ACCEPT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Records the token of every dial-back and forwards the connection to the public proxy's
-/// internal port, or, while holding, keeps it without forwarding.
+/// internal port, or, while holding, keeps it without forwarding; with `drop_next` set, it
+/// closes the next connection once its token has arrived (a connection that was dead).
 struct Forwarder {
     addr: SocketAddr,
     tokens: Arc<Mutex<Vec<[u8; TOKEN_LEN]>>>,
     hold: Arc<AtomicBool>,
+    drop_next: Arc<AtomicBool>,
     held: Arc<Mutex<Vec<TcpStream>>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -41,17 +43,26 @@ impl Forwarder {
         let addr = listener.local_addr().expect("address");
         let tokens: Arc<Mutex<Vec<[u8; TOKEN_LEN]>>> = Arc::default();
         let hold = Arc::new(AtomicBool::new(false));
+        let drop_next = Arc::new(AtomicBool::new(false));
         let held: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
-        let (t, h, k) = (tokens.clone(), hold.clone(), held.clone());
+        let (t, h, k, d) = (
+            tokens.clone(),
+            hold.clone(),
+            held.clone(),
+            drop_next.clone(),
+        );
         let task = tokio::spawn(async move {
             while let Ok((mut s, _)) = listener.accept().await {
-                let (tokens, hold, held) = (t.clone(), h.clone(), k.clone());
+                let (tokens, hold, held, drop_next) = (t.clone(), h.clone(), k.clone(), d.clone());
                 tokio::spawn(async move {
                     let mut token = [0u8; TOKEN_LEN];
                     if s.read_exact(&mut token).await.is_err() {
                         return;
                     }
                     tokens.lock().unwrap().push(token);
+                    if drop_next.swap(false, Ordering::SeqCst) {
+                        return;
+                    }
                     if hold.load(Ordering::SeqCst) {
                         held.lock().unwrap().push(s);
                         return;
@@ -70,6 +81,7 @@ impl Forwarder {
             addr,
             tokens,
             hold,
+            drop_next,
             held,
             task,
         }
@@ -276,7 +288,7 @@ async fn pooled_dial_backs_and_silent_connections_are_bounded() {
     );
     fx.configure(
         Role::PrivateProxy,
-        json!({"private": {"data_pool": 3, "data_pool_max_age": 2.0}}),
+        json!({"private": {"data_pool": 3, "data_pool_max_age": 1.0}}),
     );
     fx.start_all().await;
     let internal = fx.t.public_internal_addr;
@@ -291,8 +303,8 @@ async fn pooled_dial_backs_and_silent_connections_are_bounded() {
     println!("{CLIENTS} clients after the first: {hits} pooled dial-backs, {misses} dialed");
     assert!(hits >= CLIENTS - 2, "{hits} hits, {misses} misses");
 
-    // One address may hold PER_ADDRESS silent connections; the next is closed at once, while
-    // another address may still open one.
+    // One address may hold PER_ADDRESS silent connections; the next gets only token_timeout
+    // for its token, while another address may still open a waiting one.
     let mut held = Vec::new();
     for _ in 0..PER_ADDRESS {
         held.push(connect_from("127.0.0.4", internal).await.expect("connect"));
@@ -316,8 +328,9 @@ async fn pooled_dial_backs_and_silent_connections_are_bounded() {
         .expect("a connection over max_idle_data_per_address was not closed");
     assert_eq!(bytes, 0);
     assert!(
-        refused_after < DATA_IDLE / 2,
-        "closed after {refused_after:?}, not at once"
+        refused_after + Duration::from_millis(50) >= TOKEN_TIMEOUT
+            && refused_after < DATA_IDLE - Duration::from_millis(500),
+        "closed after {refused_after:?}, not at token_timeout {TOKEN_TIMEOUT:?}"
     );
     let mut other = connect_from("127.0.0.5", internal).await.expect("connect");
 
@@ -327,7 +340,8 @@ async fn pooled_dial_backs_and_silent_connections_are_bounded() {
         .expect("a silent connection was not closed");
     assert_eq!(bytes, 0);
     println!(
-        "{PER_ADDRESS} silent connections from one address held, the next closed after {:.1} ms; \
+        "{PER_ADDRESS} silent connections from one address held, the next closed after {:.1} ms \
+         (at token_timeout); \
          a silent one closed after {:.2} s (data_idle_timeout {DATA_IDLE:?}, token_timeout \
          {TOKEN_TIMEOUT:?})",
         refused_after.as_secs_f64() * 1e3,
@@ -342,10 +356,59 @@ async fn pooled_dial_backs_and_silent_connections_are_bounded() {
         assert!(matches!(closed, Some((0, _))), "{closed:?}");
     }
     let m = fx.metrics(Role::PublicProxy).await;
-    assert_eq!(m.refused("idle_data_limit"), 1);
+    assert_eq!(m.refused("token_timeout"), 1);
     assert_eq!(m.refused("data_idle_timeout"), PER_ADDRESS as u64 + 1);
-    // The pool retires its connections (data_pool_max_age 2 s) before the public side would
-    // time them out, and a retired one is not a refusal.
+    // The pool retires its connections (data_pool_max_age 1 s, at most 1.25 s) before the
+    // public side would time them out, and a retired one is not a refusal.
     assert_eq!(m.refused("token_truncated"), 0);
     assert!(fx.t.works().await, "a client after all this");
+}
+
+/// A pooled connection that turns out dead (it closes instead of answering the token) costs
+/// the client nothing: the private proxy sends the same token again on a new connection.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_met_by_a_dead_pooled_connection_goes_out_again() {
+    let _serial = serial().await;
+    let mut fx = Fx::new("deadpool");
+    let fwd = Forwarder::start(fx.t.public_internal_addr).await;
+    fx.configure(
+        Role::PublicProxy,
+        json!({"public": {"internal_endpoint": fwd.addr.to_string(),
+                          "limits": {"accept_timeout": ACCEPT_TIMEOUT.as_secs_f64()}}}),
+    );
+    fx.start_all().await;
+    let hits =
+        |m: &crate::fixture::Metrics| m.value("eps_proxy_data_pool_total", "result=\"hit\"") as u64;
+    // The pool fills after the first dial-back; wait until dial-backs use it.
+    let pooled = wait_until(Duration::from_secs(10), || async {
+        fx.t.works().await && hits(&fx.metrics(Role::PrivateProxy).await) > 0
+    })
+    .await;
+    assert!(pooled, "no dial-back ever used a pooled connection");
+    let before = hits(&fx.metrics(Role::PrivateProxy).await);
+    fwd.drop_next.store(true, Ordering::SeqCst);
+    let started = Instant::now();
+    assert!(
+        fx.t.works().await,
+        "the client whose token met a dead connection"
+    );
+    let took = started.elapsed();
+    assert_eq!(
+        hits(&fx.metrics(Role::PrivateProxy).await),
+        before + 1,
+        "that dial-back did not take a pooled connection"
+    );
+    let tokens = fwd.tokens();
+    let n = tokens.len();
+    assert_eq!(
+        tokens[n - 1],
+        tokens[n - 2],
+        "the token did not go out again on a new connection"
+    );
+    println!(
+        "a token met by a dead pooled connection went out again; the client was answered in \
+         {:.1} ms (accept_timeout {ACCEPT_TIMEOUT:?})",
+        took.as_secs_f64() * 1e3
+    );
+    assert!(took < ACCEPT_TIMEOUT, "took {took:?}");
 }

@@ -51,6 +51,11 @@ impl Broker {
         }
     }
 
+    /// This server's operator name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     /// `{"name": caller, "entry": ...}` serialized once per caller and directory version.
     fn client_json(&self, dir: &Arc<Directory>, caller: &str, entry: &Entry) -> Arc<RawValue> {
         let mut cache = self.clients.lock().expect("client cache lock");

@@ -87,60 +87,88 @@ impl GuessLimiter {
     }
 }
 
-/// Counts the data connections each address holds open before their token (a private proxy's
-/// pre-dialed pool), so that one address cannot take the whole internal port with silent
-/// connections. The map holds only addresses with such a connection, so it is bounded by the
-/// internal port's connection limit.
+/// Counts the data connections waiting silently before their token (a private proxy's
+/// pre-dialed pool), per source network (an IPv4 address, an IPv6 /64) and in all, so that no
+/// source can take the internal port with silent connections. The map holds only networks with
+/// such a connection, so it is bounded by the internal port's connection limit.
 #[derive(Debug)]
 pub struct IdleSlots {
-    max_per_address: u32,
-    held: Mutex<HashMap<IpAddr, u32>>,
+    max_per_network: u32,
+    max_total: usize,
+    held: Mutex<(HashMap<IpAddr, u32>, usize)>,
 }
 
 /// One silent data connection's place; given back when dropped.
 pub struct IdleSlot<'a> {
     slots: &'a IdleSlots,
-    ip: IpAddr,
+    network: IpAddr,
+}
+
+/// The network an address is counted under: IPv4 addresses alone, IPv6 by /64 (one host
+/// often holds a whole /64).
+fn network(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+    }
 }
 
 impl IdleSlots {
-    pub fn new(max_per_address: u32) -> Self {
+    pub fn new(max_per_network: u32, max_total: usize) -> Self {
         Self {
-            max_per_address,
-            held: Mutex::new(HashMap::new()),
+            max_per_network,
+            max_total,
+            held: Mutex::new((HashMap::new(), 0)),
         }
     }
 
-    /// A place for one more silent connection from `ip`, unless it holds the maximum already.
+    /// A place for one more silent connection from `ip`, unless its network or all together
+    /// hold the maximum already.
     pub fn enter(&self, ip: IpAddr) -> Option<IdleSlot<'_>> {
+        let network = network(ip);
         let mut held = self.held.lock().expect("idle slots lock");
-        let n = held.entry(ip).or_insert(0);
-        if *n >= self.max_per_address {
+        let (map, total) = &mut *held;
+        if *total >= self.max_total {
+            return None;
+        }
+        let n = map.entry(network).or_insert(0);
+        if *n >= self.max_per_network {
+            if *n == 0 {
+                map.remove(&network);
+            }
             return None;
         }
         *n += 1;
-        Some(IdleSlot { slots: self, ip })
+        *total += 1;
+        Some(IdleSlot {
+            slots: self,
+            network,
+        })
     }
 
-    /// Silent connections `ip` holds now.
+    /// Silent connections `ip`'s network holds now.
     #[cfg(test)]
     fn held(&self, ip: IpAddr) -> u32 {
-        self.held
-            .lock()
-            .expect("idle slots lock")
-            .get(&ip)
-            .copied()
-            .unwrap_or(0)
+        let held = self.held.lock().expect("idle slots lock");
+        held.0.get(&network(ip)).copied().unwrap_or(0)
     }
 }
 
 impl Drop for IdleSlot<'_> {
     fn drop(&mut self) {
         let mut held = self.slots.held.lock().expect("idle slots lock");
-        if let Some(n) = held.get_mut(&self.ip) {
+        let (map, total) = &mut *held;
+        *total -= 1;
+        if let Some(n) = map.get_mut(&self.network) {
             *n -= 1;
             if *n == 0 {
-                held.remove(&self.ip);
+                map.remove(&self.network);
             }
         }
     }
@@ -179,8 +207,34 @@ mod tests {
     }
 
     #[test]
+    fn idle_slots_are_bounded_per_network_and_in_all() {
+        let slots = IdleSlots::new(2, 3);
+        let hosts: Vec<IpAddr> = ["2001:db8::1", "2001:db8::2:3", "::ffff:10.0.0.9"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        let a = slots.enter(hosts[0]).expect("first of the /64");
+        let b = slots.enter(hosts[1]).expect("second of the /64");
+        assert!(slots.enter(hosts[0]).is_none(), "a third from the same /64");
+        let c = slots
+            .enter(hosts[2])
+            .expect("a mapped IPv4 address is its own network");
+        assert!(
+            slots.enter("10.0.0.10".parse().unwrap()).is_none(),
+            "over the total"
+        );
+        assert!(
+            slots.held.lock().unwrap().0.len() <= 2,
+            "no empty entry kept"
+        );
+        drop((a, b, c));
+        assert_eq!(slots.held.lock().unwrap().1, 0);
+        assert!(slots.held.lock().unwrap().0.is_empty());
+    }
+
+    #[test]
     fn idle_slots_are_bounded_per_address_and_given_back() {
-        let slots = IdleSlots::new(2);
+        let slots = IdleSlots::new(2, 100);
         let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
         let first = slots.enter(a).expect("first");
         let second = slots.enter(a).expect("second");
@@ -192,7 +246,7 @@ mod tests {
         drop((second, again, other));
         assert_eq!((slots.held(a), slots.held(b)), (0, 0));
         assert!(
-            slots.held.lock().unwrap().is_empty(),
+            slots.held.lock().unwrap().0.is_empty(),
             "no entry left behind"
         );
     }

@@ -1,8 +1,8 @@
 //! `proxy`: runs the public or the private eps proxy.
 
-/// mimalloc instead of glibc's malloc: per-call and per-connection allocations (TLS records,
-/// HTTP heads, JSON) are small and short-lived, and glibc spent ~12% of an EPS server's CPU in
-/// malloc/free and its consolidation under the RPC benchmark.
+/// mimalloc instead of glibc's malloc, as in `eps`: per-connection allocations (TLS records,
+/// HTTP heads, JSON, relay buffers) are small and short-lived, a load glibc's malloc serves
+/// slowly (it took ~12% of an EPS server's CPU in the RPC benchmark).
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -10,8 +10,11 @@
 //!   use; at most [`MAX_ENDPOINTS`] of them, the least recently used dropped beyond that.
 //! - A connection is taken newest first and checked before use: the public proxy never sends
 //!   first, so a connection that has turned readable (closed, or broken) is dropped.
-//! - A sweep every `max_age / 2` closes connections older than `max_age` and refills pools used
+//! - A sweep every `max_age / 4` closes connections older than `max_age` and refills pools used
 //!   within `max_age`; a pool nobody uses empties itself and holds no connection.
+//! - A connection that was closed without the pool noticing (the public host restarted) takes
+//!   the token to nowhere; the dial-back sees it close instead of answering and sends the token
+//!   again on a new connection (see `private.rs`).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -64,9 +67,10 @@ impl DataPool {
 
     /// A connection to `endpoint`: a pooled one when one is alive, otherwise a new dial. The
     /// pool is topped up in the background either way.
-    pub async fn get(self: &Arc<Self>, endpoint: &str) -> std::io::Result<TcpStream> {
+    /// Returns the connection and whether it came from the pool.
+    pub async fn get(self: &Arc<Self>, endpoint: &str) -> std::io::Result<(TcpStream, bool)> {
         if self.size == 0 {
-            return dial(endpoint, self.connect_timeout).await;
+            return Ok((dial(endpoint, self.connect_timeout).await?, false));
         }
         let ep = self.endpoint(endpoint);
         *ep.last_used.lock().expect("pool lock") = Instant::now();
@@ -75,11 +79,11 @@ impl DataPool {
         match taken {
             Some(s) => {
                 self.metrics.data_pool("hit");
-                Ok(s)
+                Ok((s, true))
             }
             None => {
                 self.metrics.data_pool("miss");
-                dial(endpoint, self.connect_timeout).await
+                Ok((dial(endpoint, self.connect_timeout).await?, false))
             }
         }
     }
@@ -149,12 +153,12 @@ impl DataPool {
     }
 
     /// Closes connections past `max_age`, refills pools in use and forgets unused endpoints,
-    /// every `max_age / 2`, until `shutdown`.
+    /// every `max_age / 4`, until `shutdown`.
     pub async fn sweep(self: Arc<Self>, shutdown: CancellationToken) {
         if self.size == 0 {
             return;
         }
-        let mut tick = tokio::time::interval((self.max_age / 2).max(Duration::from_millis(100)));
+        let mut tick = tokio::time::interval((self.max_age / 4).max(Duration::from_millis(25)));
         loop {
             tokio::select! {
                 _ = tick.tick() => {}

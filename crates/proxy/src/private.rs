@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use time::OffsetDateTime;
 use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -290,12 +291,13 @@ impl Private {
         let timeout = self.settings.connect_timeout;
         let internal = &self.settings.internal_endpoint;
         let (public, server) = tokio::join!(self.pool.get(&p.endpoint), dial(internal, timeout));
-        let mut public = public.map_err(|e| {
+        let public_error = |e: std::io::Error| {
             RpcError::new(
                 jsonrpc::PEER_UNREACHABLE,
                 format!("public endpoint {}: {e}", p.endpoint),
             )
-        })?;
+        };
+        let (mut public, pooled) = public.map_err(public_error)?;
         let mut server = server.map_err(|e| {
             RpcError::new(
                 jsonrpc::PEER_UNREACHABLE,
@@ -310,12 +312,17 @@ impl Private {
                 )
             })?;
         }
-        public.write_all(&token).await.map_err(|e| {
-            RpcError::new(
-                jsonrpc::PEER_UNREACHABLE,
-                format!("public endpoint {}: {e}", p.endpoint),
-            )
-        })?;
+        let sent = public.write_all(&token).await;
+        // A pooled connection may have been closed by the public side without our noticing
+        // (its host restarted): then it closes instead of answering with the client's first
+        // bytes, and the token goes out again on a new connection.
+        if pooled && (sent.is_err() || !answers(&public, timeout).await) {
+            tracing::debug!(endpoint = %p.endpoint, "pooled connection was dead; dialing anew");
+            public = dial(&p.endpoint, timeout).await.map_err(public_error)?;
+            public.write_all(&token).await.map_err(public_error)?;
+        } else {
+            sent.map_err(public_error)?;
+        }
         let idle = self.settings.idle_timeout;
         let metrics = self.metrics.clone();
         metrics.relayed.inc();
@@ -441,6 +448,17 @@ fn v6(a: std::net::SocketAddr) -> std::net::SocketAddr {
         }
         v6 => v6,
     }
+}
+
+/// Whether the public side answers a token (with the client's first bytes) rather than
+/// closing the connection. No answer within `wait` counts as an answer: the relay goes on and
+/// its own timeouts apply.
+async fn answers(public: &TcpStream, wait: Duration) -> bool {
+    let mut byte = [0u8; 1];
+    !matches!(
+        tokio::time::timeout(wait, public.peek(&mut byte)).await,
+        Ok(Ok(0) | Err(_))
+    )
 }
 
 #[derive(Deserialize)]

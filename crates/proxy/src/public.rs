@@ -101,7 +101,12 @@ impl Public {
             pending: Mutex::new(HashMap::new()),
             pending_refused: AtomicU64::new(0),
             guesses: GuessLimiter::new(s.limits.max_token_failures, s.limits.token_failure_window),
-            idle_data: IdleSlots::new(s.limits.max_idle_data_per_address),
+            // Silent connections may take at most half of the internal port, so that dial-backs
+            // always find room.
+            idle_data: IdleSlots::new(
+                s.limits.max_idle_data_per_address,
+                s.limits.max_internal_connections / 2,
+            ),
             eps,
         }
     }
@@ -325,25 +330,33 @@ impl Public {
             return;
         }
         // A private proxy dials a few data connections ahead of need: such a connection waits
-        // silently (bounded per address and in time) until a client's token goes out on it.
+        // silently (bounded per source network, in all, and in time) until a client's token goes
+        // out on it. Past those bounds a connection gets token_timeout for its first byte, as
+        // any dial-back does; it is never closed unread, since its token may be on the way.
         let mut token: Token = [0; TOKEN_LEN];
         let first = {
-            let Some(_slot) = self.idle_data.enter(addr.ip()) else {
-                self.metrics.refuse("idle_data_limit");
-                tracing::debug!(%addr, "too many silent data connections from this address");
-                return;
+            let slot = self.idle_data.enter(addr.ip());
+            let wait = if slot.is_some() {
+                self.limits.data_idle_timeout
+            } else {
+                self.limits.token_timeout
             };
             tokio::select! {
-                r = tokio::time::timeout(self.limits.data_idle_timeout, data.read(&mut token)) => r,
+                r = tokio::time::timeout(wait, data.read(&mut token)) => r.map_err(|_| slot.is_some()),
                 // Nothing waits on a silent connection; a shutdown closes it at once.
                 _ = stop.cancelled() => return,
             }
         };
         // From its first byte on, the whole token must arrive within token_timeout.
         let rest = match first {
-            Err(_) => {
+            Err(true) => {
                 self.metrics.refuse("data_idle_timeout");
                 tracing::debug!(%addr, "data connection silent for data_idle_timeout");
+                return;
+            }
+            Err(false) => {
+                self.metrics.refuse("token_timeout");
+                tracing::debug!(%addr, "no token within token_timeout (too many silent data connections to wait longer)");
                 return;
             }
             // A pooled connection its private proxy retired unused: not a refusal.

@@ -156,11 +156,12 @@ pub struct PublicLimits {
     pub token_timeout: Duration,
     /// Seconds a data connection may wait before its first byte: private proxies dial a few
     /// ahead of need (`private.data_pool`), so that a client's token travels on a connection
-    /// that already exists. Keep it above the private side's `data_pool_max_age`.
+    /// that already exists. Keep it at least 1.5 × the private side's `data_pool_max_age`.
     #[serde(with = "secs")]
     pub data_idle_timeout: Duration,
-    /// Data connections one address may hold open before their first byte; more from that
-    /// address are closed at once.
+    /// Data connections one address (IPv6: one /64) may hold waiting for their first byte,
+    /// beyond which its connections get only `token_timeout` for it; all addresses together
+    /// may hold half of `max_internal_connections`. 0 lets no connection wait.
     pub max_idle_data_per_address: u32,
     /// Seconds a matched client waits for the dial-back.
     #[serde(with = "secs")]
@@ -232,7 +233,8 @@ pub struct PrivateSettings {
     #[serde(default = "default_data_pool")]
     pub data_pool: usize,
     /// Seconds after which an unused pooled connection is closed (and replaced while clients
-    /// keep coming). Keep it below the public proxy's `limits.data_idle_timeout`.
+    /// keep coming); connections are checked every quarter of it, so one lives at most 1.25 ×
+    /// this. Keep it below 2/3 of the public proxy's `limits.data_idle_timeout`.
     #[serde(default = "default_data_pool_max_age", with = "secs")]
     pub data_pool_max_age: Duration,
 }
@@ -313,6 +315,13 @@ impl Settings {
             if l.max_client_hello_bytes < 512 {
                 return Err("public.limits.max_client_hello_bytes must be at least 512".into());
             }
+            if l.token_timeout.is_zero() || l.data_idle_timeout < l.token_timeout {
+                return Err(
+                    "public.limits: token_timeout must be above 0 and data_idle_timeout at least \
+                     token_timeout"
+                        .into(),
+                );
+            }
         } else {
             let p = self
                 .private
@@ -320,6 +329,12 @@ impl Settings {
                 .ok_or("`proxy run private` needs a `private:` section")?;
             if p.reannounce_interval < Duration::from_secs(1) {
                 return Err("private.reannounce_interval must be at least 1 second".into());
+            }
+            if p.data_pool > 0 && p.data_pool_max_age < Duration::from_millis(100) {
+                return Err(
+                    "private.data_pool_max_age must be at least 0.1 s (or data_pool 0 for no pool)"
+                        .into(),
+                );
             }
         }
         Ok(())

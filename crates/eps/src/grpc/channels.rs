@@ -82,13 +82,14 @@ impl Peers {
         params: &RawValue,
     ) -> Outcome {
         let secs = self.call_timeout.as_secs_f64();
+        let deadline = Instant::now() + self.call_timeout;
         let work = async {
             // A stream that ended before the call went out is replaced once; the call was not
             // sent, so sending it on the new stream cannot run it twice.
             let mut resent = false;
             loop {
                 let stream = self.stream(name, address)?;
-                match stream.call(method, params, self.call_timeout).await {
+                match stream.call(method, params, deadline).await {
                     Ok(outcome) => return outcome,
                     Err(NotSent(e)) if resent => return Err(e),
                     Err(NotSent(_)) => resent = true,
@@ -123,7 +124,7 @@ impl Peers {
                 channels.get_mut(name).expect("just inserted")
             }
         };
-        if let Some(s) = peer.stream.as_ref().filter(|s| !s.waiting.is_ended()) {
+        if let Some(s) = peer.stream.as_ref().filter(|s| s.is_open()) {
             return Ok(s.clone());
         }
         let stream = CallStream::open(
@@ -131,6 +132,7 @@ impl Peers {
             name.to_string(),
             address.to_string(),
             self.call_timeout.as_secs_f64(),
+            self.max_message_bytes,
         );
         peer.stream = Some(stream.clone());
         Ok(stream)
@@ -177,8 +179,14 @@ impl Peers {
 /// One `Calls` stream to a peer. Dropping the last handle ends the stream's request side; the
 /// peer then answers what it has read and ends its side.
 struct CallStream {
+    /// The peer, for error messages.
+    name: String,
+    address: String,
     requests: mpsc::Sender<pb::CallRequest>,
     waiting: Arc<Waiting>,
+    /// Largest request the stream carries (the peer refuses larger ones, which would end the
+    /// stream for every call on it).
+    max_message_bytes: usize,
     next_id: AtomicU64,
     /// Bounds the calls waiting on this stream; a call beyond it waits for a slot (within its
     /// deadline).
@@ -258,13 +266,20 @@ impl Drop for Forget<'_> {
 
 impl CallStream {
     /// Opens a stream on `client` and starts the task that hands answers to their callers.
-    fn open(mut client: EpsClient<Channel>, name: String, address: String, secs: f64) -> Arc<Self> {
+    fn open(
+        mut client: EpsClient<Channel>,
+        name: String,
+        address: String,
+        secs: f64,
+        max_message_bytes: usize,
+    ) -> Arc<Self> {
         let (requests, rx) = mpsc::channel(MAX_STREAM_CALLS);
         let waiting = Arc::new(Waiting {
             callers: Mutex::new(Ok(HashMap::new())),
             ended: AtomicBool::new(false),
         });
         let answers = waiting.clone();
+        let (peer, peer_address) = (name.clone(), address.clone());
         tokio::spawn(async move {
             let error = match client.calls(ReceiverStream::new(rx)).await {
                 Err(status) => status_error(&name, &address, &status, secs),
@@ -288,48 +303,72 @@ impl CallStream {
             answers.end(error);
         });
         Arc::new(Self {
+            name: peer,
+            address: peer_address,
             requests,
             waiting,
+            max_message_bytes,
             next_id: AtomicU64::new(1),
             slots: Semaphore::new(MAX_STREAM_CALLS),
         })
     }
 
-    /// Sends one call and waits for its answer (the caller bounds the wait).
+    /// Whether calls can still go out on this stream.
+    fn is_open(&self) -> bool {
+        !self.waiting.is_ended() && !self.requests.is_closed()
+    }
+
+    fn ended(&self) -> RpcError {
+        RpcError::new(
+            jsonrpc::PEER_UNREACHABLE,
+            format!(
+                "peer {} ({}): the call stream ended",
+                self.name, self.address
+            ),
+        )
+    }
+
+    /// Sends one call and waits for its answer (the caller bounds the wait by `deadline`).
     async fn call(
         &self,
         method: &str,
         params: &RawValue,
-        deadline: Duration,
+        deadline: Instant,
     ) -> Result<Outcome, NotSent> {
         let _slot = self.slots.acquire().await.expect("semaphore never closes");
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let request = pb::CallRequest {
+            method: method.to_string(),
+            params: Bytes::copy_from_slice(params.get().as_bytes()),
+            id,
+            // What is left of the caller's deadline, so the peer gives up when the caller does.
+            timeout_ms: deadline
+                .saturating_duration_since(Instant::now())
+                .as_millis()
+                .clamp(1, u32::MAX.into()) as u32,
+        };
+        // The peer would refuse it by ending the stream, failing every call on it.
+        if prost::Message::encoded_len(&request) > self.max_message_bytes {
+            return Ok(Err(RpcError::new(
+                jsonrpc::TOO_LARGE,
+                format!(
+                    "params over the EPS network's max_message_bytes ({} bytes)",
+                    self.max_message_bytes
+                ),
+            )));
+        }
         let (tx, rx) = oneshot::channel();
         self.waiting.insert(id, tx)?;
         let _forget = Forget {
             waiting: &self.waiting,
             id,
         };
-        let request = pb::CallRequest {
-            method: method.to_string(),
-            params: Bytes::copy_from_slice(params.get().as_bytes()),
-            id,
-            timeout_ms: deadline.as_millis().min(u32::MAX.into()) as u32,
-        };
         if self.requests.send(request).await.is_err() {
             // The stream's task dropped the receiver: it has ended or is ending.
-            return Err(NotSent(RpcError::new(
-                jsonrpc::PEER_UNREACHABLE,
-                "the call stream to the peer ended",
-            )));
+            return Err(NotSent(self.ended()));
         }
         // The sender is dropped only after `end` has answered every caller.
-        Ok(rx.await.unwrap_or_else(|_| {
-            Err(RpcError::new(
-                jsonrpc::PEER_UNREACHABLE,
-                "the call stream to the peer ended",
-            ))
-        }))
+        Ok(rx.await.unwrap_or_else(|_| Err(self.ended())))
     }
 }
 

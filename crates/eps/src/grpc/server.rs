@@ -93,6 +93,9 @@ impl AsyncWrite for PeerStream {
 
 struct Service {
     broker: Arc<Broker>,
+    /// Largest answer a `Calls` stream carries; a larger one is answered with an error for
+    /// that call alone (encoding it would end the stream for every call on it).
+    max_message_bytes: usize,
     /// Ends the `Calls` streams (after their calls in flight are answered) on shutdown, so
     /// that the graceful shutdown does not wait on streams a peer keeps open.
     shutdown: CancellationToken,
@@ -118,12 +121,9 @@ impl Eps for Service {
         let mut incoming = request.into_inner();
         let (tx, rx) = mpsc::channel(MAX_STREAM_CALLS);
         let (broker, shutdown) = (self.broker.clone(), self.shutdown.clone());
+        let max_message_bytes = self.max_message_bytes;
         tokio::spawn(async move {
             loop {
-                let permit = tokio::select! {
-                    p = conn.in_flight.clone().acquire_owned() => p.expect("semaphore never closes"),
-                    _ = shutdown.cancelled() => break,
-                };
                 let req = tokio::select! {
                     r = incoming.message() => r,
                     _ = shutdown.cancelled() => break,
@@ -136,6 +136,12 @@ impl Eps for Service {
                         break;
                     }
                 };
+                // Read first, then wait for room: an idle stream holds no permit, and a full
+                // connection stops reading (back-pressure through HTTP/2 flow control).
+                let permit = tokio::select! {
+                    p = conn.in_flight.clone().acquire_owned() => p.expect("semaphore never closes"),
+                    _ = shutdown.cancelled() => break,
+                };
                 let (broker, tx, conn) = (broker.clone(), tx.clone(), conn.clone());
                 tokio::spawn(async move {
                     let _permit = permit;
@@ -147,13 +153,29 @@ impl Eps for Service {
                             tokio::time::timeout(limit, call).await.unwrap_or_else(|_| {
                                 Err(RpcError::new(
                                     jsonrpc::PEER_TIMEOUT,
-                                    format!("not answered within the caller's {ms} ms"),
+                                    format!(
+                                        "{}.{} not answered within the caller's {ms} ms",
+                                        broker.name(),
+                                        req.method
+                                    ),
                                 ))
                             })
                         }
                     };
                     let mut resp = to_pb(outcome);
                     resp.id = req.id;
+                    if prost::Message::encoded_len(&resp) > max_message_bytes {
+                        resp = to_pb(Err(RpcError::new(
+                            jsonrpc::TOO_LARGE,
+                            format!(
+                                "{}.{}: result over the EPS network's max_message_bytes \
+                                 ({max_message_bytes} bytes)",
+                                broker.name(),
+                                req.method
+                            ),
+                        )));
+                        resp.id = req.id;
+                    }
                     let _ = tx.send(Ok(resp)).await;
                 });
             }
@@ -244,6 +266,7 @@ pub async fn serve(
         .add_service(
             EpsServer::new(Service {
                 broker,
+                max_message_bytes,
                 shutdown: shutdown.clone(),
             })
             .max_decoding_message_size(max_message_bytes)
