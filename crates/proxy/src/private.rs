@@ -312,24 +312,48 @@ impl Private {
                 )
             })?;
         }
-        let sent = public.write_all(&token).await;
-        // A pooled connection may have been closed by the public side without our noticing
-        // (its host restarted): then it closes instead of answering with the client's first
-        // bytes, and the token goes out again on a new connection.
-        if pooled && (sent.is_err() || !answers(&public, timeout).await) {
-            tracing::debug!(endpoint = %p.endpoint, "pooled connection was dead; dialing anew");
-            public = dial(&p.endpoint, timeout).await.map_err(public_error)?;
-            public.write_all(&token).await.map_err(public_error)?;
-        } else {
-            sent.map_err(public_error)?;
+        let mut pooled = pooled;
+        if let Err(e) = public.write_all(&token).await {
+            if !pooled {
+                return Err(public_error(e));
+            }
+            // A pooled connection found closed: the token goes out on a new one.
+            public = redial(&p.endpoint, &token, timeout)
+                .await
+                .map_err(public_error)?;
+            pooled = false;
         }
         let idle = self.settings.idle_timeout;
         let metrics = self.metrics.clone();
+        let endpoint = p.endpoint;
         metrics.relayed.inc();
         metrics.active_relays.inc();
         self.tracker.spawn(async move {
             let started = std::time::Instant::now();
-            let t = relay::relay(public, server, idle).await;
+            // A pooled connection may have been closed by the public side without our noticing
+            // (its host restarted): then it closes instead of answering with the client's
+            // first bytes, and the token goes out again on a new connection. Checked here,
+            // not before answering: the relay starts the moment those bytes arrive.
+            let public = if pooled && !answers(&public, timeout).await {
+                tracing::debug!(%endpoint, "pooled connection was dead; dialing anew");
+                match redial(&endpoint, &token, timeout).await {
+                    Ok(s) => Some(s),
+                    Err(e) => {
+                        tracing::info!(%endpoint, %domain, error = %e, "dial-back failed");
+                        None
+                    }
+                }
+            } else {
+                Some(public)
+            };
+            let t = match public {
+                Some(public) => relay::relay(public, server, idle).await,
+                None => relay::Totals {
+                    a_to_b: 0,
+                    b_to_a: 0,
+                    ended: relay::Ended::Error,
+                },
+            };
             metrics.active_relays.dec();
             // a is the public side, b the internal server: a → b is client to server.
             metrics.relay_ended(t.a_to_b, t.b_to_a, t.ended.as_str());
@@ -448,6 +472,13 @@ fn v6(a: std::net::SocketAddr) -> std::net::SocketAddr {
         }
         v6 => v6,
     }
+}
+
+/// A new connection to `endpoint` carrying `token`.
+async fn redial(endpoint: &str, token: &[u8], timeout: Duration) -> std::io::Result<TcpStream> {
+    let mut s = dial(endpoint, timeout).await?;
+    s.write_all(token).await?;
+    Ok(s)
 }
 
 /// Whether the public side answers a token (with the client's first bytes) rather than
