@@ -165,22 +165,40 @@ async fn missing_certificate_file_exits_64_naming_it() {
     .await;
 }
 
+/// `bob.slow` (sleeping `ms`) called through `client` on a task of its own.
+fn spawn_slow(
+    client: &eps_core::http::RpcClient,
+    ms: u64,
+) -> tokio::task::JoinHandle<Result<Value, eps_core::http::CallError>> {
+    let client = client.clone();
+    tokio::spawn(async move { call(&client, "bob.slow", json!({"sleep_ms": ms})).await })
+}
+
+/// Whether bob's service receives `n` calls of `slow` within [`PROCESS_WAIT`].
+async fn slow_calls_arrive(net: &Net, n: usize) -> bool {
+    let service = &net.node("bob").service;
+    wait_until(PROCESS_WAIT, || async {
+        service
+            .received()
+            .iter()
+            .filter(|r| r.method == "slow")
+            .count()
+            >= n
+    })
+    .await
+}
+
 /// Calls to one peer share one stream; a slow call must not hold back the calls behind it.
 #[tokio::test(flavor = "multi_thread")]
 async fn calls_to_one_peer_are_answered_as_they_finish_not_in_order() {
     let mut net = Net::new("order");
     net.start(&["alice", "bob"]).await;
     let client = net.node("alice").client();
-    let slow = tokio::spawn({
-        let client = client.clone();
-        async move { call(&client, "bob.slow", json!({"sleep_ms": 1800})).await }
-    });
-    let bob = &net.node("bob").service;
-    let arrived = wait_until(PROCESS_WAIT, || async {
-        bob.received().iter().any(|r| r.method == "slow")
-    })
-    .await;
-    assert!(arrived, "the slow call never reached bob's service");
+    let slow = spawn_slow(&client, 1800);
+    assert!(
+        slow_calls_arrive(&net, 1).await,
+        "the slow call never reached bob's service"
+    );
     for i in 0..10 {
         call(&client, "bob.echo", json!({"i": i}))
             .await
@@ -207,16 +225,11 @@ async fn sigterm_answers_calls_in_flight_on_a_peer_stream_and_exits_promptly() {
     call(&client, "bob.echo", json!({}))
         .await
         .expect("a first call opens alice's stream to bob");
-    let slow = tokio::spawn({
-        let client = client.clone();
-        async move { call(&client, "bob.slow", json!({"sleep_ms": 800})).await }
-    });
-    let service = &net.node("bob").service;
-    let arrived = wait_until(PROCESS_WAIT, || async {
-        service.received().iter().any(|r| r.method == "slow")
-    })
-    .await;
-    assert!(arrived, "the slow call never reached bob's service");
+    let slow = spawn_slow(&client, 800);
+    assert!(
+        slow_calls_arrive(&net, 1).await,
+        "the slow call never reached bob's service"
+    );
     let t0 = Instant::now();
     let bob = &mut net.node_mut("bob").proc;
     let status = bob.stop(PROCESS_WAIT).await.expect("bob exits on SIGTERM");
@@ -296,10 +309,7 @@ async fn an_oversized_call_or_answer_fails_alone() {
     }
     net.start(&["alice", "bob"]).await;
     let client = net.node("alice").client();
-    let slow = tokio::spawn({
-        let client = client.clone();
-        async move { call(&client, "bob.slow", json!({"sleep_ms": 500})).await }
-    });
+    let slow = spawn_slow(&client, 500);
     // Params over the limit: refused before they go out.
     let e = rpc_error(
         call(&client, "bob.echo", json!({"pad": "x".repeat(2 * LIMIT)})).await,

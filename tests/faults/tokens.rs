@@ -114,6 +114,20 @@ async fn present(from: &str, to: SocketAddr, token: &[u8], fin: bool) -> Duratio
     after
 }
 
+/// All five started, the public proxy telling private proxies to dial a [`Forwarder`] in front
+/// of its internal port (`accept_timeout` [`ACCEPT_TIMEOUT`]).
+async fn forwarded(test: &str) -> (Fx, Forwarder) {
+    let mut fx = Fx::new(test);
+    let fwd = Forwarder::start(fx.t.public_internal_addr).await;
+    fx.configure(
+        Role::PublicProxy,
+        json!({"public": {"internal_endpoint": fwd.addr.to_string(),
+                          "limits": {"accept_timeout": ACCEPT_TIMEOUT.as_secs_f64()}}}),
+    );
+    fx.start_all().await;
+    (fx, fwd)
+}
+
 fn random_token() -> [u8; TOKEN_LEN] {
     let mut token = [0u8; TOKEN_LEN];
     getrandom::fill(&mut token).expect("OS random bytes");
@@ -126,14 +140,7 @@ async fn bad_tokens_are_closed_and_guessers_rate_limited() {
     const GUESS_PARALLEL: usize = 50;
     const LEGIT: usize = 40;
     let _serial = serial().await;
-    let mut fx = Fx::new("tokens");
-    let fwd = Forwarder::start(fx.t.public_internal_addr).await;
-    fx.configure(
-        Role::PublicProxy,
-        json!({"public": {"internal_endpoint": fwd.addr.to_string(),
-                          "limits": {"accept_timeout": ACCEPT_TIMEOUT.as_secs_f64()}}}),
-    );
-    fx.start_all().await;
+    let (fx, fwd) = forwarded("tokens").await;
     let internal = fx.t.public_internal_addr;
 
     // 1,000 wrong tokens from 127.0.0.2, a short token and a stalled one from 127.0.0.3, while
@@ -369,14 +376,7 @@ async fn pooled_dial_backs_and_silent_connections_are_bounded() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_token_met_by_a_dead_pooled_connection_goes_out_again() {
     let _serial = serial().await;
-    let mut fx = Fx::new("deadpool");
-    let fwd = Forwarder::start(fx.t.public_internal_addr).await;
-    fx.configure(
-        Role::PublicProxy,
-        json!({"public": {"internal_endpoint": fwd.addr.to_string(),
-                          "limits": {"accept_timeout": ACCEPT_TIMEOUT.as_secs_f64()}}}),
-    );
-    fx.start_all().await;
+    let (fx, fwd) = forwarded("deadpool").await;
     let hits =
         |m: &crate::fixture::Metrics| m.value("eps_proxy_data_pool_total", "result=\"hit\"") as u64;
     // The pool fills after the first dial-back; wait until dial-backs use it.
