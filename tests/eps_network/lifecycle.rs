@@ -330,3 +330,38 @@ async fn an_oversized_call_or_answer_fails_alone() {
         .await
         .expect("a call after the oversized ones");
 }
+
+/// A peer that does not serve `Calls` (an older version, or `grpc_server.call_streams: false`)
+/// is called one gRPC call per call, with the same answers, deadlines and identity.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_peer_without_call_streams_is_called_one_grpc_call_each() {
+    let mut net = Net::new("unary");
+    net.plans.get_mut("bob").expect("planned").config.extra =
+        json!({"grpc_server": {"call_streams": false}});
+    net.start(&["alice", "bob"]).await;
+    let client = net.node("alice").client();
+    let calls: Vec<_> = (0..10)
+        .map(|i| {
+            let client = client.clone();
+            tokio::spawn(async move { call(&client, "bob.echo", json!({"i": i})).await })
+        })
+        .collect();
+    for (i, c) in calls.into_iter().enumerate() {
+        let answer = c.await.expect("task").expect("a call to bob");
+        assert_eq!(answer["echo"]["i"], i, "{answer}");
+        assert_eq!(answer["echo"]["_client"]["name"], "alice", "{answer}");
+    }
+    let alice_log = net.node("alice").proc.log();
+    assert!(
+        alice_log.contains("peer does not serve call streams"),
+        "{alice_log}"
+    );
+    let t0 = Instant::now();
+    let e = rpc_error(
+        call(&client, "bob.slow", json!({"sleep_ms": 10_000})).await,
+        "bob.slow, the unary way",
+    );
+    let took = t0.elapsed();
+    assert_eq!(e.code, jsonrpc::PEER_TIMEOUT, "{e}");
+    assert!(took < CALL_TIMEOUT + MARGIN, "{took:?}");
+}

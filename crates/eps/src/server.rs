@@ -158,8 +158,7 @@ async fn run(s: Settings, p: Prepared) -> anyhow::Result<()> {
     let grpc = tokio::spawn(grpc::serve(
         grpc_listener,
         p.grpc_tls,
-        s.grpc_server.max_connections,
-        s.grpc_server.max_message_bytes,
+        s.grpc_server.clone(),
         broker,
         p.directory.clone(),
         shutdown.clone(),

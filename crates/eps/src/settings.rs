@@ -78,9 +78,18 @@ pub struct GrpcServerSettings {
     /// Concurrent connections from peers.
     #[serde(default = "default_max_peer_connections")]
     pub max_connections: usize,
-    /// Largest message in bytes.
+    /// Largest message in bytes; give every server of the network the same.
     #[serde(default = "default_max_message_bytes")]
     pub max_message_bytes: usize,
+    /// Serve `Calls`, the stream that carries many calls from one peer. `false` answers it with
+    /// UNIMPLEMENTED, and peers then make one gRPC call per call (for middleboxes that cut
+    /// long-lived streams).
+    #[serde(default = "default_true")]
+    pub call_streams: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// How this server calls its peers.

@@ -51,6 +51,18 @@ struct PeerChannel {
     address: String,
     client: EpsClient<Channel>,
     stream: Option<Arc<CallStream>>,
+    /// The peer answered `Calls` with UNIMPLEMENTED (an older version, or `call_streams:
+    /// false`): until then, one gRPC call per call.
+    unary_until: Option<Instant>,
+}
+
+/// How long a peer that does not serve `Calls` is called the unary way before trying again.
+const UNARY_FOR: Duration = Duration::from_secs(600);
+
+/// How one call goes out.
+enum Route {
+    Stream(Arc<CallStream>),
+    Unary(EpsClient<Channel>),
 }
 
 impl Peers {
@@ -88,9 +100,16 @@ impl Peers {
             // sent, so sending it on the new stream cannot run it twice.
             let mut resent = false;
             loop {
-                let stream = self.stream(name, address)?;
+                let stream = match self.route(name, address)? {
+                    Route::Stream(s) => s,
+                    Route::Unary(client) => {
+                        return unary(client, name, address, method, params, deadline).await
+                    }
+                };
                 match stream.call(method, params, deadline).await {
                     Ok(outcome) => return outcome,
+                    // The peer never read the call: it goes out the unary way.
+                    Err(NotSent(_)) if stream.waiting.is_unimplemented() => self.use_unary(name),
                     Err(NotSent(e)) if resent => return Err(e),
                     Err(NotSent(_)) => resent = true,
                 }
@@ -105,8 +124,20 @@ impl Peers {
         }
     }
 
-    /// The open call stream to `name`, or a new one.
-    fn stream(&self, name: &str, address: &str) -> Result<Arc<CallStream>, RpcError> {
+    /// Calls `name` the unary way for a while: it does not serve `Calls`.
+    fn use_unary(&self, name: &str) {
+        let mut channels = self.channels.lock().expect("channel map poisoned");
+        if let Some(peer) = channels.get_mut(name) {
+            if peer.unary_until.is_none() {
+                tracing::info!(peer = %name, retry_in_s = UNARY_FOR.as_secs(), "peer does not serve call streams; one gRPC call per call");
+            }
+            peer.unary_until = Some(Instant::now() + UNARY_FOR);
+            peer.stream = None;
+        }
+    }
+
+    /// The open call stream to `name`, a new one, or the unary way for a peer without streams.
+    fn route(&self, name: &str, address: &str) -> Result<Route, RpcError> {
         let mut channels = self.channels.lock().expect("channel map poisoned");
         let peer = match channels.get_mut(name) {
             Some(p) if p.address == address => p,
@@ -119,13 +150,19 @@ impl Peers {
                     address: address.to_string(),
                     client,
                     stream: None,
+                    unary_until: None,
                 };
                 channels.insert(name.to_string(), peer);
                 channels.get_mut(name).expect("just inserted")
             }
         };
+        match peer.unary_until {
+            Some(t) if t > Instant::now() => return Ok(Route::Unary(peer.client.clone())),
+            Some(_) => peer.unary_until = None,
+            None => {}
+        }
         if let Some(s) = peer.stream.as_ref().filter(|s| s.is_open()) {
-            return Ok(s.clone());
+            return Ok(Route::Stream(s.clone()));
         }
         let stream = CallStream::open(
             peer.client.clone(),
@@ -135,7 +172,7 @@ impl Peers {
             self.max_message_bytes,
         );
         peer.stream = Some(stream.clone());
-        Ok(stream)
+        Ok(Route::Stream(stream))
     }
 
     fn channel(&self, name: &str, address: &str) -> Result<Channel, RpcError> {
@@ -197,6 +234,8 @@ struct CallStream {
 struct Waiting {
     callers: Mutex<Result<HashMap<u64, oneshot::Sender<Outcome>>, RpcError>>,
     ended: AtomicBool,
+    /// The peer answered the stream with UNIMPLEMENTED: it read none of its calls.
+    unimplemented: AtomicBool,
 }
 
 /// A call that never went out, and why.
@@ -205,6 +244,10 @@ struct NotSent(RpcError);
 impl Waiting {
     fn is_ended(&self) -> bool {
         self.ended.load(Ordering::Acquire)
+    }
+
+    fn is_unimplemented(&self) -> bool {
+        self.unimplemented.load(Ordering::Acquire)
     }
 
     /// Registers call `id`, unless the stream has already ended.
@@ -277,12 +320,18 @@ impl CallStream {
         let waiting = Arc::new(Waiting {
             callers: Mutex::new(Ok(HashMap::new())),
             ended: AtomicBool::new(false),
+            unimplemented: AtomicBool::new(false),
         });
         let answers = waiting.clone();
         let (peer, peer_address) = (name.clone(), address.clone());
         tokio::spawn(async move {
             let error = match client.calls(ReceiverStream::new(rx)).await {
-                Err(status) => status_error(&name, &address, &status, secs),
+                Err(status) => {
+                    if status.code() == tonic::Code::Unimplemented {
+                        answers.unimplemented.store(true, Ordering::Release);
+                    }
+                    status_error(&name, &address, &status, secs)
+                }
                 Ok(resp) => {
                     let mut stream = resp.into_inner();
                     loop {
@@ -368,7 +417,34 @@ impl CallStream {
             return Err(NotSent(self.ended()));
         }
         // The sender is dropped only after `end` has answered every caller.
-        Ok(rx.await.unwrap_or_else(|_| Err(self.ended())))
+        let outcome = rx.await.unwrap_or_else(|_| Err(self.ended()));
+        match outcome {
+            Err(e) if self.waiting.is_unimplemented() => Err(NotSent(e)),
+            outcome => Ok(outcome),
+        }
+    }
+}
+
+/// One call as its own gRPC call, for peers that do not serve `Calls`.
+async fn unary(
+    mut client: EpsClient<Channel>,
+    name: &str,
+    address: &str,
+    method: &str,
+    params: &RawValue,
+    deadline: Instant,
+) -> Outcome {
+    let left = deadline.saturating_duration_since(Instant::now());
+    let mut request = tonic::Request::new(pb::CallRequest {
+        method: method.to_string(),
+        params: Bytes::copy_from_slice(params.get().as_bytes()),
+        id: 0,
+        timeout_ms: 0,
+    });
+    request.set_timeout(left);
+    match client.call(request).await {
+        Ok(resp) => from_pb(resp.into_inner()),
+        Err(status) => Err(status_error(name, address, &status, left.as_secs_f64())),
     }
 }
 

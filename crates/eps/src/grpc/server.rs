@@ -22,6 +22,7 @@ use super::pb::eps_server::{Eps, EpsServer};
 use super::{pb, to_pb, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT};
 use crate::broker::Broker;
 use crate::peers::{check_peer, PeerIdentity, SharedDirectory};
+use crate::settings::GrpcServerSettings;
 
 /// Deadline for a peer's TLS handshake on the gRPC port.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -93,6 +94,8 @@ impl AsyncWrite for PeerStream {
 
 struct Service {
     broker: Arc<Broker>,
+    /// Whether `Calls` is served (`grpc_server.call_streams`).
+    call_streams: bool,
     /// Largest answer a `Calls` stream carries; a larger one is answered with an error for
     /// that call alone (encoding it would end the stream for every call on it).
     max_message_bytes: usize,
@@ -112,6 +115,11 @@ impl Eps for Service {
         &self,
         request: tonic::Request<tonic::Streaming<pb::CallRequest>>,
     ) -> Result<tonic::Response<CallResponses>, tonic::Status> {
+        if !self.call_streams {
+            return Err(tonic::Status::unimplemented(
+                "call streams are off here (grpc_server.call_streams: false); use Call",
+            ));
+        }
         let conn = request
             .extensions()
             .get::<PeerConn>()
@@ -206,12 +214,17 @@ impl Eps for Service {
 pub async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
-    max_connections: usize,
-    max_message_bytes: usize,
+    settings: GrpcServerSettings,
     broker: Arc<Broker>,
     directory: SharedDirectory,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
+    let GrpcServerSettings {
+        max_connections,
+        max_message_bytes,
+        call_streams,
+        ..
+    } = settings;
     let (tx, rx) = mpsc::channel::<std::io::Result<PeerStream>>(64);
     let acceptor = TlsAcceptor::from(tls);
     let permits = Arc::new(Semaphore::new(max_connections.max(1)));
@@ -267,6 +280,7 @@ pub async fn serve(
             EpsServer::new(Service {
                 broker,
                 max_message_bytes,
+                call_streams,
                 shutdown: shutdown.clone(),
             })
             .max_decoding_message_size(max_message_bytes)
