@@ -274,6 +274,9 @@ pub async fn serve(
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        // Each peer's calls share one stream: its window follows the link's bandwidth-delay
+        // product rather than capping a long link at 1 MiB per round trip.
+        .http2_adaptive_window(Some(true))
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
         .tcp_nodelay(true)
         .add_service(
