@@ -4,17 +4,13 @@
 use std::collections::BTreeSet;
 use std::ffi::OsStr;
 use std::fs::File;
-use std::future::Future;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
-/// Longest pause between two checks of [`wait_until`].
-const MAX_POLL_PAUSE: Duration = Duration::from_millis(100);
 /// Lines of a child's log shown when it fails.
 const LOG_TAIL_LINES: usize = 30;
 
@@ -212,26 +208,4 @@ pub fn cpu_secs(pid: u32) -> anyhow::Result<f64> {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     Ok((user + system) as f64 / hz)
-}
-
-/// Runs `check` until it returns true or `timeout` has passed; returns whether it did. Pauses
-/// between attempts grow from 5 ms to 100 ms.
-pub async fn wait_until<F, Fut>(timeout: Duration, mut check: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + timeout;
-    let mut pause = Duration::from_millis(5);
-    loop {
-        if check().await {
-            return true;
-        }
-        let now = Instant::now();
-        if now >= deadline {
-            return false;
-        }
-        tokio::time::sleep(pause.min(deadline - now)).await;
-        pause = (pause * 2).min(MAX_POLL_PAUSE);
-    }
 }

@@ -1,13 +1,11 @@
 //! Free ports and waiting by retrying a check until a deadline (linkerd's `assert_eventually!`),
 //! so that no test sleeps a fixed time hoping something is ready.
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-/// Longest pause between two checks of [`wait_until`].
-const MAX_POLL_PAUSE: Duration = Duration::from_millis(100);
+pub use eps_core::net::wait_until;
 
 /// Ports [`free_port`] hands out: below Linux's default ephemeral range (32768-60999) and
 /// macOS's (49152-65535), so that the kernel never gives one of them to somebody else's
@@ -50,28 +48,6 @@ fn seed() -> u32 {
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
     nanos ^ std::process::id().wrapping_mul(2_654_435_761)
-}
-
-/// Runs `check` until it returns true or `timeout` has passed; returns whether it did. Pauses
-/// between attempts grow from 5 ms to 100 ms.
-pub async fn wait_until<F, Fut>(timeout: Duration, mut check: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + timeout;
-    let mut pause = Duration::from_millis(5);
-    loop {
-        if check().await {
-            return true;
-        }
-        let now = Instant::now();
-        if now >= deadline {
-            return false;
-        }
-        tokio::time::sleep(pause.min(deadline - now)).await;
-        pause = (pause * 2).min(MAX_POLL_PAUSE);
-    }
 }
 
 /// Waits until something accepts TCP connections on `addr`.

@@ -10,7 +10,7 @@ use anyhow::{bail, Context};
 use eps_core::pki::{self, ServerCert};
 use eps_core::tls::TlsSettings;
 
-use crate::procs::{self, Proc};
+use crate::procs::Proc;
 
 /// The operators that get certificates: the demo's two and the RPC benchmark's pair.
 pub const OPERATORS: [&str; 4] = ["public-proxy-1", "private-proxy-1", "rpc-a", "rpc-b"];
@@ -72,7 +72,7 @@ impl Env {
             &log,
         )?;
         let mut addr = None;
-        procs::wait_until(Duration::from_secs(30), || {
+        eps_core::net::wait_until(Duration::from_secs(30), || {
             addr = std::fs::read_to_string(&log).ok().and_then(|text| {
                 let line = text.lines().find_map(|l| l.strip_prefix(LISTENING))?;
                 line.trim().parse().ok()
