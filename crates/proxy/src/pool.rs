@@ -13,14 +13,15 @@
 //! - A sweep every `max_age / 4` closes connections older than `max_age` and refills pools used
 //!   within `max_age`; a pool nobody uses empties itself and holds no connection.
 //! - A connection that was closed without the pool noticing (the public host restarted) takes
-//!   the token to nowhere; the dial-back sees it close instead of answering and sends the token
-//!   again on a new connection (see `private.rs`).
+//!   the token to nowhere: [`DataConn`] sees it close instead of answering and sends the token
+//!   again on a new connection.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
@@ -67,10 +68,15 @@ impl DataPool {
 
     /// A connection to `endpoint`: a pooled one when one is alive, otherwise a new dial. The
     /// pool is topped up in the background either way.
-    /// Returns the connection and whether it came from the pool.
-    pub async fn get(self: &Arc<Self>, endpoint: &str) -> std::io::Result<(TcpStream, bool)> {
+    pub async fn get(self: &Arc<Self>, endpoint: &str) -> std::io::Result<DataConn> {
+        let conn = |stream, pooled| DataConn {
+            stream,
+            pooled,
+            endpoint: endpoint.to_string(),
+            timeout: self.connect_timeout,
+        };
         if self.size == 0 {
-            return Ok((dial(endpoint, self.connect_timeout).await?, false));
+            return Ok(conn(dial(endpoint, self.connect_timeout).await?, false));
         }
         let ep = self.endpoint(endpoint);
         *ep.last_used.lock().expect("pool lock") = Instant::now();
@@ -79,11 +85,11 @@ impl DataPool {
         match taken {
             Some(s) => {
                 self.metrics.data_pool("hit");
-                Ok((s, true))
+                Ok(conn(s, true))
             }
             None => {
                 self.metrics.data_pool("miss");
-                Ok((dial(endpoint, self.connect_timeout).await?, false))
+                Ok(conn(dial(endpoint, self.connect_timeout).await?, false))
             }
         }
     }
@@ -183,6 +189,50 @@ impl DataPool {
                 }
             }
         }
+    }
+}
+
+/// A connection to a public proxy's internal port from [`DataPool::get`]. One that came from
+/// the pool may turn out dead; then the token goes out again on a new connection.
+pub struct DataConn {
+    stream: TcpStream,
+    pooled: bool,
+    endpoint: String,
+    timeout: Duration,
+}
+
+impl DataConn {
+    /// Writes `token`; a pooled connection found closed is replaced by a new one.
+    pub async fn send_token(&mut self, token: &[u8]) -> std::io::Result<()> {
+        match self.stream.write_all(token).await {
+            Err(_) if self.pooled => self.redial(token).await,
+            r => r,
+        }
+    }
+
+    /// The connection once the public side answers the token (with the client's first bytes).
+    /// A pooled one that closes instead was dead before the token arrived: the token goes out
+    /// again on a new connection. No answer within the connect timeout counts as an answer: the
+    /// relay goes on and its own timeouts apply.
+    pub async fn answered(mut self, token: &[u8]) -> std::io::Result<TcpStream> {
+        if self.pooled {
+            let mut byte = [0u8; 1];
+            let peeked = tokio::time::timeout(self.timeout, self.stream.peek(&mut byte)).await;
+            if matches!(peeked, Ok(Ok(0) | Err(_))) {
+                tracing::debug!(endpoint = %self.endpoint, "pooled connection was dead; dialing anew");
+                self.redial(token).await?;
+            }
+        }
+        Ok(self.stream)
+    }
+
+    /// Replaces the connection with a new one carrying `token`.
+    async fn redial(&mut self, token: &[u8]) -> std::io::Result<()> {
+        let mut s = dial(&self.endpoint, self.timeout).await?;
+        s.write_all(token).await?;
+        self.stream = s;
+        self.pooled = false;
+        Ok(())
     }
 }
 

@@ -12,7 +12,6 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use time::OffsetDateTime;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -297,7 +296,7 @@ impl Private {
                 format!("public endpoint {}: {e}", p.endpoint),
             )
         };
-        let (mut public, pooled) = public.map_err(public_error)?;
+        let mut public = public.map_err(public_error)?;
         let mut server = server.map_err(|e| {
             RpcError::new(
                 jsonrpc::PEER_UNREACHABLE,
@@ -312,17 +311,7 @@ impl Private {
                 )
             })?;
         }
-        let mut pooled = pooled;
-        if let Err(e) = public.write_all(&token).await {
-            if !pooled {
-                return Err(public_error(e));
-            }
-            // A pooled connection found closed: the token goes out on a new one.
-            public = redial(&p.endpoint, &token, timeout)
-                .await
-                .map_err(public_error)?;
-            pooled = false;
-        }
+        public.send_token(&token).await.map_err(public_error)?;
         let idle = self.settings.idle_timeout;
         let metrics = self.metrics.clone();
         let endpoint = p.endpoint;
@@ -330,21 +319,14 @@ impl Private {
         metrics.active_relays.inc();
         self.tracker.spawn(async move {
             let started = std::time::Instant::now();
-            // A pooled connection may have been closed by the public side without our noticing
-            // (its host restarted): then it closes instead of answering with the client's
-            // first bytes, and the token goes out again on a new connection. Checked here,
-            // not before answering: the relay starts the moment those bytes arrive.
-            let public = if pooled && !answers(&public, timeout).await {
-                tracing::debug!(%endpoint, "pooled connection was dead; dialing anew");
-                match redial(&endpoint, &token, timeout).await {
-                    Ok(s) => Some(s),
-                    Err(e) => {
-                        tracing::info!(%endpoint, %domain, error = %e, "dial-back failed");
-                        None
-                    }
+            // Checked here, not before answering: the relay starts the moment the public side
+            // answers the token.
+            let public = match public.answered(&token).await {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::info!(%endpoint, %domain, error = %e, "dial-back failed");
+                    None
                 }
-            } else {
-                Some(public)
             };
             let t = match public {
                 Some(public) => relay::relay(public, server, idle).await,
@@ -472,24 +454,6 @@ fn v6(a: std::net::SocketAddr) -> std::net::SocketAddr {
         }
         v6 => v6,
     }
-}
-
-/// A new connection to `endpoint` carrying `token`.
-async fn redial(endpoint: &str, token: &[u8], timeout: Duration) -> std::io::Result<TcpStream> {
-    let mut s = dial(endpoint, timeout).await?;
-    s.write_all(token).await?;
-    Ok(s)
-}
-
-/// Whether the public side answers a token (with the client's first bytes) rather than
-/// closing the connection. No answer within `wait` counts as an answer: the relay goes on and
-/// its own timeouts apply.
-async fn answers(public: &TcpStream, wait: Duration) -> bool {
-    let mut byte = [0u8; 1];
-    !matches!(
-        tokio::time::timeout(wait, public.peek(&mut byte)).await,
-        Ok(Ok(0) | Err(_))
-    )
 }
 
 #[derive(Deserialize)]

@@ -171,7 +171,6 @@ impl Eps for Service {
                         }
                     };
                     let mut resp = to_pb(outcome);
-                    resp.id = req.id;
                     if prost::Message::encoded_len(&resp) > max_message_bytes {
                         resp = to_pb(Err(RpcError::new(
                             jsonrpc::TOO_LARGE,
@@ -182,8 +181,8 @@ impl Eps for Service {
                                 req.method
                             ),
                         )));
-                        resp.id = req.id;
                     }
+                    resp.id = req.id;
                     let _ = tx.send(Ok(resp)).await;
                 });
             }
