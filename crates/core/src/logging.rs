@@ -13,6 +13,21 @@ pub enum LogFormat {
     Json,
 }
 
+/// The `--log-format` option of every eps binary.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LogArgs {
+    /// Log line format (the filter comes from RUST_LOG, default info).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "EPS_LOG_FORMAT")]
+    pub log_format: LogFormat,
+}
+
+impl LogArgs {
+    /// Installs the global subscriber in this format, `info` unless `RUST_LOG` says otherwise.
+    pub fn init(&self) {
+        init_with("info", self.log_format)
+    }
+}
+
 /// Installs the global subscriber. `RUST_LOG` overrides `default_filter`.
 pub fn init_with(default_filter: &str, format: LogFormat) {
     let filter =

@@ -26,7 +26,7 @@ mod server;
 mod settings;
 
 use clap::{Parser, Subcommand};
-use eps_core::logging::LogFormat;
+use eps_core::logging::LogArgs;
 
 #[derive(Parser)]
 #[command(
@@ -35,9 +35,8 @@ use eps_core::logging::LogFormat;
     about = "EPS server: carries JSON-RPC calls between operators over mutual-TLS gRPC"
 )]
 struct Cli {
-    /// Log line format (the filter comes from RUST_LOG, default info).
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "EPS_LOG_FORMAT")]
-    log_format: LogFormat,
+    #[command(flatten)]
+    log: LogArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -97,7 +96,7 @@ enum ServerCommand {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    eps_core::logging::init_with("info", cli.log_format);
+    cli.log.init();
     match cli.command {
         Command::Certs(args) => certs::run(args),
         Command::Call {

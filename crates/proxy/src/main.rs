@@ -9,7 +9,7 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use eps_core::logging::LogFormat;
+use eps_core::logging::LogArgs;
 
 #[derive(Parser)]
 #[command(
@@ -18,9 +18,8 @@ use eps_core::logging::LogFormat;
     about = "eps proxies: TLS passthrough from a public port to a private server that opens no port"
 )]
 struct Cli {
-    /// Log line format (the filter comes from RUST_LOG, default info).
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "EPS_LOG_FORMAT")]
-    log_format: LogFormat,
+    #[command(flatten)]
+    log: LogArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -56,7 +55,7 @@ enum Role {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    eps_core::logging::init_with("info", cli.log_format);
+    cli.log.init();
     match cli.command {
         Command::Run { role } => proxy::run::main(matches!(role, Role::Public)),
         Command::Settings {
