@@ -9,7 +9,7 @@ cargo build --release --locked --quiet --bins
 BIN=target/release
 [ -f settings/dev/certs/root.crt ] || "$BIN/eps" certs
 
-for port in 8888 4433 9999 6655 8877 5544 5556 7766 7776; do
+for port in 8888 4433 9999 6655 8877 5544 5556 7766; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
     echo "port $port on 127.0.0.1 is already in use: stop what holds it (another demo?) and retry" >&2
     exit 1

@@ -20,6 +20,7 @@
 //!   certificate.
 //! - `lifecycle`: a peer going down and coming back, deadlines, SIGTERM, bad settings.
 //! - `latency`: the `rpc_latency` measurement.
+//! - `reverse`: an operator without a gRPC port, reached over the reverse streams it opens.
 
 #[path = "eps_network/identity.rs"]
 mod identity;
@@ -29,6 +30,8 @@ mod latency;
 mod lifecycle;
 #[path = "eps_network/net.rs"]
 mod net;
+#[path = "eps_network/reverse.rs"]
+mod reverse;
 
 use eps_core::jsonrpc;
 use eps_tests::*;

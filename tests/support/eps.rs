@@ -29,6 +29,10 @@ pub struct EpsConfig {
     pub jsonrpc_tls: Option<TlsSettings>,
     pub grpc_addr: SocketAddr,
     pub grpc_tls: TlsSettings,
+    /// Whether the settings have a `grpc_server` section (true by default). Without one (an
+    /// operator behind a firewall, reached over reverse streams) `grpc_client.tls` is written
+    /// with [`peer_tls`](Self::peer_tls), or `grpc_tls` when that is `None`.
+    pub serve_grpc: bool,
     /// Certificate presented to peers (`grpc_client.tls`); the gRPC server's when `None`.
     pub peer_tls: Option<TlsSettings>,
     /// Where incoming calls are delivered (`jsonrpc_client.url`).
@@ -52,6 +56,7 @@ impl EpsConfig {
             jsonrpc_tls: Some(pki.tls_verifying(name)),
             grpc_addr: free_addr(),
             grpc_tls: pki.tls(name),
+            serve_grpc: true,
             peer_tls: None,
             delivery_url: delivery_url.to_string(),
             delivery_tls: Some(pki.tls(name)),
@@ -84,8 +89,10 @@ impl EpsConfig {
             jsonrpc_client["tls"] = tls(t);
         }
         let mut grpc_client = json!({});
-        if let Some(t) = &self.peer_tls {
-            grpc_client["tls"] = tls(t);
+        match (&self.peer_tls, self.serve_grpc) {
+            (Some(t), _) => grpc_client["tls"] = tls(t),
+            (None, false) => grpc_client["tls"] = tls(&self.grpc_tls),
+            (None, true) => {}
         }
         for (key, d) in [
             ("call_timeout", self.call_timeout),
@@ -101,9 +108,12 @@ impl EpsConfig {
             "directory": {"type": "files", "settings": {"path": self.directory}},
             "jsonrpc_server": jsonrpc_server,
             "jsonrpc_client": jsonrpc_client,
-            "grpc_server": {"bind_address": self.grpc_addr.to_string(), "tls": tls(&self.grpc_tls)},
             "grpc_client": grpc_client,
         });
+        if self.serve_grpc {
+            v["grpc_server"] =
+                json!({"bind_address": self.grpc_addr.to_string(), "tls": tls(&self.grpc_tls)});
+        }
         if !self.extra.is_null() {
             eps_core::settings::merge(&mut v, self.extra.clone());
         }

@@ -30,7 +30,14 @@ struct RecordFile {
     records: Vec<Record>,
 }
 
-/// A way to reach an operator, e.g. `{type: grpc_server, settings: {address: "127.0.0.1:5556"}}`.
+/// Channel type of an operator's gRPC server, `settings.address` (`host:port`).
+pub const GRPC_SERVER: &str = "grpc_server";
+/// Channel type of an operator that peers cannot dial: it opens a reverse stream to each peer
+/// that may call it, and is reached only over those (no settings).
+pub const REVERSE_STREAM: &str = "reverse_stream";
+
+/// A way to reach an operator, e.g. `{type: grpc_server, settings: {address: "127.0.0.1:5556"}}`
+/// or `{type: reverse_stream}`.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 pub struct Channel {
     #[serde(rename = "type")]
@@ -196,6 +203,39 @@ impl Directory {
         self.entries.get(name)
     }
 
+    /// The operators (other than `name`) that hold a `call` right on one of `name`'s services
+    /// or methods, by name: the peers a server that cannot be dialed holds reverse streams to.
+    pub fn callers_of(&self, name: &str) -> Vec<&Entry> {
+        let Some(me) = self.entry(name) else {
+            return Vec::new();
+        };
+        let groups: Vec<&str> = me
+            .services
+            .iter()
+            .flat_map(|s| {
+                s.methods
+                    .iter()
+                    .filter_map(|m| m.permissions.as_ref())
+                    .flatten()
+                    .chain(&s.permissions)
+            })
+            .filter(|p| p.rights.iter().any(|r| r == "call"))
+            .map(|p| p.group.as_str())
+            .collect();
+        let mut callers: Vec<&Entry> = self
+            .entries
+            .values()
+            .filter(|e| e.name != name)
+            .filter(|e| {
+                groups
+                    .iter()
+                    .any(|g| *g == "*" || e.groups.iter().any(|eg| eg == g))
+            })
+            .collect();
+        callers.sort_by(|a, b| a.name.cmp(&b.name));
+        callers
+    }
+
     /// Every entry, in no particular order.
     pub fn entries(&self) -> impl Iterator<Item = &Entry> {
         self.entries.values()
@@ -213,13 +253,26 @@ impl Directory {
 }
 
 impl Entry {
-    /// The address of this operator's `grpc_server` channel.
+    /// The address of this operator's first `grpc_server` channel: where calls to it go.
     pub fn grpc_address(&self) -> Option<&str> {
+        self.grpc_addresses().next()
+    }
+
+    /// The addresses of all of this operator's `grpc_server` channels: one per instance of an
+    /// operator that runs several EPS servers. A server that cannot be dialed holds a reverse
+    /// stream to each.
+    pub fn grpc_addresses(&self) -> impl Iterator<Item = &str> {
         self.channels
             .iter()
-            .find(|c| c.kind == "grpc_server")
-            .and_then(|c| c.settings.get("address"))
-            .and_then(Value::as_str)
+            .filter(|c| c.kind == GRPC_SERVER)
+            .filter_map(|c| c.settings.get("address"))
+            .filter_map(Value::as_str)
+    }
+
+    /// True when the directory says peers reach this operator over the reverse streams it opens
+    /// (a `reverse_stream` channel), not by dialing it.
+    pub fn reached_by_reverse_stream(&self) -> bool {
+        self.channels.iter().any(|c| c.kind == REVERSE_STREAM)
     }
 
     /// True when the certificate with this fingerprint may speak for the operator: either no
@@ -347,6 +400,46 @@ mod tests {
             t.authorize(a, "nope"),
             Err(AccessError::UnknownMethod { .. })
         ));
+    }
+
+    #[test]
+    fn callers_are_the_operators_with_a_call_right() {
+        let mut d = sample();
+        let names = |d: &Directory, of: &str| -> Vec<String> {
+            d.callers_of(of).iter().map(|e| e.name.clone()).collect()
+        };
+        // "open" grants everyone, so a, b and c all may call t.
+        assert_eq!(names(&d, "t"), ["a", "b", "c"]);
+        assert!(names(&d, "a").is_empty());
+        assert!(names(&d, "nobody").is_empty());
+        d = Directory::from_records(&[
+            rec("a", "groups", json!(["proxies"])),
+            rec("b", "groups", json!(["others"])),
+            rec(
+                "t",
+                "services",
+                json!([{"name": "s", "permissions": [{"group": "proxies", "rights": ["call"]},
+                                                     {"group": "others", "rights": []}],
+                        "methods": [{"name": "m"}]}]),
+            ),
+            rec("t", "channels", json!([{"type": "reverse_stream"}])),
+            rec(
+                "a",
+                "channels",
+                json!([{"type": "grpc_server", "settings": {"address": "10.0.0.1:1"}},
+                       {"type": "grpc_server", "settings": {"address": "10.0.0.2:1"}}]),
+            ),
+        ])
+        .unwrap();
+        assert_eq!(names(&d, "t"), ["a"]);
+        let t = d.entry("t").unwrap();
+        assert!(t.reached_by_reverse_stream() && t.grpc_address().is_none());
+        let a = d.entry("a").unwrap();
+        assert!(!a.reached_by_reverse_stream());
+        assert_eq!(
+            a.grpc_addresses().collect::<Vec<_>>(),
+            ["10.0.0.1:1", "10.0.0.2:1"]
+        );
     }
 
     #[test]

@@ -56,6 +56,11 @@ impl Broker {
         &self.name
     }
 
+    /// The channels to peers and the reverse streams they hold to us.
+    pub fn peers(&self) -> &Peers {
+        &self.peers
+    }
+
     /// `{"name": caller, "entry": ...}` serialized once per caller and directory version.
     fn client_json(&self, dir: &Arc<Directory>, caller: &str, entry: &Entry) -> Arc<RawValue> {
         let mut cache = self.clients.lock().expect("client cache lock");
@@ -132,13 +137,7 @@ impl Broker {
                 format!("unknown operator {operator:?}: not in the directory"),
             ));
         };
-        let Some(address) = entry.grpc_address() else {
-            return Err(RpcError::new(
-                jsonrpc::PEER_UNREACHABLE,
-                format!("operator {operator} has no grpc_server channel in the directory"),
-            ));
-        };
-        self.peers.call(operator, address, method, params).await
+        self.peers.call(operator, entry, method, params).await
     }
 
     /// A call from peer `caller` (already authenticated) for this server's service.

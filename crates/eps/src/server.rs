@@ -49,7 +49,8 @@ pub fn main() -> ExitCode {
 struct Prepared {
     directory: SharedDirectory,
     jsonrpc_tls: Option<Arc<rustls::ServerConfig>>,
-    grpc_tls: Arc<rustls::ServerConfig>,
+    /// None for a server without a gRPC port (reached over reverse streams).
+    grpc_tls: Option<Arc<rustls::ServerConfig>>,
     peer_tls: Arc<rustls::ClientConfig>,
     local: RpcClient,
 }
@@ -65,19 +66,27 @@ fn prepare(s: &Settings) -> anyhow::Result<Prepared> {
         .jsonrpc_server
         .tls_config()
         .context("jsonrpc_server.tls")?;
-    let g = &s.grpc_server.tls;
-    let inner = tls::client_verifier(g).context("grpc_server.tls")?;
-    let verifier = Arc::new(DirectoryClientVerifier::new(inner, directory.clone()));
-    let grpc_tls = tls::server_config_with(g, Some(verifier), &[b"h2"]).map_err(|e| {
-        let key = match &e {
-            TlsError::File { path, .. } if *path == g.key => "grpc_server.tls.key",
-            TlsError::File { .. } => "grpc_server.tls.certificate",
-            TlsError::Config(_) => "grpc_server.tls",
-        };
-        anyhow::Error::new(e).context(key)
-    })?;
-    check_own_name(&s.name, &g.certificate)?;
-    let peer_tls = tls::client_config(s.peer_tls(), &[b"h2"]).context("grpc_client.tls")?;
+    let grpc_tls = match &s.grpc_server {
+        Some(grpc) => {
+            let g = &grpc.tls;
+            let inner = tls::client_verifier(g).context("grpc_server.tls")?;
+            let verifier = Arc::new(DirectoryClientVerifier::new(inner, directory.clone()));
+            let config = tls::server_config_with(g, Some(verifier), &[b"h2"]).map_err(|e| {
+                let key = match &e {
+                    TlsError::File { path, .. } if *path == g.key => "grpc_server.tls.key",
+                    TlsError::File { .. } => "grpc_server.tls.certificate",
+                    TlsError::Config(_) => "grpc_server.tls",
+                };
+                anyhow::Error::new(e).context(key)
+            })?;
+            check_own_name(&s.name, &g.certificate)?;
+            Some(config)
+        }
+        None => None,
+    };
+    let peer_tls_settings = s.peer_tls().context("grpc_client.tls")?;
+    check_own_name(&s.name, &peer_tls_settings.certificate).context("grpc_client.tls")?;
+    let peer_tls = tls::client_config(peer_tls_settings, &[b"h2"]).context("grpc_client.tls")?;
     let local = RpcClient::new(
         &s.jsonrpc_client.url,
         s.jsonrpc_client.tls.as_ref(),
@@ -110,16 +119,19 @@ async fn run(s: Settings, p: Prepared) -> anyhow::Result<()> {
     let rpc_listener = TcpListener::bind(s.jsonrpc_server.bind_address)
         .await
         .with_context(|| format!("binding jsonrpc_server {}", s.jsonrpc_server.bind_address))?;
-    let grpc_listener = TcpListener::bind(s.grpc_server.bind_address)
-        .await
-        .with_context(|| format!("binding grpc_server {}", s.grpc_server.bind_address))?;
+    let grpc_listener = match &s.grpc_server {
+        Some(g) => Some(
+            TcpListener::bind(g.bind_address)
+                .await
+                .with_context(|| format!("binding grpc_server {}", g.bind_address))?,
+        ),
+        None => None,
+    };
     let peers = Peers::new(
         p.peer_tls,
         p.directory.clone(),
-        s.grpc_client.connect_timeout,
-        s.grpc_client.call_timeout,
-        s.grpc_client.max_reconnect_backoff,
-        s.grpc_server.max_message_bytes,
+        s.grpc_client.clone(),
+        s.max_message_bytes(),
     );
     let ops_listener = match s.metrics.bind_address {
         Some(addr) => Some(
@@ -140,10 +152,14 @@ async fn run(s: Settings, p: Prepared) -> anyhow::Result<()> {
         metrics,
     ));
     let shutdown = CancellationToken::new();
+    let grpc_addr = match &grpc_listener {
+        Some(l) => l.local_addr()?.to_string(),
+        None => "none (reached over reverse streams)".to_string(),
+    };
     tracing::info!(
         name = %s.name,
         jsonrpc = %rpc_listener.local_addr()?,
-        grpc = %grpc_listener.local_addr()?,
+        grpc = %grpc_addr,
         delivers_to = %s.jsonrpc_client.url,
         operators = p.directory.load().len(),
         "EPS server ready"
@@ -155,12 +171,21 @@ async fn run(s: Settings, p: Prepared) -> anyhow::Result<()> {
         Arc::new(LocalHandler(broker.clone())),
         shutdown.clone(),
     ));
-    let grpc = tokio::spawn(grpc::serve(
-        grpc_listener,
-        p.grpc_tls,
-        s.grpc_server.clone(),
+    let grpc = match (grpc_listener, p.grpc_tls, &s.grpc_server) {
+        (Some(listener), Some(tls), Some(settings)) => Some(tokio::spawn(grpc::serve(
+            listener,
+            tls,
+            settings.clone(),
+            broker.clone(),
+            p.directory.clone(),
+            shutdown.clone(),
+        ))),
+        _ => None,
+    };
+    let reverse = tokio::spawn(grpc::hold_streams(
         broker,
         p.directory.clone(),
+        s.grpc_client.reverse_peers.clone(),
         shutdown.clone(),
     ));
     if let Some(listener) = ops_listener {
@@ -183,7 +208,10 @@ async fn run(s: Settings, p: Prepared) -> anyhow::Result<()> {
     shutdown.cancel();
     let _ = tokio::time::timeout(s.shutdown_grace_period, async {
         let _ = rpc.await;
-        let _ = grpc.await;
+        if let Some(grpc) = grpc {
+            let _ = grpc.await;
+        }
+        let _ = reverse.await;
     })
     .await;
     Ok(())

@@ -19,6 +19,11 @@ pub const DEFAULT_MAX_PEER_CONNECTIONS: usize = 1024;
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 /// Longest wait between two attempts to reach a peer that is down.
 pub const DEFAULT_MAX_RECONNECT_BACKOFF: Duration = Duration::from_secs(2);
+/// Default pause without traffic after which a peer connection is probed with an HTTP/2 ping.
+pub const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
+/// Default wait for a ping's answer before the connection counts as dead. With the interval,
+/// a silently dead path (no FIN, no RST) is noticed within interval + timeout: 5 s.
+pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(3);
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -28,7 +33,10 @@ pub struct Settings {
     pub directory: DirectorySettings,
     pub jsonrpc_server: JsonRpcServerSettings,
     pub jsonrpc_client: JsonRpcClientSettings,
-    pub grpc_server: GrpcServerSettings,
+    /// The gRPC port peers dial. A server behind a firewall has none: its directory entry has a
+    /// `reverse_stream` channel and it opens reverse streams to its peers instead.
+    #[serde(default)]
+    pub grpc_server: Option<GrpcServerSettings>,
     #[serde(default)]
     pub grpc_client: GrpcClientSettings,
     /// Prometheus metrics and health endpoints; off unless `metrics.bind_address` is set.
@@ -86,6 +94,22 @@ pub struct GrpcServerSettings {
     /// long-lived streams).
     #[serde(default = "default_true")]
     pub call_streams: bool,
+    /// Seconds without traffic on a peer connection before it is probed with an HTTP/2 ping
+    /// (a 17-byte frame each way).
+    #[serde(default = "default_keepalive_interval", with = "secs")]
+    pub keepalive_interval: Duration,
+    /// Seconds a ping's answer may take before the connection counts as dead and its streams
+    /// end: a silently dead path is noticed within interval + timeout.
+    #[serde(default = "default_keepalive_timeout", with = "secs")]
+    pub keepalive_timeout: Duration,
+}
+
+fn default_keepalive_interval() -> Duration {
+    DEFAULT_KEEPALIVE_INTERVAL
+}
+
+fn default_keepalive_timeout() -> Duration {
+    DEFAULT_KEEPALIVE_TIMEOUT
 }
 
 fn default_true() -> bool {
@@ -96,7 +120,7 @@ fn default_true() -> bool {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GrpcClientSettings {
-    /// Client certificate for peers; defaults to the gRPC server's.
+    /// Client certificate for peers; defaults to the gRPC server's (required without one).
     pub tls: Option<TlsSettings>,
     /// Seconds a call may take end to end.
     #[serde(with = "secs")]
@@ -107,6 +131,18 @@ pub struct GrpcClientSettings {
     /// Longest pause in seconds between reconnect attempts to a peer that is down.
     #[serde(with = "secs")]
     pub max_reconnect_backoff: Duration,
+    /// Seconds without traffic on a channel to a peer (reverse streams included) before it is
+    /// probed with an HTTP/2 ping.
+    #[serde(with = "secs")]
+    pub keepalive_interval: Duration,
+    /// Seconds a ping's answer may take before the channel counts as dead: a silently dead
+    /// path is noticed within interval + timeout, and the reverse stream is opened anew.
+    #[serde(with = "secs")]
+    pub keepalive_timeout: Duration,
+    /// Peers to hold reverse streams to. Empty (the default): when this operator's directory
+    /// entry has a `reverse_stream` channel, every operator holding a `call` right on one of its
+    /// services, at each of its `grpc_server` addresses.
+    pub reverse_peers: Vec<String>,
 }
 
 impl Default for GrpcClientSettings {
@@ -116,6 +152,9 @@ impl Default for GrpcClientSettings {
             call_timeout: DEFAULT_CALL_TIMEOUT,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             max_reconnect_backoff: DEFAULT_MAX_RECONNECT_BACKOFF,
+            keepalive_interval: DEFAULT_KEEPALIVE_INTERVAL,
+            keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
+            reverse_peers: Vec::new(),
         }
     }
 }
@@ -143,14 +182,43 @@ impl Settings {
         if self.jsonrpc_client.url.starts_with("https") && self.jsonrpc_client.tls.is_none() {
             return Err("jsonrpc_client.tls is required for an https url".into());
         }
+        if self.peer_tls().is_none() {
+            return Err(
+                "grpc_client.tls is required without grpc_server: it is the certificate this \
+                 server shows its peers"
+                    .into(),
+            );
+        }
+        let c = &self.grpc_client;
+        let keepalives = [("grpc_client", c.keepalive_interval, c.keepalive_timeout)]
+            .into_iter()
+            .chain(
+                self.grpc_server
+                    .as_ref()
+                    .map(|g| ("grpc_server", g.keepalive_interval, g.keepalive_timeout)),
+            );
+        for (section, interval, timeout) in keepalives {
+            if interval.is_zero() || timeout.is_zero() {
+                return Err(format!(
+                    "{section}.keepalive_interval and keepalive_timeout must be above 0"
+                ));
+            }
+        }
         Ok(())
     }
 
-    /// The client certificate used towards peers.
-    pub fn peer_tls(&self) -> &TlsSettings {
+    /// Largest message between EPS servers: the gRPC server's setting, or the default.
+    pub fn max_message_bytes(&self) -> usize {
+        self.grpc_server
+            .as_ref()
+            .map_or(DEFAULT_MAX_MESSAGE_BYTES, |g| g.max_message_bytes)
+    }
+
+    /// The client certificate used towards peers: `grpc_client.tls`, else the gRPC server's.
+    pub fn peer_tls(&self) -> Option<&TlsSettings> {
         self.grpc_client
             .tls
             .as_ref()
-            .unwrap_or(&self.grpc_server.tls)
+            .or(self.grpc_server.as_ref().map(|g| &g.tls))
     }
 }

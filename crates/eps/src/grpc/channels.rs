@@ -23,10 +23,15 @@ use tokio_rustls::TlsConnector;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
+use eps_core::directory::Entry;
+use tokio_stream::{Stream, StreamExt};
+
 use super::pb::eps_client::EpsClient;
+use super::reverse::ReverseStreams;
 use super::server::MAX_STREAM_CALLS;
-use super::{from_pb, pb, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT};
+use super::{from_pb, pb};
 use crate::peers::{check_peer, SharedDirectory};
+use crate::settings::GrpcClientSettings;
 
 /// Reconnect pacing for one peer: attempts after failures wait 50 ms, 100 ms, ... up to a cap.
 #[derive(Default)]
@@ -35,15 +40,15 @@ struct Backoff {
     next_attempt: Option<Instant>,
 }
 
-/// Outgoing channels, one per peer, created on first use and reused.
+/// Outgoing channels, one per peer, created on first use and reused, and the reverse streams
+/// peers that cannot be dialed hold to this server.
 pub struct Peers {
     tls: Arc<rustls::ClientConfig>,
     directory: SharedDirectory,
-    connect_timeout: Duration,
-    call_timeout: Duration,
-    max_backoff: Duration,
+    settings: GrpcClientSettings,
     max_message_bytes: usize,
     channels: Mutex<HashMap<String, PeerChannel>>,
+    reverse: Arc<ReverseStreams>,
 }
 
 /// A peer's channel and the call stream open on it, if any.
@@ -60,49 +65,62 @@ struct PeerChannel {
 const UNARY_FOR: Duration = Duration::from_secs(600);
 
 /// How one call goes out.
-enum Route {
+enum Route<'a> {
     Stream(Arc<CallStream>),
-    Unary(EpsClient<Channel>),
+    Unary(EpsClient<Channel>, &'a str),
 }
+
+/// Times a call that found its stream ended before it went out is sent on another (a new one,
+/// or another instance's reverse stream). It was not sent, so it cannot run twice.
+const MAX_RESENDS: u32 = 3;
 
 impl Peers {
     pub fn new(
         tls: Arc<rustls::ClientConfig>,
         directory: SharedDirectory,
-        connect_timeout: Duration,
-        call_timeout: Duration,
-        max_backoff: Duration,
+        settings: GrpcClientSettings,
         max_message_bytes: usize,
     ) -> Self {
         Self {
             tls,
             directory,
-            connect_timeout,
-            call_timeout,
-            max_backoff,
+            settings,
             max_message_bytes,
             channels: Mutex::new(HashMap::new()),
+            reverse: Arc::new(ReverseStreams::default()),
         }
     }
 
-    /// Calls `method` on peer `name` at `address` with JSON `params`.
+    /// The reverse streams peers hold to this server.
+    pub fn reverse(&self) -> &Arc<ReverseStreams> {
+        &self.reverse
+    }
+
+    pub fn settings(&self) -> &GrpcClientSettings {
+        &self.settings
+    }
+
+    pub fn max_message_bytes(&self) -> usize {
+        self.max_message_bytes
+    }
+
+    /// Calls `method` on peer `name` (directory `entry`) with JSON `params`: on a reverse
+    /// stream the peer holds to us when there is one, else on the channel to its `grpc_server`.
     pub async fn call(
         &self,
         name: &str,
-        address: &str,
+        entry: &Entry,
         method: &str,
         params: &RawValue,
     ) -> Outcome {
-        let secs = self.call_timeout.as_secs_f64();
-        let deadline = Instant::now() + self.call_timeout;
+        let timeout = self.settings.call_timeout;
+        let deadline = Instant::now() + timeout;
         let work = async {
-            // A stream that ended before the call went out is replaced once; the call was not
-            // sent, so sending it on the new stream cannot run it twice.
-            let mut resent = false;
+            let mut resends = 0;
             loop {
-                let stream = match self.route(name, address)? {
+                let stream = match self.route(name, entry)? {
                     Route::Stream(s) => s,
-                    Route::Unary(client) => {
+                    Route::Unary(client, address) => {
                         return unary(client, name, address, method, params, deadline).await
                     }
                 };
@@ -110,17 +128,45 @@ impl Peers {
                     Ok(outcome) => return outcome,
                     // The peer never read the call: it goes out the unary way.
                     Err(NotSent(_)) if stream.waiting.is_unimplemented() => self.use_unary(name),
-                    Err(NotSent(e)) if resent => return Err(e),
-                    Err(NotSent(_)) => resent = true,
+                    Err(NotSent(e)) if resends == MAX_RESENDS => return Err(e),
+                    Err(NotSent(_)) => resends += 1,
                 }
             }
         };
-        match tokio::time::timeout(self.call_timeout, work).await {
+        match tokio::time::timeout(timeout, work).await {
             Err(_) => Err(RpcError::new(
                 jsonrpc::PEER_TIMEOUT,
-                format!("peer {name} ({address}) did not answer within {secs:.1} s"),
+                format!(
+                    "peer {name} did not answer within {:.1} s",
+                    timeout.as_secs_f64()
+                ),
             )),
             Ok(outcome) => outcome,
+        }
+    }
+
+    /// Where a call to `name` goes: a reverse stream it holds to us (the least busy), the call
+    /// stream on the channel to its address, or an error saying why neither exists.
+    fn route<'a>(&self, name: &str, entry: &'a Entry) -> Result<Route<'a>, RpcError> {
+        if let Some(stream) = self.reverse.pick(name) {
+            return Ok(Route::Stream(stream));
+        }
+        match entry.grpc_address() {
+            Some(address) => self.dialed(name, address),
+            None if entry.reached_by_reverse_stream() => Err(RpcError::new(
+                jsonrpc::PEER_UNREACHABLE,
+                format!(
+                    "peer {name} is not connected: it is reached over the reverse streams it \
+                     opens to us, and holds none now"
+                ),
+            )),
+            None => Err(RpcError::new(
+                jsonrpc::PEER_UNREACHABLE,
+                format!(
+                    "operator {name} has neither a grpc_server nor a reverse_stream channel in \
+                     the directory"
+                ),
+            )),
         }
     }
 
@@ -136,28 +182,40 @@ impl Peers {
         }
     }
 
+    /// The channel to `name` at `address`: the one calls use when `address` is the directory's
+    /// first, else one of its own (a reverse stream to another instance of the operator).
+    pub fn client(&self, name: &str, address: &str) -> Result<EpsClient<Channel>, RpcError> {
+        let mut channels = self.channels.lock().expect("channel map poisoned");
+        if let Some(p) = channels.get(name).filter(|p| p.address == address) {
+            return Ok(p.client.clone());
+        }
+        let client = self.new_client(name, address)?;
+        if !channels.contains_key(name) {
+            channels.insert(name.to_string(), PeerChannel::new(address, client.clone()));
+        }
+        Ok(client)
+    }
+
+    fn new_client(&self, name: &str, address: &str) -> Result<EpsClient<Channel>, RpcError> {
+        Ok(EpsClient::new(self.channel(name, address)?)
+            .max_decoding_message_size(self.max_message_bytes)
+            .max_encoding_message_size(self.max_message_bytes))
+    }
+
     /// The open call stream to `name`, a new one, or the unary way for a peer without streams.
-    fn route(&self, name: &str, address: &str) -> Result<Route, RpcError> {
+    fn dialed<'a>(&self, name: &str, address: &'a str) -> Result<Route<'a>, RpcError> {
         let mut channels = self.channels.lock().expect("channel map poisoned");
         let peer = match channels.get_mut(name) {
             Some(p) if p.address == address => p,
             _ => {
                 // The map holds at most one channel per operator in the directory.
-                let client = EpsClient::new(self.channel(name, address)?)
-                    .max_decoding_message_size(self.max_message_bytes)
-                    .max_encoding_message_size(self.max_message_bytes);
-                let peer = PeerChannel {
-                    address: address.to_string(),
-                    client,
-                    stream: None,
-                    unary_until: None,
-                };
+                let peer = PeerChannel::new(address, self.new_client(name, address)?);
                 channels.insert(name.to_string(), peer);
                 channels.get_mut(name).expect("just inserted")
             }
         };
         match peer.unary_until {
-            Some(t) if t > Instant::now() => return Ok(Route::Unary(peer.client.clone())),
+            Some(t) if t > Instant::now() => return Ok(Route::Unary(peer.client.clone(), address)),
             Some(_) => peer.unary_until = None,
             None => {}
         }
@@ -168,7 +226,7 @@ impl Peers {
             peer.client.clone(),
             name.to_string(),
             address.to_string(),
-            self.call_timeout.as_secs_f64(),
+            self.settings.call_timeout.as_secs_f64(),
             self.max_message_bytes,
         );
         peer.stream = Some(stream.clone());
@@ -189,10 +247,10 @@ impl Peers {
                     format!("peer {name} has an invalid grpc_server address {address:?}: {e}"),
                 )
             })?
-            .connect_timeout(self.connect_timeout)
+            .connect_timeout(self.settings.connect_timeout)
             .tcp_nodelay(true)
-            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
-            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .http2_keep_alive_interval(self.settings.keepalive_interval)
+            .keep_alive_timeout(self.settings.keepalive_timeout)
             .keep_alive_while_idle(true)
             // All calls to a peer share one stream: its flow-control window grows with the
             // measured bandwidth-delay product instead of capping a long link at 2 MiB per RTT.
@@ -203,8 +261,8 @@ impl Peers {
             server_name,
             tls: TlsConnector::from(self.tls.clone()),
             directory: self.directory.clone(),
-            timeout: self.connect_timeout,
-            max_backoff: self.max_backoff,
+            timeout: self.settings.connect_timeout,
+            max_backoff: self.settings.max_reconnect_backoff,
             backoff: Arc::new(Mutex::new(Backoff::default())),
         };
         Ok(
@@ -216,9 +274,21 @@ impl Peers {
     }
 }
 
-/// One `Calls` stream to a peer. Dropping the last handle ends the stream's request side; the
-/// peer then answers what it has read and ends its side.
-struct CallStream {
+impl PeerChannel {
+    fn new(address: &str, client: EpsClient<Channel>) -> Self {
+        Self {
+            address: address.to_string(),
+            client,
+            stream: None,
+            unary_until: None,
+        }
+    }
+}
+
+/// One stream of calls to a peer: a `Calls` stream we opened, or a `Serve` stream the peer
+/// opened to us (a reverse stream). Dropping the last handle ends the stream's request side;
+/// the peer then answers what it has read and ends its side.
+pub struct CallStream {
     /// The peer, for error messages.
     name: String,
     address: String,
@@ -311,7 +381,33 @@ impl Drop for Forget<'_> {
 }
 
 impl CallStream {
-    /// Opens a stream on `client` and starts the task that hands answers to their callers.
+    /// A stream to peer `name` at `address` whose calls go out on the receiver returned; the
+    /// answers must be fed to [`take_answers`](Self::take_answers).
+    pub fn new(
+        name: String,
+        address: String,
+        max_message_bytes: usize,
+    ) -> (Arc<Self>, mpsc::Receiver<pb::CallRequest>) {
+        let (requests, rx) = mpsc::channel(MAX_STREAM_CALLS);
+        let waiting = Arc::new(Waiting {
+            callers: Mutex::new(Ok(HashMap::new())),
+            ended: AtomicBool::new(false),
+            unimplemented: AtomicBool::new(false),
+        });
+        let stream = Arc::new(Self {
+            name,
+            address,
+            requests,
+            waiting,
+            max_message_bytes,
+            next_id: AtomicU64::new(1),
+            slots: Semaphore::new(MAX_STREAM_CALLS),
+        });
+        (stream, rx)
+    }
+
+    /// Opens a `Calls` stream on `client` and starts the task that hands answers to their
+    /// callers.
     fn open(
         mut client: EpsClient<Channel>,
         name: String,
@@ -319,55 +415,62 @@ impl CallStream {
         secs: f64,
         max_message_bytes: usize,
     ) -> Arc<Self> {
-        let (requests, rx) = mpsc::channel(MAX_STREAM_CALLS);
-        let waiting = Arc::new(Waiting {
-            callers: Mutex::new(Ok(HashMap::new())),
-            ended: AtomicBool::new(false),
-            unimplemented: AtomicBool::new(false),
-        });
-        let answers = waiting.clone();
-        let (peer, peer_address) = (name.clone(), address.clone());
+        let (stream, rx) = Self::new(name, address, max_message_bytes);
+        let this = stream.clone();
         tokio::spawn(async move {
-            let error = match client.calls(ReceiverStream::new(rx)).await {
+            match client.calls(ReceiverStream::new(rx)).await {
                 Err(status) => {
                     if status.code() == tonic::Code::Unimplemented {
-                        answers.unimplemented.store(true, Ordering::Release);
+                        this.waiting.unimplemented.store(true, Ordering::Release);
                     }
-                    status_error(&name, &address, &status, secs)
+                    let error = status_error(&this.name, &this.address, &status, secs);
+                    tracing::debug!(peer = %this.name, address = %this.address, error = %error.message, "call stream ended");
+                    this.waiting.end(error);
                 }
                 Ok(resp) => {
-                    let mut stream = resp.into_inner();
-                    loop {
-                        match stream.message().await {
-                            Ok(Some(resp)) => answers.answer(resp),
-                            Ok(None) => {
-                                break RpcError::new(
-                                    jsonrpc::PEER_UNREACHABLE,
-                                    format!("peer {name} ({address}) closed its call stream"),
-                                )
-                            }
-                            Err(status) => break status_error(&name, &address, &status, secs),
-                        }
-                    }
+                    this.take_answers(resp.into_inner(), secs).await;
                 }
-            };
-            tracing::debug!(peer = %name, %address, error = %error.message, "call stream ended");
-            answers.end(error);
+            }
         });
-        Arc::new(Self {
-            name: peer,
-            address: peer_address,
-            requests,
-            waiting,
-            max_message_bytes,
-            next_id: AtomicU64::new(1),
-            slots: Semaphore::new(MAX_STREAM_CALLS),
-        })
+        stream
+    }
+
+    /// Hands the answers read from `answers` to their callers until it ends; then every call
+    /// still waiting fails and the stream takes no more calls.
+    pub async fn take_answers<S>(&self, mut answers: S, secs: f64)
+    where
+        S: Stream<Item = Result<pb::CallResponse, tonic::Status>> + Unpin,
+    {
+        let (name, address) = (&self.name, &self.address);
+        let error = loop {
+            match answers.next().await {
+                Some(Ok(resp)) => self.waiting.answer(resp),
+                None => {
+                    break RpcError::new(
+                        jsonrpc::PEER_UNREACHABLE,
+                        format!("peer {name} ({address}) closed its call stream"),
+                    )
+                }
+                Some(Err(status)) => break status_error(name, address, &status, secs),
+            }
+        };
+        tracing::debug!(peer = %name, %address, error = %error.message, "call stream ended");
+        self.waiting.end(error);
+    }
+
+    /// Ends the stream now: calls waiting on it fail with `error`, new calls go elsewhere.
+    pub fn close(&self, error: RpcError) {
+        self.waiting.end(error);
     }
 
     /// Whether calls can still go out on this stream.
-    fn is_open(&self) -> bool {
+    pub fn is_open(&self) -> bool {
         !self.waiting.is_ended() && !self.requests.is_closed()
+    }
+
+    /// Calls waiting for their answer on this stream (or for room on it).
+    pub fn in_flight(&self) -> usize {
+        MAX_STREAM_CALLS - self.slots.available_permits()
     }
 
     fn ended(&self) -> RpcError {
@@ -528,7 +631,12 @@ impl Connector {
     }
 }
 
-fn status_error(name: &str, address: &str, status: &tonic::Status, secs: f64) -> RpcError {
+pub(super) fn status_error(
+    name: &str,
+    address: &str,
+    status: &tonic::Status,
+    secs: f64,
+) -> RpcError {
     use std::error::Error as _;
     let mut detail = status.message().to_string();
     let mut source = status.source();

@@ -1,26 +1,24 @@
 //! The EPS network's transport: a mutual-TLS gRPC server for peers ([`serve`]) and one
 //! long-lived HTTP/2 channel per peer for outgoing calls ([`Peers`]), on which every call
-//! travels as two messages of one long-lived `Calls` stream.
-
-use std::time::Duration;
+//! travels as two messages of one long-lived `Calls` stream. A server peers cannot dial holds
+//! reverse streams to them instead ([`hold_streams`], `reverse.rs`), and its calls travel on
+//! those.
 
 use bytes::Bytes;
 use eps_core::jsonrpc::{Outcome, RpcError};
 use serde_json::value::RawValue;
 
 mod channels;
+mod reverse;
 mod server;
 
 pub use channels::Peers;
+pub use reverse::hold_streams;
 pub use server::serve;
 
 pub mod pb {
     tonic::include_proto!("eps.v1");
 }
-
-/// HTTP/2 pings keep idle channels alive through middleboxes and detect dead peers.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub(crate) fn to_pb(outcome: Outcome) -> pb::CallResponse {
     use pb::call_response::Outcome as O;

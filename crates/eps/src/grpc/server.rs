@@ -18,8 +18,11 @@ use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::Connected;
 
+use tokio_stream::StreamExt;
+
+use super::channels::CallStream;
 use super::pb::eps_server::{Eps, EpsServer};
-use super::{pb, to_pb, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT};
+use super::{pb, to_pb};
 use crate::broker::Broker;
 use crate::peers::{check_peer, PeerIdentity, SharedDirectory};
 use crate::settings::GrpcServerSettings;
@@ -106,10 +109,126 @@ struct Service {
 
 type CallResponses =
     Pin<Box<dyn Stream<Item = Result<pb::CallResponse, tonic::Status>> + Send + 'static>>;
+type CallRequests =
+    Pin<Box<dyn Stream<Item = Result<pb::CallRequest, tonic::Status>> + Send + 'static>>;
+
+/// Reads calls from `incoming` (of peer `caller`), runs each in its own task through the
+/// broker, and sends each answer with the call's id to `answers`, in the order they finish. At
+/// most `in_flight` calls run at once: the next is read only when one has been answered, so a
+/// busy peer is slowed by HTTP/2 flow control. Returns when `incoming` ends or on `shutdown`;
+/// calls already read are still answered, and `answers` closes after the last of them.
+pub(super) async fn answer_calls<S>(
+    mut incoming: S,
+    answers: mpsc::Sender<Result<pb::CallResponse, tonic::Status>>,
+    broker: Arc<Broker>,
+    caller: Arc<str>,
+    in_flight: Arc<Semaphore>,
+    max_message_bytes: usize,
+    shutdown: CancellationToken,
+) where
+    S: Stream<Item = Result<pb::CallRequest, tonic::Status>> + Unpin,
+{
+    loop {
+        let req = tokio::select! {
+            r = incoming.next() => r,
+            _ = shutdown.cancelled() => break,
+        };
+        let req = match req {
+            Some(Ok(r)) => r,
+            None => break,
+            Some(Err(status)) => {
+                tracing::debug!(peer = %caller, error = %status, "call stream broken");
+                break;
+            }
+        };
+        // Read first, then wait for room: an idle stream holds no permit, and a full
+        // connection stops reading (back-pressure through HTTP/2 flow control).
+        let permit = tokio::select! {
+            p = in_flight.clone().acquire_owned() => p.expect("semaphore never closes"),
+            _ = shutdown.cancelled() => break,
+        };
+        let (broker, tx, caller) = (broker.clone(), answers.clone(), caller.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            let call = broker.incoming(&caller, &req.method, &req.params);
+            let outcome = match req.timeout_ms {
+                0 => call.await,
+                ms => {
+                    let limit = Duration::from_millis(ms.into());
+                    tokio::time::timeout(limit, call).await.unwrap_or_else(|_| {
+                        Err(RpcError::new(
+                            jsonrpc::PEER_TIMEOUT,
+                            format!(
+                                "{}.{} not answered within the caller's {ms} ms",
+                                broker.name(),
+                                req.method
+                            ),
+                        ))
+                    })
+                }
+            };
+            let mut resp = to_pb(outcome);
+            if prost::Message::encoded_len(&resp) > max_message_bytes {
+                resp = to_pb(Err(RpcError::new(
+                    jsonrpc::TOO_LARGE,
+                    format!(
+                        "{}.{}: result over the EPS network's max_message_bytes \
+                         ({max_message_bytes} bytes)",
+                        broker.name(),
+                        req.method
+                    ),
+                )));
+            }
+            resp.id = req.id;
+            let _ = tx.send(Ok(resp)).await;
+        });
+    }
+    // The answers end once every call read has been answered and dropped its sender.
+}
 
 #[tonic::async_trait]
 impl Eps for Service {
     type CallsStream = CallResponses;
+    type ServeStream = CallRequests;
+
+    async fn serve(
+        &self,
+        request: tonic::Request<tonic::Streaming<pb::CallResponse>>,
+    ) -> Result<tonic::Response<CallRequests>, tonic::Status> {
+        let conn = request
+            .extensions()
+            .get::<PeerConn>()
+            .cloned()
+            .ok_or_else(|| tonic::Status::unauthenticated("no verified peer certificate"))?;
+        let name = conn.identity.name.clone();
+        let peers = self.broker.peers();
+        let (stream, rx) =
+            CallStream::new(name.clone(), conn.addr.to_string(), self.max_message_bytes);
+        let registration = peers
+            .reverse()
+            .register(&name, stream.clone())
+            .map_err(tonic::Status::resource_exhausted)?;
+        tracing::info!(peer = %name, addr = %conn.addr, streams = peers.reverse().count(&name), "reverse stream accepted: calls to this peer go on it");
+        let answers = request.into_inner();
+        let (shutdown, secs) = (
+            self.shutdown.clone(),
+            peers.settings().call_timeout.as_secs_f64(),
+        );
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = stream.take_answers(answers, secs) => {}
+                _ = shutdown.cancelled() => stream.close(RpcError::new(
+                    jsonrpc::PEER_UNREACHABLE,
+                    format!("reverse stream of {name}: this server is shutting down"),
+                )),
+            }
+            drop(registration);
+            tracing::info!(peer = %name, addr = %conn.addr, "reverse stream ended");
+        });
+        Ok(tonic::Response::new(Box::pin(
+            ReceiverStream::new(rx).map(Ok),
+        )))
+    }
 
     async fn calls(
         &self,
@@ -126,69 +245,16 @@ impl Eps for Service {
             .cloned()
             .ok_or_else(|| tonic::Status::unauthenticated("no verified peer certificate"))?;
         tracing::debug!(peer = %conn.identity.name, addr = %conn.addr, "call stream opened");
-        let mut incoming = request.into_inner();
         let (tx, rx) = mpsc::channel(MAX_STREAM_CALLS);
-        let (broker, shutdown) = (self.broker.clone(), self.shutdown.clone());
-        let max_message_bytes = self.max_message_bytes;
-        tokio::spawn(async move {
-            loop {
-                let req = tokio::select! {
-                    r = incoming.message() => r,
-                    _ = shutdown.cancelled() => break,
-                };
-                let req = match req {
-                    Ok(Some(r)) => r,
-                    Ok(None) => break,
-                    Err(status) => {
-                        tracing::debug!(peer = %conn.identity.name, error = %status, "call stream broken");
-                        break;
-                    }
-                };
-                // Read first, then wait for room: an idle stream holds no permit, and a full
-                // connection stops reading (back-pressure through HTTP/2 flow control).
-                let permit = tokio::select! {
-                    p = conn.in_flight.clone().acquire_owned() => p.expect("semaphore never closes"),
-                    _ = shutdown.cancelled() => break,
-                };
-                let (broker, tx, conn) = (broker.clone(), tx.clone(), conn.clone());
-                tokio::spawn(async move {
-                    let _permit = permit;
-                    let call = broker.incoming(&conn.identity.name, &req.method, &req.params);
-                    let outcome = match req.timeout_ms {
-                        0 => call.await,
-                        ms => {
-                            let limit = Duration::from_millis(ms.into());
-                            tokio::time::timeout(limit, call).await.unwrap_or_else(|_| {
-                                Err(RpcError::new(
-                                    jsonrpc::PEER_TIMEOUT,
-                                    format!(
-                                        "{}.{} not answered within the caller's {ms} ms",
-                                        broker.name(),
-                                        req.method
-                                    ),
-                                ))
-                            })
-                        }
-                    };
-                    let mut resp = to_pb(outcome);
-                    if prost::Message::encoded_len(&resp) > max_message_bytes {
-                        resp = to_pb(Err(RpcError::new(
-                            jsonrpc::TOO_LARGE,
-                            format!(
-                                "{}.{}: result over the EPS network's max_message_bytes \
-                                 ({max_message_bytes} bytes)",
-                                broker.name(),
-                                req.method
-                            ),
-                        )));
-                    }
-                    resp.id = req.id;
-                    let _ = tx.send(Ok(resp)).await;
-                });
-            }
-            // The response stream ends once every call read from it has been answered and
-            // dropped its sender.
-        });
+        tokio::spawn(answer_calls(
+            request.into_inner(),
+            tx,
+            self.broker.clone(),
+            Arc::from(conn.identity.name.as_str()),
+            conn.in_flight.clone(),
+            self.max_message_bytes,
+            self.shutdown.clone(),
+        ));
         Ok(tonic::Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -222,6 +288,8 @@ pub async fn serve(
         max_connections,
         max_message_bytes,
         call_streams,
+        keepalive_interval,
+        keepalive_timeout,
         ..
     } = settings;
     let (tx, rx) = mpsc::channel::<std::io::Result<PeerStream>>(64);
@@ -271,8 +339,8 @@ pub async fn serve(
         }
     });
     tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
-        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .http2_keepalive_interval(Some(keepalive_interval))
+        .http2_keepalive_timeout(Some(keepalive_timeout))
         // Each peer's calls share one stream: its window follows the link's bandwidth-delay
         // product rather than capping a long link at 1 MiB per round trip.
         .http2_adaptive_window(Some(true))

@@ -1,0 +1,254 @@
+//! Reverse streams: how a server behind a firewall that drops every inbound connection is
+//! reached.
+//!
+//! Such a server (its directory entry has a `reverse_stream` channel) opens one `Serve` stream
+//! to each peer that may call it ([`hold_streams`]), on the same mutual-TLS channel its own
+//! calls to that peer use, and answers the calls that come down it. The peer keeps the streams
+//! it was given in [`ReverseStreams`], bound to the operator the client certificate names, and
+//! sends that operator's calls on them, spread over the live ones (several instances of one
+//! operator each hold their own). A stream that ends, by a closed connection or by HTTP/2
+//! keepalive noticing a dead path, is dropped at once and re-opened by its holder with backoff.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, Semaphore};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+use super::channels::CallStream;
+use super::server::{answer_calls, MAX_STREAM_CALLS};
+use crate::broker::Broker;
+use crate::peers::SharedDirectory;
+
+/// Reverse streams one operator may hold to this server at once (one per instance it runs):
+/// bounds the map against a peer that opens streams in a loop.
+pub const MAX_STREAMS_PER_OPERATOR: usize = 64;
+/// First pause before a reverse stream that could not be opened is tried again; it doubles up
+/// to `grpc_client.max_reconnect_backoff`.
+const FIRST_RETRY: Duration = Duration::from_millis(100);
+/// A stream that stayed open this long ended for a new reason: the next attempt waits only the
+/// first pause.
+const STABLE: Duration = Duration::from_secs(10);
+/// How often the holder compares the peers it should hold streams to with the directory.
+const RECONCILE_EVERY: Duration = Duration::from_secs(1);
+
+/// The reverse streams peers hold to this server, by operator.
+#[derive(Default)]
+pub struct ReverseStreams {
+    streams: Mutex<HashMap<String, Vec<Arc<CallStream>>>>,
+    /// Breaks ties between equally busy streams in turn.
+    turn: AtomicUsize,
+}
+
+/// A stream in [`ReverseStreams`]; dropping it takes the stream out.
+pub struct Registration {
+    streams: Arc<ReverseStreams>,
+    name: String,
+    stream: Arc<CallStream>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let mut map = self.streams.streams.lock().expect("reverse map poisoned");
+        if let Some(list) = map.get_mut(&self.name) {
+            list.retain(|s| !Arc::ptr_eq(s, &self.stream));
+            if list.is_empty() {
+                map.remove(&self.name);
+            }
+        }
+    }
+}
+
+impl ReverseStreams {
+    /// The open stream of `name` with the fewest calls in flight (in turn among equals).
+    pub fn pick(&self, name: &str) -> Option<Arc<CallStream>> {
+        let map = self.streams.lock().expect("reverse map poisoned");
+        let list = map.get(name)?;
+        let n = list.len();
+        let start = if n > 1 {
+            self.turn.fetch_add(1, Ordering::Relaxed) % n
+        } else {
+            0
+        };
+        (0..n)
+            .map(|i| &list[(start + i) % n])
+            .filter(|s| s.is_open())
+            .min_by_key(|s| s.in_flight())
+            .cloned()
+    }
+
+    /// Adds a stream `name` opened; refused past [`MAX_STREAMS_PER_OPERATOR`].
+    pub fn register(
+        self: &Arc<Self>,
+        name: &str,
+        stream: Arc<CallStream>,
+    ) -> Result<Registration, String> {
+        let mut map = self.streams.lock().expect("reverse map poisoned");
+        let list = map.entry(name.to_string()).or_default();
+        list.retain(|s| s.is_open());
+        if list.len() >= MAX_STREAMS_PER_OPERATOR {
+            return Err(format!(
+                "{name} already holds {MAX_STREAMS_PER_OPERATOR} reverse streams here"
+            ));
+        }
+        list.push(stream.clone());
+        Ok(Registration {
+            streams: self.clone(),
+            name: name.to_string(),
+            stream,
+        })
+    }
+
+    /// Open streams held by `name`.
+    pub fn count(&self, name: &str) -> usize {
+        let map = self.streams.lock().expect("reverse map poisoned");
+        map.get(name)
+            .map_or(0, |l| l.iter().filter(|s| s.is_open()).count())
+    }
+}
+
+/// The peers (name, address) this server should hold reverse streams to: those named in
+/// `grpc_client.reverse_peers`, or else, when the directory says this operator is reached by
+/// reverse stream, every operator with a `call` right on one of its services; each at every
+/// `grpc_server` address it lists.
+pub fn targets(
+    directory: &eps_core::directory::Directory,
+    me: &str,
+    listed: &[String],
+) -> Vec<(String, String)> {
+    let entries: Vec<_> = if listed.is_empty() {
+        match directory.entry(me) {
+            Some(e) if e.reached_by_reverse_stream() => directory.callers_of(me),
+            _ => Vec::new(),
+        }
+    } else {
+        listed.iter().filter_map(|n| directory.entry(n)).collect()
+    };
+    entries
+        .into_iter()
+        .flat_map(|e| {
+            e.grpc_addresses()
+                .map(|a| (e.name.clone(), a.to_string()))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Holds a reverse stream to each of [`targets`], following directory changes, until
+/// `shutdown`.
+pub async fn hold_streams(
+    broker: Arc<Broker>,
+    directory: SharedDirectory,
+    listed: Vec<String>,
+    shutdown: CancellationToken,
+) {
+    let mut held: BTreeMap<(String, String), CancellationToken> = BTreeMap::new();
+    let mut seen: Option<Arc<eps_core::directory::Directory>> = None;
+    let mut warned = false;
+    loop {
+        let dir = directory.load();
+        if !seen.as_ref().is_some_and(|s| Arc::ptr_eq(s, &dir)) {
+            let wanted = targets(&dir, broker.name(), &listed);
+            if wanted.is_empty() && !warned && !listed.is_empty() {
+                tracing::warn!(peers = ?listed, "none of grpc_client.reverse_peers has a grpc_server address in the directory");
+                warned = true;
+            }
+            held.retain(|key, stop| {
+                let keep = wanted.contains(key);
+                if !keep {
+                    tracing::info!(peer = %key.0, address = %key.1, "no reverse stream needed any more");
+                    stop.cancel();
+                }
+                keep
+            });
+            for (name, address) in wanted {
+                let key = (name.clone(), address.clone());
+                if held.contains_key(&key) {
+                    continue;
+                }
+                let stop = shutdown.child_token();
+                held.insert(key, stop.clone());
+                tokio::spawn(hold(broker.clone(), name, address, stop));
+            }
+            seen = Some(dir);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(RECONCILE_EVERY) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// Keeps one reverse stream to `name` at `address` open: opens it, answers its calls, and when
+/// it ends opens it again after a pause that doubles with each failure.
+async fn hold(broker: Arc<Broker>, name: String, address: String, stop: CancellationToken) {
+    let max_backoff = broker.peers().settings().max_reconnect_backoff;
+    let mut pause = FIRST_RETRY;
+    // The first failure in a row is logged at info; the channel logs each failed connect.
+    let mut failing = false;
+    while !stop.is_cancelled() {
+        let started = Instant::now();
+        match serve_one(&broker, &name, &address, &stop).await {
+            Ok(()) => {
+                failing = false;
+                if stop.is_cancelled() {
+                    return;
+                }
+                tracing::info!(peer = %name, %address, "reverse stream ended; opening it again");
+                if started.elapsed() >= STABLE {
+                    pause = FIRST_RETRY;
+                }
+            }
+            Err(e) if failing => {
+                tracing::debug!(peer = %name, %address, error = %e, retry_in_ms = pause.as_millis() as u64, "reverse stream not opened")
+            }
+            Err(e) => {
+                failing = true;
+                tracing::info!(peer = %name, %address, error = %e, retry_in_ms = pause.as_millis() as u64, "reverse stream not opened; trying again with backoff");
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = stop.cancelled() => return,
+        }
+        pause = (pause * 2).min(max_backoff.max(FIRST_RETRY));
+    }
+}
+
+/// Opens one `Serve` stream and answers the calls on it until it ends (`Ok`), or says why it
+/// could not be opened.
+async fn serve_one(
+    broker: &Arc<Broker>,
+    name: &str,
+    address: &str,
+    stop: &CancellationToken,
+) -> Result<(), String> {
+    let peers = broker.peers();
+    let mut client = peers.client(name, address).map_err(|e| e.message)?;
+    let (answers, rx) = mpsc::channel(MAX_STREAM_CALLS);
+    // Answers go up the request side; an answer the channel could not carry was logged there.
+    let outgoing = ReceiverStream::new(rx).filter_map(Result::ok);
+    let opened = tokio::select! {
+        r = client.serve(outgoing) => r,
+        _ = stop.cancelled() => return Ok(()),
+    };
+    let calls = opened
+        .map_err(|status| super::channels::status_error(name, address, &status, 0.0).message)?
+        .into_inner();
+    tracing::info!(peer = %name, %address, "reverse stream open: this peer's calls come on it");
+    answer_calls(
+        calls,
+        answers,
+        broker.clone(),
+        Arc::from(name),
+        Arc::new(Semaphore::new(MAX_STREAM_CALLS)),
+        peers.max_message_bytes(),
+        stop.clone(),
+    )
+    .await;
+    Ok(())
+}

@@ -1,0 +1,218 @@
+//! Reverse streams on loopback: `bob` has no gRPC port (its directory entry has a
+//! `reverse_stream` channel) and opens a stream to `alice`, who may call him; alice's calls to
+//! bob travel on it. The firewall itself is in `tests/firewall.rs` (network namespaces); here
+//! are the routing rules: calls both ways, the 502 for an operator with no stream, several
+//! instances of one operator, and restarts on either side.
+
+use std::time::{Duration, Instant};
+
+use eps_core::jsonrpc;
+use eps_tests::*;
+
+use crate::net::{rpc_error, Net, PROCESS_WAIT};
+
+/// What alice logs when bob's stream reaches her, and when it ends.
+const ACCEPTED: &str = "reverse stream accepted";
+const ENDED: &str = "reverse stream ended";
+/// What bob logs once his stream is open.
+const OPEN: &str = "reverse stream open";
+
+/// One instance of bob: his EPS server and the service it delivers to.
+struct Bob {
+    proc: Proc,
+    service: TestService,
+}
+
+/// The network of `test` with bob reached by reverse stream only (his `channels` record says
+/// so, his settings have no `grpc_server`); alice started, bob not.
+async fn net_with_reverse_bob(test: &str) -> Net {
+    let mut net = Net::new(test);
+    // Later records replace earlier ones: bob's channel is now the reverse stream.
+    write_records(
+        &net.dir.join("directory"),
+        "20-bob-reverse.json",
+        &[record(
+            "bob",
+            "channels",
+            json!([{"type": "reverse_stream"}]),
+        )],
+    );
+    net.start(&["alice"]).await;
+    net
+}
+
+/// Starts instance `n` of bob (his own settings folder, log and service) and waits until its
+/// reverse stream is open.
+async fn start_bob(net: &Net, n: usize) -> Bob {
+    let plan = &net.plans["bob"];
+    let service = TestService::start("bob", Some(&plan.service_tls)).await;
+    let mut config = plan.config.clone();
+    config.serve_grpc = false;
+    config.delivery_url = service.url();
+    if n > 1 {
+        // Each instance has its own local JSON-RPC port.
+        config.jsonrpc_addr = free_addr();
+    }
+    let settings = config.write(&net.dir.join(format!("bob-{n}-settings")));
+    let mut proc = start_eps(
+        &format!("bob-{n}"),
+        &[&settings],
+        net.dir.join(format!("bob-{n}.log")),
+    );
+    proc.wait_for_log(EPS_READY, PROCESS_WAIT).await;
+    proc.wait_for_log(OPEN, PROCESS_WAIT).await;
+    Bob { proc, service }
+}
+
+/// Waits until alice's log holds `n` lines containing `needle`.
+async fn alice_logged(net: &Net, needle: &str, n: usize) {
+    let alice = &net.node("alice").proc;
+    let done = wait_until(PROCESS_WAIT, || async {
+        alice.log().matches(needle).count() >= n
+    })
+    .await;
+    assert!(
+        done,
+        "alice did not log {needle:?} {n} times: {}",
+        alice.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn calls_reach_an_operator_without_a_grpc_port() {
+    let net = net_with_reverse_bob("reverse-calls").await;
+    let bob = start_bob(&net, 1).await;
+    alice_logged(&net, ACCEPTED, 1).await;
+    // bob listens on no gRPC port: the address in his settings is not his.
+    assert!(
+        tokio::net::TcpStream::connect(net.plans["bob"].config.grpc_addr)
+            .await
+            .is_err(),
+        "something listens on bob's unused gRPC address"
+    );
+
+    let alice = net.node("alice").client();
+    for i in 0..20 {
+        let r = call(&alice, "bob.echo", json!({"i": i}))
+            .await
+            .expect("alice -> bob on the reverse stream");
+        assert_eq!(r["service"], "bob");
+        assert_eq!(r["echo"]["i"], i);
+    }
+    let got = bob.service.received();
+    assert_eq!(got.len(), 20, "{got:?}");
+    assert!(got.iter().all(|r| r.params["_client"]["name"] == "alice"));
+    // Permissions still hold on the reverse stream.
+    let e = rpc_error(call(&alice, "bob.secret", json!({})).await, "bob.secret");
+    assert_eq!(e.code, jsonrpc::FORBIDDEN, "{e}");
+
+    // bob's own calls go out as before, on the channel he dialed.
+    let bob_client = rpc_client(
+        &net.plans["bob"].config.jsonrpc_url(),
+        Some(&net.plans["bob"].client_tls),
+        Duration::from_secs(10),
+    );
+    let r = call(&bob_client, "alice.echo", json!({"from": "bob"}))
+        .await
+        .expect("bob -> alice");
+    assert_eq!(r["echo"]["_client"]["name"], "bob");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_stream_held_fails_at_once_with_502() {
+    let net = net_with_reverse_bob("reverse-none").await;
+    let alice = net.node("alice").client();
+    for _ in 0..3 {
+        let t0 = Instant::now();
+        let e = rpc_error(call(&alice, "bob.echo", json!({})).await, "bob.echo");
+        let took = t0.elapsed();
+        assert_eq!(e.code, jsonrpc::PEER_UNREACHABLE, "{e}");
+        assert!(
+            e.message.contains("bob") && e.message.contains("not connected"),
+            "{e}"
+        );
+        println!(
+            "call to bob without a stream failed in {took:?}: {}",
+            e.message
+        );
+        assert!(took < Duration::from_millis(500), "took {took:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_instances_share_calls_and_a_dead_one_drops_out() {
+    let net = net_with_reverse_bob("reverse-two").await;
+    let mut b1 = start_bob(&net, 1).await;
+    let b2 = start_bob(&net, 2).await;
+    alice_logged(&net, ACCEPTED, 2).await;
+    let alice = net.node("alice").client();
+
+    // Sequential calls: each goes to the least busy stream, in turn among equals.
+    for i in 0..40 {
+        call(&alice, "bob.echo", json!({"i": i}))
+            .await
+            .expect("bob.echo");
+    }
+    let (n1, n2) = (b1.service.received().len(), b2.service.received().len());
+    println!("40 calls spread over two instances: {n1} and {n2}");
+    assert_eq!(n1 + n2, 40);
+    assert!(n1 >= 10 && n2 >= 10, "{n1} / {n2}");
+
+    // kill -9: the connection closes, alice drops the stream, every later call reaches bob-2.
+    b1.proc.kill();
+    let killed = Instant::now();
+    alice_logged(&net, ENDED, 1).await;
+    println!(
+        "alice dropped the dead stream {:?} after the kill",
+        killed.elapsed()
+    );
+    b2.service.clear();
+    for i in 0..40 {
+        call(&alice, "bob.echo", json!({"after": i}))
+            .await
+            .expect("bob.echo after one instance died");
+    }
+    assert_eq!(b2.service.received().len(), 40);
+
+    // Restarted, bob-1 opens his stream again and takes calls again.
+    b1.proc.restart();
+    b1.proc.wait_for_log(OPEN, PROCESS_WAIT).await;
+    alice_logged(&net, ACCEPTED, 3).await;
+    b1.service.clear();
+    for i in 0..40 {
+        call(&alice, "bob.echo", json!({"back": i}))
+            .await
+            .expect("bob.echo after the restart");
+    }
+    let back = b1.service.received().len();
+    println!("after its restart bob-1 took {back} of 40 calls");
+    assert!(back >= 10, "{back}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stream_is_opened_again_after_the_peer_restarts() {
+    let mut net = net_with_reverse_bob("reverse-restart").await;
+    let bob = start_bob(&net, 1).await;
+    alice_logged(&net, ACCEPTED, 1).await;
+
+    let alice = net.node_mut("alice");
+    alice.proc.restart();
+    alice.proc.wait_for_log(EPS_READY, PROCESS_WAIT).await;
+    let client = net.node("alice").client();
+    let t0 = Instant::now();
+    let back = wait_until(Duration::from_secs(10), || {
+        let client = &client;
+        async move { call(client, "bob.echo", json!({})).await.is_ok() }
+    })
+    .await;
+    assert!(back, "alice never reached bob again: {}", bob.proc.log());
+    println!(
+        "bob reachable again {:?} after alice restarted",
+        t0.elapsed()
+    );
+    assert_eq!(
+        bob.proc.log().matches(EPS_READY).count(),
+        1,
+        "bob restarted"
+    );
+}
