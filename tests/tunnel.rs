@@ -372,6 +372,58 @@ async fn restarts_recover() {
     }
 }
 
+/// A private proxy takes `incomingConnection` for a domain it announces to the caller even
+/// before the public proxy has answered that announcement: right after a start, another instance
+/// of the same operator may hold the announcement and the public side already sends clients
+/// here. A domain it does not announce, or a caller it does not announce to, stays refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn dial_back_before_the_announcement_is_answered() {
+    let mut t = Tunnel::new("early-dial-back");
+    // One dial per call (no pool), so the token arrives on the first connection.
+    t.dir.write_yaml(
+        "private-proxy/zz-test.yml",
+        &json!({"private": {"data_pool": 0}}),
+    );
+    // No EPS server: the private proxy's announcements are never answered.
+    for role in [Role::InternalServer, Role::PrivateProxy] {
+        t.start(role);
+        t.wait_ready(role).await;
+    }
+    let endpoint = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let params = |domain: &str, caller: &str| {
+        json!({"domain": domain, "token": "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=",
+               "endpoint": endpoint.local_addr().unwrap().to_string(),
+               "_client": {"name": caller, "entry": {"name": caller}}})
+    };
+    let private = t.private_rpc();
+    for (domain, caller) in [
+        ("other.internal-server.local", PUBLIC),
+        (DOMAIN, "public-proxy-2"),
+    ] {
+        match call(&private, "incomingConnection", params(domain, caller)).await {
+            Err(CallError::Rpc(e)) => {
+                assert_eq!(e.code, jsonrpc::FORBIDDEN, "{domain}, {caller}: {e}")
+            }
+            other => panic!("{domain} from {caller}: expected 403, got {other:?}"),
+        }
+    }
+    call(&private, "incomingConnection", params(DOMAIN, PUBLIC))
+        .await
+        .expect("incomingConnection for the announced domain, not yet answered");
+    let (mut conn, _) = tokio::time::timeout(CLOSE_WAIT, endpoint.accept())
+        .await
+        .expect("the private proxy dialed the endpoint")
+        .expect("accept");
+    let mut token = [0u8; 32];
+    tokio::time::timeout(CLOSE_WAIT, conn.read_exact(&mut token))
+        .await
+        .expect("the token within the deadline")
+        .expect("read the token");
+    assert_eq!(token, [1u8; 32]);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn token_rules() {
     let t = Tunnel::started("tokens").await;

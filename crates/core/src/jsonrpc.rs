@@ -88,6 +88,25 @@ impl RpcError {
     pub fn internal(msg: impl Into<String>) -> Self {
         Self::new(INTERNAL_ERROR, msg)
     }
+
+    /// An error for a call that certainly never reached the service (no connection to it could
+    /// be made), marked `data: {"delivered": false}`: a caller with another instance of the
+    /// same operator may send it there without risk of running it twice.
+    pub fn not_delivered(code: i64, msg: impl Into<String>) -> Self {
+        Self {
+            data: Some(serde_json::json!({"delivered": false})),
+            ..Self::new(code, msg)
+        }
+    }
+
+    /// Whether this error says the call never reached the service ([`Self::not_delivered`]).
+    pub fn is_not_delivered(&self) -> bool {
+        self.data
+            .as_ref()
+            .and_then(|d| d.get("delivered"))
+            .and_then(Value::as_bool)
+            == Some(false)
+    }
 }
 
 /// A response as sent or received: exactly one of `result` and `error`.

@@ -198,6 +198,11 @@ impl Broker {
                 jsonrpc::PEER_TIMEOUT,
                 format!("{}: local service: {e}", self.name),
             )),
+            // Marked, so that a caller with another instance of this operator tries that one.
+            Err(e @ CallError::NotDelivered { .. }) => Err(RpcError::not_delivered(
+                jsonrpc::SERVICE_UNAVAILABLE,
+                format!("{}: local service: {e}", self.name),
+            )),
             Err(e) => Err(RpcError::new(
                 jsonrpc::SERVICE_UNAVAILABLE,
                 format!("{}: local service: {e}", self.name),

@@ -127,6 +127,21 @@ impl Private {
         out
     }
 
+    /// Whether `domain` is among the live announcements this proxy makes to `proxy`.
+    fn announces_to(&self, domain: &str, proxy: &str, now: OffsetDateTime) -> bool {
+        let (configured, added) = (
+            self.configured.lock().expect("lock"),
+            self.added.lock().expect("lock"),
+        );
+        // Runtime entries win over settings, as in `wanted_by_proxy`.
+        added
+            .iter()
+            .rev()
+            .chain(configured.iter().rev())
+            .find(|w| w.domain == domain)
+            .is_some_and(|w| w.proxy == proxy && w.expires_at.is_none_or(|t| t > now))
+    }
+
     /// Announces `list` to `proxy` and records what it accepted.
     async fn announce_to(
         &self,
@@ -250,13 +265,16 @@ impl Private {
         let domain = normalize_domain(&p.domain)
             .ok_or_else(|| RpcError::invalid_params("invalid domain"))?;
         let now = OffsetDateTime::now_utc();
-        let announced = self
+        let accepted = self
             .accepted
             .read()
             .expect("lock")
             .get(&domain)
             .is_some_and(|(proxy, exp)| *proxy == caller.name && exp.is_none_or(|t| t > now));
-        if !announced {
+        // Also a domain this proxy announces to the caller but whose answer has not arrived yet:
+        // right after a start, another instance of this operator may have announced it, and the
+        // public side already sends its clients here.
+        if !accepted && !self.announces_to(&domain, &caller.name, now) {
             return Err(RpcError::new(
                 jsonrpc::FORBIDDEN,
                 format!("{domain} is not announced to {}", caller.name),

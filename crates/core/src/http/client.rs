@@ -20,7 +20,10 @@ use crate::tls::{self, TlsSettings};
 /// Why a call made with [`RpcClient`] failed.
 #[derive(Debug, thiserror::Error)]
 pub enum CallError {
-    /// The server could not be reached or the connection broke.
+    /// No connection to the server could be made (TCP or TLS): the request was not sent.
+    #[error("{url} unreachable: {reason}")]
+    NotDelivered { url: String, reason: String },
+    /// The connection broke after the request may have been sent.
     #[error("{url} unreachable: {reason}")]
     Unreachable { url: String, reason: String },
     /// No answer within the deadline.
@@ -167,14 +170,14 @@ impl RpcClient {
         // Formatted only when an error needs it, not on every call.
         let url = || self.url.to_string();
         let work = async {
-            let resp = self
-                .client
-                .request(req)
-                .await
-                .map_err(|e| CallError::Unreachable {
-                    url: url(),
-                    reason: error_chain(&e),
-                })?;
+            let resp = self.client.request(req).await.map_err(|e| {
+                let (url, reason) = (url(), error_chain(&e));
+                if e.is_connect() {
+                    CallError::NotDelivered { url, reason }
+                } else {
+                    CallError::Unreachable { url, reason }
+                }
+            })?;
             let status = resp.status();
             let body = resp
                 .into_body()

@@ -66,6 +66,9 @@ const UNARY_FOR: Duration = Duration::from_secs(600);
 
 /// How one call goes out.
 enum Route<'a> {
+    /// A reverse stream the peer holds to us.
+    Reverse(Arc<CallStream>),
+    /// The `Calls` stream on our channel to the peer.
     Stream(Arc<CallStream>),
     Unary(EpsClient<Channel>, &'a str),
 }
@@ -117,20 +120,48 @@ impl Peers {
         let deadline = Instant::now() + timeout;
         let work = async {
             let mut resends = 0;
+            // Reverse streams (instances of the operator) that could not take this call.
+            let mut tried: Vec<Arc<CallStream>> = Vec::new();
             loop {
-                let stream = match self.route(name, entry)? {
-                    Route::Stream(s) => s,
+                let (stream, reverse) = match self.route(name, entry, &tried)? {
+                    Route::Reverse(s) => (s, true),
+                    Route::Stream(s) => (s, false),
                     Route::Unary(client, address) => {
                         return unary(client, name, address, method, params, deadline).await
                     }
                 };
-                match stream.call(method, params, deadline).await {
-                    Ok(outcome) => return outcome,
+                let outcome = match stream.call(method, params, deadline).await {
+                    Ok(outcome) => outcome,
                     // The peer never read the call: it goes out the unary way.
-                    Err(NotSent(_)) if stream.waiting.is_unimplemented() => self.use_unary(name),
+                    Err(NotSent(_)) if stream.waiting.is_unimplemented() => {
+                        self.use_unary(name);
+                        continue;
+                    }
+                    // The stream ended before the call went out: another (a new one, or
+                    // another instance's) takes it, and it cannot run twice.
                     Err(NotSent(e)) if resends == MAX_RESENDS => return Err(e),
-                    Err(NotSent(_)) => resends += 1,
+                    Err(NotSent(_)) => {
+                        resends += 1;
+                        if reverse {
+                            tried.push(stream);
+                        }
+                        continue;
+                    }
+                };
+                // Refused unread by this instance's service (down, restarting): another
+                // instance of the operator may take it.
+                if reverse && resends < MAX_RESENDS {
+                    if let Err(e) = &outcome {
+                        if e.is_not_delivered() {
+                            tried.push(stream);
+                            if self.reverse.pick(name, &tried).is_some() {
+                                resends += 1;
+                                continue;
+                            }
+                        }
+                    }
                 }
+                return outcome;
             }
         };
         match tokio::time::timeout(timeout, work).await {
@@ -145,11 +176,17 @@ impl Peers {
         }
     }
 
-    /// Where a call to `name` goes: a reverse stream it holds to us (the least busy), the call
-    /// stream on the channel to its address, or an error saying why neither exists.
-    fn route<'a>(&self, name: &str, entry: &'a Entry) -> Result<Route<'a>, RpcError> {
-        if let Some(stream) = self.reverse.pick(name) {
-            return Ok(Route::Stream(stream));
+    /// Where a call to `name` goes: a reverse stream it holds to us (the least busy not yet
+    /// `tried`), the call stream on the channel to its address, or an error saying why neither
+    /// exists.
+    fn route<'a>(
+        &self,
+        name: &str,
+        entry: &'a Entry,
+        tried: &[Arc<CallStream>],
+    ) -> Result<Route<'a>, RpcError> {
+        if let Some(stream) = self.reverse.pick(name, tried) {
+            return Ok(Route::Reverse(stream));
         }
         match entry.grpc_address() {
             Some(address) => self.dialed(name, address),

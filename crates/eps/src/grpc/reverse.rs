@@ -64,8 +64,9 @@ impl Drop for Registration {
 }
 
 impl ReverseStreams {
-    /// The open stream of `name` with the fewest calls in flight (in turn among equals).
-    pub fn pick(&self, name: &str) -> Option<Arc<CallStream>> {
+    /// The open stream of `name` with the fewest calls in flight (in turn among equals), other
+    /// than those in `tried`.
+    pub fn pick(&self, name: &str, tried: &[Arc<CallStream>]) -> Option<Arc<CallStream>> {
         let map = self.streams.lock().expect("reverse map poisoned");
         let list = map.get(name)?;
         let n = list.len();
@@ -76,7 +77,7 @@ impl ReverseStreams {
         };
         (0..n)
             .map(|i| &list[(start + i) % n])
-            .filter(|s| s.is_open())
+            .filter(|s| s.is_open() && !tried.iter().any(|t| Arc::ptr_eq(t, s)))
             .min_by_key(|s| s.in_flight())
             .cloned()
     }
