@@ -23,11 +23,15 @@
 //! - `support/rpc.rs`: [`TestService`], a recording JSON-RPC service run in-process, and the
 //!   clients tests call with: [`rpc_client`] / [`call`] (the project's own client) and
 //!   [`post_raw`] (hand-written HTTP/1.1 for malformed and oversized requests).
+//! - `support/netns.rs`: [`netns::Netns`], hosts as Linux network namespaces joined by veth pairs
+//!   (198.18.0.0/15), nftables rules inside them (a firewall that drops new inbound connections,
+//!   a silently cut path), processes and client sockets inside them; removed on drop.
 //! - `support/sockets.rs`: raw TCP: [`read_until_closed`] and a plain HTTP/1.1 GET
 //!   ([`get_to_end`]).
 //!
 //! Test targets (declared in `Cargo.toml`): `eps_network.rs`, EPS servers calling each other, with
-//! its fixture and test groups in `eps_network/`.
+//! its fixture and test groups in `eps_network/`; `firewall.rs`, the private side behind a real
+//! firewall on its own host (needs root, `ip` and `nft`), with its fixture in `firewall/`.
 //!
 //! Environment: `EPS_TESTS_RUST_LOG` sets the children's `RUST_LOG` (default `info`, which the
 //! log assertions rely on); `EPS_TESTS_KEEP=1` keeps temporary folders.
@@ -42,6 +46,8 @@ mod files;
 mod hello;
 #[path = "support/keepalive.rs"]
 pub mod keepalive;
+#[path = "support/netns.rs"]
+pub mod netns;
 #[path = "support/pki.rs"]
 mod pki;
 #[path = "support/process.rs"]

@@ -130,9 +130,19 @@ impl EpsConfig {
         dir.to_path_buf()
     }
 
-    /// This server's directory records: its `grpc_server` channel, `groups` and `services`.
+    /// This server's directory records: its channel (`grpc_server`, or `reverse_stream`
+    /// without one), `groups` and `services`.
     pub fn records(&self, groups: &[&str], services: Value) -> Vec<Value> {
-        operator_records(&self.name, Some(self.grpc_addr), groups, services)
+        let grpc = self.serve_grpc.then_some(self.grpc_addr);
+        let mut records = operator_records(&self.name, grpc, groups, services);
+        if !self.serve_grpc {
+            records.push(record(
+                &self.name,
+                "channels",
+                json!([{"type": "reverse_stream"}]),
+            ));
+        }
+        records
     }
 }
 

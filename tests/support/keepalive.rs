@@ -19,9 +19,19 @@ pub async fn connect_tls(
     config: Arc<rustls::ClientConfig>,
     host: &str,
 ) -> std::io::Result<(TlsStream<TcpStream>, SocketAddr)> {
+    tls_over(TcpStream::connect(addr).await?, config, host).await
+}
+
+/// [`connect_tls`] over a TCP connection the caller opened (e.g. from inside a network
+/// namespace): no Nagle, TLS with server name `host`; the TLS stream and the socket's own
+/// address. No deadline: the caller sets one.
+pub async fn tls_over(
+    tcp: TcpStream,
+    config: Arc<rustls::ClientConfig>,
+    host: &str,
+) -> std::io::Result<(TlsStream<TcpStream>, SocketAddr)> {
     let name = ServerName::try_from(host.to_string())
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    let tcp = TcpStream::connect(addr).await?;
     tcp.set_nodelay(true)?;
     let local = tcp.local_addr()?;
     let tls = tokio_rustls::TlsConnector::from(config)

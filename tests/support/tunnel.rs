@@ -23,7 +23,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
 use crate::eps::{record, start_eps, write_records, EpsConfig, EPS_READY};
 use crate::files::TestDir;
-use crate::keepalive::connect_tls;
+use crate::keepalive::tls_over;
 use crate::pki::Pki;
 use crate::process::{bin_path, Proc};
 use crate::rpc::{client_tls_without_cert, rpc_client};
@@ -142,12 +142,15 @@ impl Tunnel {
             &directory,
             &format!("https://{public_rpc_addr}/jsonrpc"),
         );
-        let private_eps = EpsConfig::new(
+        let mut private_eps = EpsConfig::new(
             PRIVATE,
             &pki,
             &directory,
             &format!("https://{private_rpc_addr}/jsonrpc"),
         );
+        // As in the demo: the private EPS server opens no gRPC port and holds a reverse stream
+        // to the public one.
+        private_eps.serve_grpc = false;
         // private-proxy-2 has no proxy: nothing is ever delivered to it.
         let other_eps = EpsConfig::new(OTHER_PRIVATE, &pki, &directory, "https://127.0.0.1:9/");
 
@@ -456,20 +459,8 @@ pub async fn https_request(
     timeout: Duration,
 ) -> std::io::Result<Reply> {
     let work = async {
-        let (mut tls, _) = connect_tls(addr, config, host).await?;
-        let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\n");
-        if !body.is_empty() || method == "POST" {
-            request.push_str(&format!(
-                "Content-Type: application/json\r\nContent-Length: {}\r\n",
-                body.len()
-            ));
-        }
-        request.push_str("Connection: close\r\n\r\n");
-        let mut out = request.into_bytes();
-        out.extend_from_slice(body);
-        tls.write_all(&out).await?;
-        tls.flush().await?;
-        read_reply(&mut tls).await
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        https_request_over(tcp, config, host, method, path, body).await
     };
     tokio::time::timeout(timeout, work).await.map_err(|_| {
         std::io::Error::new(
@@ -477,6 +468,33 @@ pub async fn https_request(
             format!("no complete response from {addr} ({host}) within {timeout:?}"),
         )
     })?
+}
+
+/// [`https_request`] over a TCP connection the caller opened (e.g. from inside a network
+/// namespace): TLS with server name `host`, one HTTP/1.1 request, its response. No deadline: the
+/// caller sets one.
+pub async fn https_request_over(
+    tcp: tokio::net::TcpStream,
+    config: Arc<rustls::ClientConfig>,
+    host: &str,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> std::io::Result<Reply> {
+    let (mut tls, _) = tls_over(tcp, config, host).await?;
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\n");
+    if !body.is_empty() || method == "POST" {
+        request.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
+    }
+    request.push_str("Connection: close\r\n\r\n");
+    let mut out = request.into_bytes();
+    out.extend_from_slice(body);
+    tls.write_all(&out).await?;
+    tls.flush().await?;
+    read_reply(&mut tls).await
 }
 
 /// Reads one response with a `Content-Length` body from `io`.
