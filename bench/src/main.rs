@@ -62,6 +62,11 @@ pub struct Args {
     /// Callers in parallel in the RPC scenario (default 64); 1 shows the latency of one call.
     #[arg(long)]
     pub rpc_callers: Option<usize>,
+    /// Run eps in its dialed form (the private EPS server and the RPC benchmark's callee open a
+    /// gRPC port that their peer dials) instead of the firewalled form (they open none and hold
+    /// reverse streams to their peer), to compare the two.
+    #[arg(long)]
+    pub eps_dialed: bool,
 }
 
 /// A group of scenarios that run together.

@@ -78,16 +78,20 @@ impl RpcBench {
         let services = json!([{"name": "bench",
                                "permissions": [{"group": "callers", "rights": ["call"]}],
                                "methods": [{"name": METHOD}]}]);
-        let mut records = operator_records("rpc-a", a.grpc, "callers", json!([]));
-        records.extend(operator_records("rpc-b", b.grpc, "services", services));
+        // rpc-b, the callee, is reached over the reverse stream it holds to rpc-a (the
+        // firewalled form), or dialed at its gRPC port with --eps-dialed.
+        let mut records = operator_records("rpc-a", Some(a.grpc), "callers", json!([]));
+        let b_grpc = env.eps_dialed.then_some(b.grpc);
+        records.extend(operator_records("rpc-b", b_grpc, "services", services));
         write_directory(env, &directory, &records, &["rpc-a", "rpc-b"])?;
-        for (name, addrs) in [("rpc-a", &a), ("rpc-b", &b)] {
+        for (name, addrs, serve_grpc) in [("rpc-a", &a, true), ("rpc-b", &b, env.eps_dialed)] {
             let settings = addrs.settings(
                 env,
                 name,
                 &directory,
                 service_url,
                 Some(env.tls(name, false)),
+                serve_grpc,
             );
             let dir = write_settings(&root.join(name), "eps.yml", &settings)?;
             self.procs

@@ -36,7 +36,8 @@ pub async fn run(args: &Args, work: &Path) -> anyhow::Result<()> {
             .join(", "),
         work.display()
     );
-    let env = Env::start(work).await?;
+    let mut env = Env::start(work).await?;
+    env.eps_dialed = args.eps_dialed;
     let client = Client::new(&env.root())?;
     println!("==> internal server on {}", env.server_addr);
     let mut running = Vec::new();

@@ -32,6 +32,8 @@ pub struct Env {
     pub fingerprints: Vec<(String, String)>,
     pub server_addr: SocketAddr,
     pub server_pid: u32,
+    /// eps in its dialed form (`--eps-dialed`) rather than the firewalled one.
+    pub eps_dialed: bool,
     _server: Proc,
 }
 
@@ -92,6 +94,7 @@ impl Env {
             fingerprints: report.fingerprints,
             server_addr,
             server_pid: server.pid(),
+            eps_dialed: false,
             _server: server,
         })
     }

@@ -1,6 +1,8 @@
 //! eps as in the demo (`settings/dev/roles/*`, `settings/dev/directory/10-operators.json`), on
 //! free ports in the work folder: public proxy, private proxy and their two EPS servers, in front
-//! of the shared internal server. Limits are raised so that 5,000 idle relays fit.
+//! of the shared internal server. Limits are raised so that 5,000 idle relays fit. The private
+//! EPS server opens no gRPC port and holds a reverse stream to the public one (the firewalled
+//! form), unless `--eps-dialed`.
 //!
 //! Also the settings and start of any EPS server, which the RPC benchmark reuses.
 
@@ -36,9 +38,10 @@ pub fn start(env: &Env) -> anyhow::Result<System> {
         json!([{"name": "proxy", "permissions": [{"group": group, "rights": ["call"]}],
                 "methods": methods}])
     };
+    let private_grpc = env.eps_dialed.then_some(private_eps.grpc);
     let mut records = operator_records(
         PUBLIC,
-        public_eps.grpc,
+        Some(public_eps.grpc),
         "public-proxies",
         proxy_services(
             "private-proxies",
@@ -47,7 +50,7 @@ pub fn start(env: &Env) -> anyhow::Result<System> {
     );
     records.extend(operator_records(
         PRIVATE,
-        private_eps.grpc,
+        private_grpc,
         "private-proxies",
         proxy_services(
             "public-proxies",
@@ -97,6 +100,7 @@ pub fn start(env: &Env) -> anyhow::Result<System> {
         &directory,
         &delivery(public_rpc),
         Some(env.tls(PUBLIC, false)),
+        true,
     );
     let private_eps_settings = private_eps.settings(
         env,
@@ -104,6 +108,7 @@ pub fn start(env: &Env) -> anyhow::Result<System> {
         &directory,
         &delivery(private_rpc),
         Some(env.tls(PRIVATE, false)),
+        env.eps_dialed,
     );
 
     let proxy = env.bin("proxy")?;
@@ -156,7 +161,8 @@ impl EpsAddrs {
     }
 
     /// Settings of operator `name` (its own certificate everywhere, clients verified on the
-    /// JSON-RPC port), delivering incoming calls to `delivery_url`.
+    /// JSON-RPC port), delivering incoming calls to `delivery_url`; with a gRPC port when
+    /// `serve_grpc`, else reached over reverse streams.
     pub fn settings(
         &self,
         env: &Env,
@@ -164,20 +170,25 @@ impl EpsAddrs {
         directory: &Path,
         delivery_url: &str,
         delivery_tls: Option<TlsSettings>,
+        serve_grpc: bool,
     ) -> Value {
         let mut client = json!({"url": delivery_url});
         if let Some(t) = &delivery_tls {
             client["tls"] = tls_value(t);
         }
-        json!({
+        let own = tls_value(&env.tls(name, false));
+        let mut v = json!({
             "name": name,
             "directory": {"type": "files", "settings": {"path": directory}},
             "jsonrpc_server": {"bind_address": self.jsonrpc.to_string(),
                                "tls": tls_value(&env.tls(name, true))},
             "jsonrpc_client": client,
-            "grpc_server": {"bind_address": self.grpc.to_string(),
-                            "tls": tls_value(&env.tls(name, false))},
-        })
+            "grpc_client": {"tls": own.clone()},
+        });
+        if serve_grpc {
+            v["grpc_server"] = json!({"bind_address": self.grpc.to_string(), "tls": own});
+        }
+        v
     }
 }
 
@@ -227,14 +238,20 @@ pub fn record(name: &str, section: &str, data: Value) -> Value {
     json!({"name": name, "section": section, "data": data, "created_at": "2026-01-01T00:00:00Z"})
 }
 
-/// The `channels`, `groups` and `services` records of an operator.
-pub fn operator_records(name: &str, grpc: SocketAddr, group: &str, services: Value) -> Vec<Value> {
+/// The `channels`, `groups` and `services` records of an operator: reached at its `grpc`
+/// address, or over reverse streams without one.
+pub fn operator_records(
+    name: &str,
+    grpc: Option<SocketAddr>,
+    group: &str,
+    services: Value,
+) -> Vec<Value> {
+    let channel = match grpc {
+        Some(a) => json!({"type": "grpc_server", "settings": {"address": a.to_string()}}),
+        None => json!({"type": "reverse_stream"}),
+    };
     vec![
-        record(
-            name,
-            "channels",
-            json!([{"type": "grpc_server", "settings": {"address": grpc.to_string()}}]),
-        ),
+        record(name, "channels", json!([channel])),
         record(name, "groups", json!([group])),
         record(name, "services", services),
     ]
