@@ -64,6 +64,15 @@ async fn metrics_count_what_happens() {
     })
     .await;
     assert!(settled, "requests of the start still in flight");
+    // The private EPS server holds one reverse stream to the public one, which accepted it.
+    for (role, side, peer) in [
+        (Role::PrivateEps, "held", PUBLIC),
+        (Role::PublicEps, "accepted", PRIVATE),
+    ] {
+        let s = scrape(m[&role]).await.expect("scraping an EPS server");
+        let labels = [("side", side), ("peer", peer)];
+        assert_eq!(s.get("eps_reverse_streams", &labels), 1.0, "{}", s.text);
+    }
     let before = scrape(public).await.expect("scraping the public proxy");
     let before_eps = scrape(m[&Role::PublicEps]).await.expect("scraping its EPS");
     let before_private = scrape(m[&Role::PrivateProxy])

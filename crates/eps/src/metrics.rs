@@ -4,6 +4,7 @@
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
@@ -28,10 +29,23 @@ pub struct LatencyLabels {
     pub method: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReverseLabels {
+    /// `held`: streams this server holds open to the peer (it cannot be dialed); `accepted`:
+    /// streams the peer holds to this server.
+    pub side: &'static str,
+    pub peer: String,
+}
+
+/// Open reverse streams by side and peer.
+pub type ReverseGauge = Family<ReverseLabels, Gauge>;
+
 /// Label values come from the directory (peers, methods) or fixed sets, so series stay bounded.
 pub struct Metrics {
     calls: Family<CallLabels, Counter>,
     seconds: Family<LatencyLabels, Histogram>,
+    /// Shared with the reverse streams, which count themselves as they open and end.
+    pub reverse_streams: ReverseGauge,
 }
 
 impl Metrics {
@@ -42,6 +56,7 @@ impl Metrics {
                 // 50 µs .. ~13 s
                 Histogram::new(exponential_buckets(0.00005, 2.0, 19))
             }),
+            reverse_streams: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("eps");
         r.register(
@@ -53,6 +68,11 @@ impl Metrics {
             "call_seconds",
             "Latency of JSON-RPC calls by direction, peer and method",
             m.seconds.clone(),
+        );
+        r.register(
+            "reverse_streams",
+            "Open reverse streams: held by this server to a peer, or accepted from a peer",
+            m.reverse_streams.clone(),
         );
         m
     }

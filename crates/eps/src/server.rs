@@ -127,12 +127,6 @@ async fn run(s: Settings, p: Prepared) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    let peers = Peers::new(
-        p.peer_tls,
-        p.directory.clone(),
-        s.grpc_client.clone(),
-        s.max_message_bytes(),
-    );
     let ops_listener = match s.metrics.bind_address {
         Some(addr) => Some(
             TcpListener::bind(addr)
@@ -143,6 +137,13 @@ async fn run(s: Settings, p: Prepared) -> anyhow::Result<()> {
     };
     let mut prometheus = prometheus_client::registry::Registry::default();
     let metrics = Metrics::new(&mut prometheus);
+    let peers = Peers::new(
+        p.peer_tls,
+        p.directory.clone(),
+        s.grpc_client.clone(),
+        s.max_message_bytes(),
+        metrics.reverse_streams.clone(),
+    );
     let broker = Arc::new(Broker::new(
         s.name.clone(),
         p.directory.clone(),

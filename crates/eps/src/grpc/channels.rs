@@ -30,6 +30,7 @@ use super::pb::eps_client::EpsClient;
 use super::reverse::ReverseStreams;
 use super::server::MAX_STREAM_CALLS;
 use super::{from_pb, pb};
+use crate::metrics::ReverseGauge;
 use crate::peers::{check_peer, SharedDirectory};
 use crate::settings::GrpcClientSettings;
 
@@ -83,6 +84,7 @@ impl Peers {
         directory: SharedDirectory,
         settings: GrpcClientSettings,
         max_message_bytes: usize,
+        reverse_gauge: ReverseGauge,
     ) -> Self {
         Self {
             tls,
@@ -90,7 +92,7 @@ impl Peers {
             settings,
             max_message_bytes,
             channels: Mutex::new(HashMap::new()),
-            reverse: Arc::new(ReverseStreams::default()),
+            reverse: Arc::new(ReverseStreams::new(reverse_gauge)),
         }
     }
 

@@ -19,9 +19,12 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 
+use prometheus_client::metrics::gauge::Gauge;
+
 use super::channels::CallStream;
 use super::server::{answer_calls, MAX_STREAM_CALLS};
 use crate::broker::Broker;
+use crate::metrics::{ReverseGauge, ReverseLabels};
 use crate::peers::SharedDirectory;
 
 /// Reverse streams one operator may hold to this server at once (one per instance it runs):
@@ -33,15 +36,19 @@ const FIRST_RETRY: Duration = Duration::from_millis(100);
 /// A stream that stayed open this long ended for a new reason: the next attempt waits only the
 /// first pause.
 const STABLE: Duration = Duration::from_secs(10);
+/// `side` label values of `eps_reverse_streams`.
+const HELD: &str = "held";
+const ACCEPTED: &str = "accepted";
 /// How often the holder compares the peers it should hold streams to with the directory.
 const RECONCILE_EVERY: Duration = Duration::from_secs(1);
 
 /// The reverse streams peers hold to this server, by operator.
-#[derive(Default)]
 pub struct ReverseStreams {
     streams: Mutex<HashMap<String, Vec<Arc<CallStream>>>>,
     /// Breaks ties between equally busy streams in turn.
     turn: AtomicUsize,
+    /// `eps_reverse_streams`, both sides.
+    gauge: ReverseGauge,
 }
 
 /// A stream in [`ReverseStreams`]; dropping it takes the stream out.
@@ -53,6 +60,7 @@ pub struct Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
+        self.streams.gauge(ACCEPTED, &self.name).dec();
         let mut map = self.streams.streams.lock().expect("reverse map poisoned");
         if let Some(list) = map.get_mut(&self.name) {
             list.retain(|s| !Arc::ptr_eq(s, &self.stream));
@@ -64,6 +72,23 @@ impl Drop for Registration {
 }
 
 impl ReverseStreams {
+    pub fn new(gauge: ReverseGauge) -> Self {
+        Self {
+            streams: Mutex::new(HashMap::new()),
+            turn: AtomicUsize::new(0),
+            gauge,
+        }
+    }
+
+    /// `eps_reverse_streams{side, peer}`.
+    fn gauge(&self, side: &'static str, peer: &str) -> Gauge {
+        self.gauge
+            .get_or_create(&ReverseLabels {
+                side,
+                peer: peer.to_string(),
+            })
+            .clone()
+    }
     /// The open stream of `name` with the fewest calls in flight (in turn among equals), other
     /// than those in `tried`.
     pub fn pick(&self, name: &str, tried: &[Arc<CallStream>]) -> Option<Arc<CallStream>> {
@@ -97,6 +122,7 @@ impl ReverseStreams {
             ));
         }
         list.push(stream.clone());
+        self.gauge(ACCEPTED, name).inc();
         Ok(Registration {
             streams: self.clone(),
             name: name.to_string(),
@@ -241,6 +267,8 @@ async fn serve_one(
         .map_err(|status| super::channels::status_error(name, address, &status, 0.0).message)?
         .into_inner();
     tracing::info!(peer = %name, %address, "reverse stream open: this peer's calls come on it");
+    let held = peers.reverse().gauge(HELD, name);
+    held.inc();
     answer_calls(
         calls,
         answers,
@@ -251,5 +279,6 @@ async fn serve_one(
         stop.clone(),
     )
     .await;
+    held.dec();
     Ok(())
 }
