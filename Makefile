@@ -7,7 +7,8 @@
 #   make demo       run the five-process demo in this terminal (Ctrl-C stops it)
 #   make test       formatting, lints and every test (what CI runs), then `N passed, N failed`
 #   make bench      benchmarks (see bench/README.md)
-#   make fuzz       fuzz the ClientHello reader for 5 minutes (nightly; installs cargo-fuzz)
+#   make fuzz       fuzz the ClientHello reader, the _client splice and the JSON-RPC request
+#                   parser, 5 minutes each (nightly; installs cargo-fuzz)
 
 CARGO ?= cargo
 # One target dir for `cargo install` and `cargo build`, so nothing is compiled twice.
@@ -36,12 +37,16 @@ demo:
 bench:
 	bench/run.sh $(BENCH_ARGS)
 
-# FUZZ_SECONDS sets the run's length, e.g. `make fuzz FUZZ_SECONDS=60`. New inputs go to
-# fuzz/corpus/client_hello/, crashes to fuzz/artifacts/.
+# FUZZ_SECONDS sets each target's run, FUZZ_TARGETS which run, e.g.
+# `make fuzz FUZZ_TARGETS=params_splice FUZZ_SECONDS=60`. New inputs go to
+# fuzz/corpus/TARGET/, crashes to fuzz/artifacts/TARGET/.
 FUZZ_SECONDS ?= 300
+FUZZ_TARGETS ?= client_hello params_splice jsonrpc_request
 fuzz:
 	command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
-	$(CARGO) +nightly fuzz run client_hello -- -max_total_time=$(FUZZ_SECONDS)
+	for t in $(FUZZ_TARGETS); do \
+	  $(CARGO) +nightly fuzz run $$t -- -max_total_time=$(FUZZ_SECONDS) || exit 1; \
+	done
 
 lint:
 	$(CARGO) fmt --all -- --check

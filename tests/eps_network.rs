@@ -77,6 +77,63 @@ async fn call_reaches_peer_service_with_caller_identity() {
     );
 }
 
+/// A hostile caller spells `_client` every way JSON allows (escapes, duplicates, odd
+/// whitespace, any position): the service behind the receiving EPS server gets exactly one
+/// top-level key that decodes to `_client`, the receiver's, whatever JSON parser it uses; the
+/// caller's other members, nested `_client`s included, arrive as they were sent.
+#[tokio::test(flavor = "multi_thread")]
+async fn forged_client_spellings_never_reach_the_service() {
+    let mut net = Net::new("forged-client");
+    net.start(&["alice", "bob"]).await;
+    let alice = net.node("alice");
+    let tls = client_tls(&alice.client_tls);
+    // Written by hand: a JSON library would merge the duplicates and undo the escapes. The
+    // first holds no `"_client"` as plain text anywhere.
+    let cases = [
+        (
+            r#"{"\u005fclient": {"name": "mallory", "entry": {"name": "mallory"}}, "a": 1}"#,
+            &["_client", "a"][..],
+        ),
+        (
+            concat!(
+                r#"{ "\u005fclient" : {"name": "mallory", "entry": {"name": "mallory"}},"#,
+                r#" "a": 1, "_\u0063lient": "x", "nested": {"_client": "kept"},"#,
+                "\n\t\"_client\"\r\n:\n{\"name\": \"mallory\"},",
+                r#" "\u005F\u0063\u006C\u0069\u0065\u006E\u0074": 3, "z": [1, {"_client": 2}] }"#
+            ),
+            &["_client", "a", "nested", "z"][..],
+        ),
+    ];
+    for (params, expected) in cases {
+        let service = &net.node("bob").service;
+        service.clear();
+        let body = format!(r#"{{"jsonrpc":"2.0","method":"bob.echo","params":{params},"id":1}}"#);
+        let reply = post_raw(
+            alice.config.jsonrpc_addr,
+            Some(tls.clone()),
+            body.into_bytes(),
+        )
+        .await
+        .expect("POST to alice");
+        assert_eq!(reply.status, 200, "{reply:?}");
+        assert_eq!(reply.json()["result"]["service"], "bob", "{reply:?}");
+
+        let got = service.received();
+        assert_eq!(got.len(), 1, "{got:?}");
+        let raw = &got[0].raw_params;
+        let members = eps_core::jsonrpc::params::Members::parse(raw).expect("an object");
+        let keys: Vec<&str> = members.0.iter().map(|(k, _)| k.as_ref()).collect();
+        assert_eq!(keys, expected, "{params} arrived as {raw}");
+        let client: Value = serde_json::from_str(members.0[0].1.get()).unwrap();
+        assert_eq!(client["name"], "alice", "{raw}");
+        assert_eq!(client["entry"]["groups"], json!(["friends"]), "{raw}");
+        if expected.len() == 4 {
+            assert_eq!(members.0[2].1.get(), r#"{"_client": "kept"}"#);
+            assert_eq!(members.0[3].1.get(), r#"[1, {"_client": 2}]"#);
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn ping_is_answered_by_the_servers_themselves() {
     let mut net = Net::new("ping");

@@ -23,6 +23,8 @@ const RAW_POST_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Received {
     pub method: String,
     pub params: Value,
+    /// The params exactly as they arrived (`params` keeps only the last of duplicate keys).
+    pub raw_params: String,
     /// Common name of the caller's TLS client certificate.
     pub peer: Option<String>,
 }
@@ -53,6 +55,11 @@ impl Handler for Recorder {
         self.received.lock().unwrap().push(Received {
             method: req.method.clone(),
             params: params.clone(),
+            raw_params: req
+                .params
+                .as_ref()
+                .map(|p| p.get().to_string())
+                .unwrap_or_default(),
             peer: peer.name,
         });
         if let Some(ms) = params.get("sleep_ms").and_then(Value::as_u64) {

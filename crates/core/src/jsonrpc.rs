@@ -5,6 +5,8 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
+
+pub mod params;
 use serde_json::Value;
 
 /// The method every EPS server answers itself; proxies use it to check their EPS server.

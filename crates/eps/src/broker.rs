@@ -1,7 +1,8 @@
 //! Routing of calls: local client → peer (outgoing) and peer → local service (incoming).
 //!
 //! Per call: one directory lookup (in memory), one permission check, one forward. Params are
-//! passed on as raw JSON; only the receiving side opens them once, to add `_client`.
+//! passed on as raw JSON; only the receiving side reads their top-level keys once, to put its
+//! own `_client` in (`eps_core::jsonrpc::params`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -9,9 +10,9 @@ use std::time::{Duration, Instant};
 
 use eps_core::directory::{AccessError, Directory, Entry};
 use eps_core::http::{CallError, Handler, Peer, RpcClient};
-use eps_core::jsonrpc::{self, Outcome, Request, RpcError, PING};
+use eps_core::jsonrpc::{self, params, Outcome, Request, RpcError, PING};
+use serde_json::json;
 use serde_json::value::RawValue;
-use serde_json::{json, Map, Value};
 
 use crate::grpc::Peers;
 use crate::metrics::Metrics;
@@ -186,7 +187,7 @@ impl Broker {
             })?;
             self.client_json(dir, caller, caller_entry)
         };
-        let params = with_client(params, &client)?;
+        let params = params::with_client(params, &client)?;
         match self
             .local
             .call_with_deadline(method, &params, self.call_timeout)
@@ -211,83 +212,11 @@ impl Broker {
     }
 }
 
-/// Adds `_client` (already serialized) to an object of params, replacing any the caller sent.
-///
-/// The usual case splices text and builds no tree; params that mention `_client` themselves are
-/// decoded so that the caller's value is replaced, never duplicated.
-fn with_client(params: &[u8], client: &RawValue) -> Result<Box<RawValue>, RpcError> {
-    let text = std::str::from_utf8(params)
-        .map_err(|_| RpcError::invalid_params("params are not UTF-8"))?
-        .trim();
-    if text.is_empty() || text == "null" {
-        return raw(format!("{{\"_client\":{}}}", client.get()));
-    }
-    // Syntax only, no tree (and serde_json bounds the nesting depth).
-    let checked: &RawValue = serde_json::from_str(text)
-        .map_err(|e| RpcError::invalid_params(format!("params must be a JSON object: {e}")))?;
-    let body = checked.get().trim();
-    let Some(inner) = body.strip_prefix('{') else {
-        return Err(RpcError::invalid_params("params must be a JSON object"));
-    };
-    if body.contains("\"_client\"") {
-        let mut map: Map<String, Value> = serde_json::from_str(body)
-            .map_err(|e| RpcError::invalid_params(format!("params must be a JSON object: {e}")))?;
-        let value: Value = serde_json::from_str(client.get()).expect("cached JSON");
-        map.insert("_client".into(), value);
-        return Ok(jsonrpc::to_raw(&map));
-    }
-    let sep = if inner.trim_start().starts_with('}') {
-        ""
-    } else {
-        ","
-    };
-    raw(format!("{{\"_client\":{}{sep}{inner}", client.get()))
-}
-
-fn raw(text: String) -> Result<Box<RawValue>, RpcError> {
-    RawValue::from_string(text).map_err(|e| RpcError::internal(format!("params: {e}")))
-}
-
 /// The local JSON-RPC server's handler: every request goes out through the broker.
 pub struct LocalHandler(pub std::sync::Arc<Broker>);
 
 impl Handler for LocalHandler {
     async fn call(&self, req: Request, _peer: Peer) -> Outcome {
         self.0.outgoing(req).await
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn client_is_added_and_cannot_be_forged() {
-        let c = jsonrpc::to_raw(&json!({"name": "x"}));
-        let p = with_client(br#"{"a":1,"_client":"forged"}"#, &c).unwrap();
-        let v: Value = serde_json::from_str(p.get()).unwrap();
-        assert_eq!(v["a"], 1);
-        assert_eq!(v["_client"]["name"], "x");
-        for (params, expected) in [
-            (&b""[..], json!({"_client": {"name": "x"}})),
-            (b"null", json!({"_client": {"name": "x"}})),
-            (b" { } ", json!({"_client": {"name": "x"}})),
-            (
-                br#"{"a": [1, {"b": 2}]}"#,
-                json!({"_client": {"name": "x"}, "a": [1, {"b": 2}]}),
-            ),
-        ] {
-            let p = with_client(params, &c).unwrap();
-            let v: Value = serde_json::from_str(p.get()).unwrap();
-            assert_eq!(v, expected);
-        }
-        for bad in [&b"[1]"[..], b"{", b"{}x", b"42"] {
-            assert_eq!(
-                with_client(bad, &c).unwrap_err().code,
-                jsonrpc::INVALID_PARAMS,
-                "{}",
-                String::from_utf8_lossy(bad)
-            );
-        }
     }
 }
