@@ -677,6 +677,64 @@ async fn settings_check_names_file_and_key() {
     );
 }
 
+/// The README's two-host settings (`settings/examples/two-hosts`) are valid as shipped, once
+/// `eps certs` has made their PKI as the README says: each role's `settings check` passes, the
+/// private EPS server has no gRPC port, and the directory reaches it by reverse stream.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_host_example_settings_check() {
+    let dir = TestDir::new("ops-two-hosts");
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../settings/examples/two-hosts");
+    let copy = dir.mkdir("two-hosts");
+    for sub in [
+        "directory",
+        "public-eps",
+        "public-proxy",
+        "private-eps",
+        "private-proxy",
+    ] {
+        let to = copy.join(sub);
+        std::fs::create_dir_all(&to).expect("mkdir");
+        for f in std::fs::read_dir(examples.join(sub)).expect("an example folder") {
+            let f = f.expect("a file").path();
+            if f.extension().is_some_and(|e| e == "yml" || e == "json") {
+                std::fs::copy(&f, to.join(f.file_name().unwrap())).expect("copy");
+            }
+        }
+    }
+    let (certs, directory) = (copy.join("certs"), copy.join("directory"));
+    let out = run(
+        &bin_path("eps"),
+        &[
+            "certs",
+            "--certs-dir",
+            certs.to_str().unwrap(),
+            "--directory-dir",
+            directory.to_str().unwrap(),
+        ],
+        &[],
+    )
+    .await;
+    assert_success(&out, "eps certs for the example");
+    for (role, name) in [("public", PUBLIC), ("private", PRIVATE)] {
+        let out = eps(&copy.join(format!("{role}-eps")), &["settings", "check"]).await;
+        let merged = merged_settings(&out, &format!("eps settings check ({role})"));
+        assert_eq!(merged["name"], name, "{merged}");
+        assert_eq!(
+            merged["grpc_server"].is_null(),
+            role == "private",
+            "{merged}"
+        );
+        let dirs = [copy.join(format!("{role}-proxy"))];
+        let out = proxy(&[&dirs[0]], &["settings", "check", role], &[]).await;
+        let merged = merged_settings(&out, &format!("proxy settings check {role}"));
+        assert_eq!(merged["name"], name, "{merged}");
+    }
+    let out = eps(&copy.join("private-eps"), &["directory", "show", PRIVATE]).await;
+    assert_success(&out, "eps directory show");
+    let entry: Value = serde_json::from_slice(&out.stdout).expect("the entry as JSON");
+    assert_eq!(entry["channels"], json!([{"type": "reverse_stream"}]));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn json_logs() {
     let mut t = Tunnel::new("ops-json-logs");

@@ -42,7 +42,7 @@ pub const REVERSE_STREAM: &str = "reverse_stream";
 pub struct Channel {
     #[serde(rename = "type")]
     pub kind: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Value::is_null")]
     pub settings: Value,
 }
 
