@@ -2,13 +2,14 @@
 //! params.
 //!
 //! Checked beyond "no panic": whatever the caller sent, params that are accepted come out as an
-//! object with exactly one top-level key decoding to `_client`, first, holding the receiver's
-//! value; every other top-level member of the input follows in order, its key decoding to the
-//! same string and its value written as it came. Params that are refused are not an object.
+//! object with exactly one top-level key that is or could be read as `_client`, first, holding
+//! the receiver's value; every other top-level member of the input follows in order, its key
+//! decoding to the same string and its value written as it came. Params that are refused are
+//! not an object (or hold a key that decodes to no string).
 
 #![no_main]
 
-use eps_core::jsonrpc::params::{with_client, Members, CLIENT_KEY};
+use eps_core::jsonrpc::params::{is_client_key, with_client, Members, CLIENT_KEY};
 use libfuzzer_sys::fuzz_target;
 use serde_json::value::RawValue;
 
@@ -31,14 +32,14 @@ fuzz_target!(|data: &[u8]| {
     };
     let (out, input) = out;
     let delivered = Members::parse(out.get()).expect("delivered params are an object");
-    let clients = delivered.0.iter().filter(|(k, _)| k == CLIENT_KEY).count();
+    let clients = delivered.0.iter().filter(|(k, _)| is_client_key(k)).count();
     assert_eq!(clients, 1, "{}", out.get());
     assert_eq!(delivered.0[0].0, CLIENT_KEY);
     assert_eq!(delivered.0[0].1.get(), client.get());
     let kept: Vec<(&str, &str)> = input
         .0
         .iter()
-        .filter(|(k, _)| k != CLIENT_KEY)
+        .filter(|(k, _)| !is_client_key(k))
         .map(|(k, v)| (k.as_ref(), v.get()))
         .collect();
     let rest: Vec<(&str, &str)> = delivered.0[1..]

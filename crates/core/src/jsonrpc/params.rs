@@ -4,8 +4,10 @@
 //! Local services trust `_client` to name the operator that called them, so the caller's text
 //! must not be able to carry a second one past the receiver, whatever its spelling: every
 //! top-level key is decoded (escapes and all) and any that decodes to `_client` is dropped; the
-//! receiver's own goes first. Values, nested objects included, are the caller's business and pass
-//! on as written, never decoded into a tree.
+//! receiver's own goes first. So is any key that a lenient decoder could take for `_client`
+//! ([`is_client_key`]: any letter case, as Go's `encoding/json` and case-insensitive .NET or
+//! Jackson match fields, and trailing NULs, where C strings end). Values, nested objects
+//! included, are the caller's business and pass on as written, never decoded into a tree.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -17,6 +19,15 @@ use super::RpcError;
 
 /// The key a local service reads the calling operator from.
 pub const CLIENT_KEY: &str = "_client";
+
+/// Whether a decoded top-level key is `_client`, or could be read as `_client` by a lenient
+/// decoder: compared in upper case (Unicode, so `ı` counts as `i`), trailing NULs ignored.
+pub fn is_client_key(key: &str) -> bool {
+    key.trim_end_matches('\0')
+        .chars()
+        .flat_map(char::to_uppercase)
+        .eq("_CLIENT".chars())
+}
 
 /// The top-level members of a JSON object in order, duplicates included: each key decoded
 /// (borrowed from the text when it holds no escape), each value as written.
@@ -75,8 +86,9 @@ impl<'a> Members<'a> {
 }
 
 /// The params to deliver: `{"_client": client, ...}` with every top-level member of `params`
-/// whose key does not decode to `_client`, in order and as written. Empty or `null` params give
-/// `{"_client": client}`; anything but an object is invalid params.
+/// whose key is not [`is_client_key`], in order and as written. Empty or `null` params give
+/// `{"_client": client}`; anything but an object, or an object with a key that does not decode
+/// to a string (a lone UTF-16 surrogate escape), is invalid params.
 pub fn with_client(params: &[u8], client: &RawValue) -> Result<Box<RawValue>, RpcError> {
     let text = std::str::from_utf8(params)
         .map_err(|_| RpcError::invalid_params("params are not UTF-8"))?
@@ -88,7 +100,7 @@ pub fn with_client(params: &[u8], client: &RawValue) -> Result<Box<RawValue>, Rp
         let members = Members::parse(text)
             .map_err(|e| RpcError::invalid_params(format!("params must be a JSON object: {e}")))?;
         for (key, value) in members.0 {
-            if key == CLIENT_KEY {
+            if is_client_key(&key) {
                 continue;
             }
             out.push(',');
@@ -128,7 +140,7 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.get().to_string()))
             .collect();
-        let clients: Vec<_> = list.iter().filter(|(k, _)| k == CLIENT_KEY).collect();
+        let clients: Vec<_> = list.iter().filter(|(k, _)| is_client_key(k)).collect();
         assert_eq!(clients.len(), 1, "{params} -> {}", out.get());
         assert_eq!(
             list[0],
@@ -151,6 +163,10 @@ mod tests {
             "{\n\t\"_client\"\r\n:\n\"forged\"\n}",
             r#"{"_client":1,"_client":2,"\u005fclient":3}"#,
             r#"{"_client":{"name":"mallory","entry":{"name":"mallory"}}}"#,
+            // What lenient decoders take for `_client`.
+            r#"{"_Client":"forged","_CLIENT":"forged","_cLiEnT":"forged"}"#,
+            r#"{"_client\u0000":"forged","_CLIENT\u0000\u0000":"forged"}"#,
+            r#"{"_cl\u0131ent":"forged","_cl\u0131ent\u0000":"forged"}"#,
         ] {
             assert!(delivered(params).is_empty(), "{params}");
         }
@@ -177,13 +193,16 @@ mod tests {
         );
         // Near misses are other keys; escaped keys decode to the same key after the splice.
         assert_eq!(
-            delivered(r#"{"_client\u0000":1,"_Client":2,"a\"b":3,"\u00e9":4,"_client ":5}"#),
+            delivered(
+                r#"{"\u0000_client":1,"_clients":2,"a\"b":3,"\u00e9":4,"_client ":5,"_CL\u0130ENT":6}"#
+            ),
             [
-                ("_client\u{0}".to_string(), "1".to_string()),
-                ("_Client".into(), "2".into()),
+                ("\u{0}_client".to_string(), "1".to_string()),
+                ("_clients".into(), "2".into()),
                 ("a\"b".into(), "3".into()),
                 ("é".into(), "4".into()),
-                ("_client ".into(), "5".into())
+                ("_client ".into(), "5".into()),
+                ("_CLİENT".into(), "6".into())
             ]
         );
         // Duplicates of other keys are passed on as they came.
@@ -211,6 +230,11 @@ mod tests {
             b"\"s\"",
             b"{\"a\":}",
             b"\xff",
+            // A lone surrogate escape in a key is valid JSON text but no string: nothing can
+            // tell whether a service reads it as `_client`, so the call is refused (found by
+            // fuzzing).
+            br#"{"\udccc_client":1}"#,
+            br#"{"_client\ud800":1}"#,
         ] {
             assert_eq!(
                 with_client(bad, &c).unwrap_err().code,
