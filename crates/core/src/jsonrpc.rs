@@ -101,6 +101,20 @@ impl RpcError {
         }
     }
 
+    /// This error without the [`Self::not_delivered`] mark (what a service or a local client
+    /// sees: the mark is only for EPS servers).
+    pub fn without_delivery_mark(mut self) -> Self {
+        if self.is_not_delivered() {
+            if let Some(Value::Object(data)) = &mut self.data {
+                data.remove("delivered");
+                if data.is_empty() {
+                    self.data = None;
+                }
+            }
+        }
+        self
+    }
+
     /// Whether this error says the call never reached the service ([`Self::not_delivered`]).
     pub fn is_not_delivered(&self) -> bool {
         self.data
@@ -226,6 +240,19 @@ pub fn split_method(method: &str) -> Option<(&str, &str)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn delivery_mark_is_set_and_stripped() {
+        let e = RpcError::not_delivered(SERVICE_UNAVAILABLE, "down");
+        assert!(e.is_not_delivered());
+        let plain = e.without_delivery_mark();
+        assert!(!plain.is_not_delivered() && plain.data.is_none());
+        let mut kept = RpcError::new(1, "x");
+        kept.data = Some(serde_json::json!({"delivered": false, "other": 1}));
+        let kept = kept.without_delivery_mark();
+        assert_eq!(kept.data, Some(serde_json::json!({"other": 1})));
+        assert!(!RpcError::new(1, "x").is_not_delivered());
+    }
 
     #[test]
     fn parse_errors_are_told_apart() {

@@ -117,7 +117,8 @@ impl Broker {
             &outcome,
             started.elapsed().as_secs_f64(),
         );
-        outcome
+        // The mark is between EPS servers; the local client gets a plain error.
+        outcome.map_err(RpcError::without_delivery_mark)
     }
 
     async fn route_out(
@@ -194,7 +195,9 @@ impl Broker {
             .await
         {
             Ok(r) => Ok(r),
-            Err(CallError::Rpc(e)) => Err(e),
+            // Only this server may say that a call was not delivered: a service cannot ask for
+            // its call to be run again by another instance.
+            Err(CallError::Rpc(e)) => Err(e.without_delivery_mark()),
             Err(e @ CallError::Timeout { .. }) => Err(RpcError::new(
                 jsonrpc::PEER_TIMEOUT,
                 format!("{}: local service: {e}", self.name),
