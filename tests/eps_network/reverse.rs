@@ -216,3 +216,92 @@ async fn stream_is_opened_again_after_the_peer_restarts() {
         "bob restarted"
     );
 }
+
+/// One of two instances stopped with SIGTERM under load (a rolling restart): it answers the
+/// calls it has read, refuses the ones that reach it afterwards as not delivered, and the caller
+/// sends those to the other instance. No call fails.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_of_one_instance_loses_no_call() {
+    let net = net_with_reverse_bob("reverse-sigterm").await;
+    let mut b1 = start_bob(&net, 1).await;
+    let b2 = start_bob(&net, 2).await;
+    alice_logged(&net, ACCEPTED, 2).await;
+    let alice = net.node("alice").client();
+
+    const CALLS: usize = 400;
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let workers: Vec<_> = (0..8)
+        .map(|w| {
+            let (alice, done) = (alice.clone(), done.clone());
+            tokio::spawn(async move {
+                let mut failed = Vec::new();
+                for i in (w..CALLS).step_by(8) {
+                    // Slow enough that calls are in flight when the signal comes.
+                    let r = call(&alice, "bob.echo", json!({"i": i, "sleep_ms": 10})).await;
+                    if let Err(e) = r {
+                        failed.push(format!("#{i}: {e}"));
+                    }
+                    done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                failed
+            })
+        })
+        .collect();
+    assert!(
+        wait_until(PROCESS_WAIT, || async {
+            done.load(std::sync::atomic::Ordering::Relaxed) >= CALLS / 4
+        })
+        .await
+    );
+    let t0 = Instant::now();
+    let status = b1
+        .proc
+        .stop(PROCESS_WAIT)
+        .await
+        .expect("bob-1 exits on SIGTERM");
+    let stopped = t0.elapsed();
+    let mut failed = Vec::new();
+    for w in workers {
+        failed.extend(w.await.expect("a worker"));
+    }
+    let (n1, n2) = (b1.service.received().len(), b2.service.received().len());
+    println!(
+        "SIGTERM to bob-1 under load: exited ({status}) in {stopped:?}; {} of {CALLS} calls \
+         failed; bob-1 took {n1}, bob-2 {n2}",
+        failed.len()
+    );
+    assert!(status.success(), "{status}");
+    assert!(failed.is_empty(), "{failed:#?}");
+    assert!(stopped < Duration::from_secs(5), "{stopped:?}");
+}
+
+/// The receiving server stopped with SIGTERM while a call is on the reverse stream: the call
+/// still gets its answer (as on a dialed channel) before the server exits.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_of_the_receiver_answers_calls_in_flight() {
+    let mut net = net_with_reverse_bob("reverse-receiver-sigterm").await;
+    let bob = start_bob(&net, 1).await;
+    alice_logged(&net, ACCEPTED, 1).await;
+    let alice = net.node("alice").client();
+    let slow =
+        tokio::spawn(async move { call(&alice, "bob.echo", json!({"sleep_ms": 700})).await });
+    // The call is on its way once bob's service holds it.
+    assert!(
+        wait_until(PROCESS_WAIT, || async {
+            !bob.service.received().is_empty()
+        })
+        .await
+    );
+    let status = net
+        .node_mut("alice")
+        .proc
+        .stop(PROCESS_WAIT)
+        .await
+        .expect("alice exits on SIGTERM");
+    assert!(status.success(), "{status}");
+    let r = slow
+        .await
+        .expect("the caller")
+        .expect("the call in flight was answered");
+    assert_eq!(r["echo"]["sleep_ms"], 700);
+}

@@ -484,8 +484,10 @@ impl CallStream {
         let error = loop {
             match answers.next().await {
                 Some(Ok(resp)) => self.waiting.answer(resp),
+                // A peer ends its side only after answering every call it read: the calls
+                // still waiting never reached it, and another instance may take them.
                 None => {
-                    break RpcError::new(
+                    break RpcError::not_delivered(
                         jsonrpc::PEER_UNREACHABLE,
                         format!("peer {name} ({address}) closed its call stream"),
                     )
@@ -507,9 +509,16 @@ impl CallStream {
         !self.waiting.is_ended() && !self.requests.is_closed()
     }
 
-    /// Calls waiting for their answer on this stream (or for room on it).
+    /// Calls sent on this stream (or waiting for room on it) and not answered yet.
     pub fn in_flight(&self) -> usize {
         MAX_STREAM_CALLS - self.slots.available_permits()
+    }
+
+    /// Resolves once no call waits on this stream (polled: only shutdown waits for it).
+    pub async fn idle(&self) {
+        while self.in_flight() > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     fn ended(&self) -> RpcError {

@@ -18,6 +18,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use prometheus_client::metrics::gauge::Gauge;
 
@@ -39,6 +40,8 @@ const STABLE: Duration = Duration::from_secs(10);
 /// `side` label values of `eps_reverse_streams`.
 const HELD: &str = "held";
 const ACCEPTED: &str = "accepted";
+/// How long a stopping holder waits for the peer to end the stream after the last answer.
+const DRAIN: Duration = Duration::from_secs(2);
 /// How often the holder compares the peers it should hold streams to with the directory.
 const RECONCILE_EVERY: Duration = Duration::from_secs(1);
 
@@ -166,7 +169,7 @@ pub fn targets(
 }
 
 /// Holds a reverse stream to each of [`targets`], following directory changes, until
-/// `shutdown`.
+/// `shutdown`; then returns once every stream has answered the calls it read.
 pub async fn hold_streams(
     broker: Arc<Broker>,
     directory: SharedDirectory,
@@ -174,6 +177,8 @@ pub async fn hold_streams(
     shutdown: CancellationToken,
 ) {
     let mut held: BTreeMap<(String, String), CancellationToken> = BTreeMap::new();
+    // Waited for on shutdown: each answers the calls it has read before it ends.
+    let tasks = TaskTracker::new();
     let mut seen: Option<Arc<eps_core::directory::Directory>> = None;
     let mut warned = false;
     loop {
@@ -199,15 +204,17 @@ pub async fn hold_streams(
                 }
                 let stop = shutdown.child_token();
                 held.insert(key, stop.clone());
-                tokio::spawn(hold(broker.clone(), name, address, stop));
+                tasks.spawn(hold(broker.clone(), name, address, stop));
             }
             seen = Some(dir);
         }
         tokio::select! {
             _ = tokio::time::sleep(RECONCILE_EVERY) => {}
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => break,
         }
     }
+    tasks.close();
+    tasks.wait().await;
 }
 
 /// Keeps one reverse stream to `name` at `address` open: opens it, answers its calls, and when
@@ -263,14 +270,17 @@ async fn serve_one(
         r = client.serve(outgoing) => r,
         _ = stop.cancelled() => return Ok(()),
     };
-    let calls = opened
-        .map_err(|status| super::channels::status_error(name, address, &status, 0.0).message)?
+    let mut calls = opened
+        .map_err(|status| {
+            let secs = peers.settings().connect_timeout.as_secs_f64();
+            super::channels::status_error(name, address, &status, secs).message
+        })?
         .into_inner();
     tracing::info!(peer = %name, %address, "reverse stream open: this peer's calls come on it");
     let held = peers.reverse().gauge(HELD, name);
     held.inc();
     answer_calls(
-        calls,
+        &mut calls,
         answers,
         broker.clone(),
         Arc::from(name),
@@ -279,6 +289,11 @@ async fn serve_one(
         stop.clone(),
     )
     .await;
+    if stop.is_cancelled() {
+        // Our side has ended with its last answer; the peer ends its side once it has read
+        // them all. Waiting for that keeps the process alive until the answers are out.
+        let _ = tokio::time::timeout(DRAIN, async { while calls.next().await.is_some() {} }).await;
+    }
     held.dec();
     Ok(())
 }

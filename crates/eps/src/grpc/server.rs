@@ -16,6 +16,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::transport::server::Connected;
 
 use tokio_stream::StreamExt;
@@ -115,10 +116,12 @@ type CallRequests =
 /// Reads calls from `incoming` (of peer `caller`), runs each in its own task through the
 /// broker, and sends each answer with the call's id to `answers`, in the order they finish. At
 /// most `in_flight` calls run at once: the next is read only when one has been answered, so a
-/// busy peer is slowed by HTTP/2 flow control. Returns when `incoming` ends or on `shutdown`;
-/// calls already read are still answered, and `answers` closes after the last of them.
+/// busy peer is slowed by HTTP/2 flow control. Returns when `incoming` ends or fails, or, after
+/// `shutdown`, once every call read before it has been answered; a call read after `shutdown`
+/// is answered at once as not delivered, so that the caller may send it to another instance.
+/// `answers` closes after the last answer.
 pub(super) async fn answer_calls<S>(
-    mut incoming: S,
+    incoming: &mut S,
     answers: mpsc::Sender<Result<pb::CallResponse, tonic::Status>>,
     broker: Arc<Broker>,
     caller: Arc<str>,
@@ -128,10 +131,16 @@ pub(super) async fn answer_calls<S>(
 ) where
     S: Stream<Item = Result<pb::CallRequest, tonic::Status>> + Unpin,
 {
+    let calls = TaskTracker::new();
     loop {
+        let stopping = shutdown.is_cancelled();
+        if stopping {
+            calls.close();
+        }
         let req = tokio::select! {
             r = incoming.next() => r,
-            _ = shutdown.cancelled() => break,
+            _ = shutdown.cancelled(), if !stopping => continue,
+            _ = calls.wait(), if stopping => break,
         };
         let req = match req {
             Some(Ok(r)) => r,
@@ -144,11 +153,20 @@ pub(super) async fn answer_calls<S>(
         // Read first, then wait for room: an idle stream holds no permit, and a full
         // connection stops reading (back-pressure through HTTP/2 flow control).
         let permit = tokio::select! {
-            p = in_flight.clone().acquire_owned() => p.expect("semaphore never closes"),
-            _ = shutdown.cancelled() => break,
+            p = in_flight.clone().acquire_owned(), if !stopping => Some(p.expect("semaphore never closes")),
+            _ = shutdown.cancelled() => None,
+        };
+        let Some(permit) = permit else {
+            let mut resp = to_pb(Err(RpcError::not_delivered(
+                jsonrpc::SERVICE_UNAVAILABLE,
+                format!("{} is shutting down", broker.name()),
+            )));
+            resp.id = req.id;
+            let _ = answers.send(Ok(resp)).await;
+            continue;
         };
         let (broker, tx, caller) = (broker.clone(), answers.clone(), caller.clone());
-        tokio::spawn(async move {
+        calls.spawn(async move {
             let _permit = permit;
             let call = broker.incoming(&caller, &req.method, &req.params);
             let outcome = match req.timeout_ms {
@@ -184,6 +202,8 @@ pub(super) async fn answer_calls<S>(
         });
     }
     // The answers end once every call read has been answered and dropped its sender.
+    calls.close();
+    calls.wait().await;
 }
 
 #[tonic::async_trait]
@@ -215,12 +235,22 @@ impl Eps for Service {
             peers.settings().call_timeout.as_secs_f64(),
         );
         tokio::spawn(async move {
+            let mut registration = Some(registration);
+            let answered = stream.take_answers(answers, secs);
+            tokio::pin!(answered);
             tokio::select! {
-                _ = stream.take_answers(answers, secs) => {}
-                _ = shutdown.cancelled() => stream.close(RpcError::new(
-                    jsonrpc::PEER_UNREACHABLE,
-                    format!("reverse stream of {name}: this server is shutting down"),
-                )),
+                _ = &mut answered => {}
+                _ = shutdown.cancelled() => {
+                    // No new calls go on it; those sent already get their answers first.
+                    registration = None;
+                    tokio::select! {
+                        _ = &mut answered => {}
+                        _ = stream.idle() => stream.close(RpcError::new(
+                            jsonrpc::PEER_UNREACHABLE,
+                            format!("reverse stream of {name}: this server is shutting down"),
+                        )),
+                    }
+                }
             }
             drop(registration);
             tracing::info!(peer = %name, addr = %conn.addr, "reverse stream ended");
@@ -246,15 +276,22 @@ impl Eps for Service {
             .ok_or_else(|| tonic::Status::unauthenticated("no verified peer certificate"))?;
         tracing::debug!(peer = %conn.identity.name, addr = %conn.addr, "call stream opened");
         let (tx, rx) = mpsc::channel(MAX_STREAM_CALLS);
-        tokio::spawn(answer_calls(
-            request.into_inner(),
-            tx,
-            self.broker.clone(),
-            Arc::from(conn.identity.name.as_str()),
-            conn.in_flight.clone(),
-            self.max_message_bytes,
-            self.shutdown.clone(),
-        ));
+        let mut incoming = request.into_inner();
+        let (broker, shutdown) = (self.broker.clone(), self.shutdown.clone());
+        let max_message_bytes = self.max_message_bytes;
+        tokio::spawn(async move {
+            let caller = Arc::from(conn.identity.name.as_str());
+            answer_calls(
+                &mut incoming,
+                tx,
+                broker,
+                caller,
+                conn.in_flight.clone(),
+                max_message_bytes,
+                shutdown,
+            )
+            .await
+        });
         Ok(tonic::Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
