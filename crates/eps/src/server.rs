@@ -58,8 +58,18 @@ struct Prepared {
 fn prepare(s: &Settings) -> anyhow::Result<Prepared> {
     let DirectorySettings::Files { path } = &s.directory;
     let dir = Directory::load_dir(path).context("directory")?;
-    if dir.entry(&s.name).is_none() {
-        tracing::warn!(name = %s.name, "this operator is not in the directory: peers cannot call it");
+    match dir.entry(&s.name) {
+        None => {
+            tracing::warn!(name = %s.name, "this operator is not in the directory: peers cannot call it")
+        }
+        // Settings and directory disagree on how peers reach this server: say so at start.
+        Some(e) if s.grpc_server.is_none() && !e.reached_by_reverse_stream() => {
+            tracing::warn!(name = %s.name, "no grpc_server in the settings, but the directory has no reverse_stream channel for this operator: peers will try to dial it")
+        }
+        Some(e) if s.grpc_server.is_some() && e.grpc_address().is_none() => {
+            tracing::warn!(name = %s.name, "grpc_server is set, but the directory lists no grpc_server address for this operator: peers do not dial it")
+        }
+        Some(_) => {}
     }
     let directory = SharedDirectory::new(dir);
     let jsonrpc_tls = s

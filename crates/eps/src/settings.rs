@@ -143,6 +143,9 @@ pub struct GrpcClientSettings {
     /// entry has a `reverse_stream` channel, every operator holding a `call` right on one of its
     /// services, at each of its `grpc_server` addresses.
     pub reverse_peers: Vec<String>,
+    /// Largest message between EPS servers for a server without `grpc_server` (which sets it
+    /// otherwise); give every server of the network the same.
+    pub max_message_bytes: Option<usize>,
 }
 
 impl Default for GrpcClientSettings {
@@ -155,6 +158,7 @@ impl Default for GrpcClientSettings {
             keepalive_interval: DEFAULT_KEEPALIVE_INTERVAL,
             keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
             reverse_peers: Vec::new(),
+            max_message_bytes: None,
         }
     }
 }
@@ -182,6 +186,13 @@ impl Settings {
         if self.jsonrpc_client.url.starts_with("https") && self.jsonrpc_client.tls.is_none() {
             return Err("jsonrpc_client.tls is required for an https url".into());
         }
+        if self.grpc_server.is_some() && self.grpc_client.max_message_bytes.is_some() {
+            return Err(
+                "grpc_client.max_message_bytes is for a server without grpc_server; set \
+                 grpc_server.max_message_bytes"
+                    .into(),
+            );
+        }
         if self.peer_tls().is_none() {
             return Err(
                 "grpc_client.tls is required without grpc_server: it is the certificate this \
@@ -207,11 +218,14 @@ impl Settings {
         Ok(())
     }
 
-    /// Largest message between EPS servers: the gRPC server's setting, or the default.
+    /// Largest message between EPS servers: the gRPC server's setting, else
+    /// `grpc_client.max_message_bytes`, else the default.
     pub fn max_message_bytes(&self) -> usize {
-        self.grpc_server
-            .as_ref()
-            .map_or(DEFAULT_MAX_MESSAGE_BYTES, |g| g.max_message_bytes)
+        match (&self.grpc_server, self.grpc_client.max_message_bytes) {
+            (Some(g), _) => g.max_message_bytes,
+            (None, Some(n)) => n,
+            (None, None) => DEFAULT_MAX_MESSAGE_BYTES,
+        }
     }
 
     /// The client certificate used towards peers: `grpc_client.tls`, else the gRPC server's.
