@@ -372,6 +372,37 @@ async fn restarts_recover() {
     }
 }
 
+/// A domain from the private proxy's settings that the public proxy refused (403, outside the
+/// allowed suffixes) gets no dial-back, even when an `incomingConnection` for it comes.
+#[tokio::test(flavor = "multi_thread")]
+async fn refused_domain_gets_no_dial_back() {
+    let mut t = Tunnel::new("refused-dial-back");
+    t.dir.write_yaml(
+        "private-proxy/zz-test.yml",
+        &json!({"private": {"announcements": [{"domain": DOMAIN}, {"domain": "x.example.com"}]}}),
+    );
+    t.start_all().await;
+    t.proc_mut(Role::PrivateProxy)
+        .wait_for_log("announcement refused", eps_tests::tunnel::PROCESS_WAIT)
+        .await;
+    let incoming = |domain: &str| {
+        json!({"domain": domain, "endpoint": t.public_internal_addr.to_string(),
+               "token": "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=",
+               "_client": {"name": PUBLIC, "entry": {"name": PUBLIC}}})
+    };
+    match call(
+        &t.private_rpc(),
+        "incomingConnection",
+        incoming("x.example.com"),
+    )
+    .await
+    {
+        Err(CallError::Rpc(e)) => assert_eq!(e.code, jsonrpc::FORBIDDEN, "{e}"),
+        other => panic!("incomingConnection for a refused domain: {other:?}"),
+    }
+    assert!(t.works().await, "the accepted domain stopped working");
+}
+
 /// A private proxy takes `incomingConnection` for a domain it announces to the caller even
 /// before the public proxy has answered that announcement: right after a start, another instance
 /// of the same operator may hold the announcement and the public side already sends clients

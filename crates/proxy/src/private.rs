@@ -1,7 +1,7 @@
 //! `proxy run private`: announces its domains and dials back for matching clients
 //! (DESIGN §3.1, §3.2 step 4).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -64,6 +64,8 @@ pub struct Private {
     store_lock: tokio::sync::Mutex<()>,
     /// domain → (public proxy that accepted it, expires_at it gave).
     accepted: RwLock<HashMap<String, (String, Option<OffsetDateTime>)>>,
+    /// Domains the public proxy refused at the last answer (at most one per announcement).
+    refused: RwLock<HashSet<String>>,
     changed: Notify,
     relays: Arc<Semaphore>,
     /// Connections to public proxies dialed ahead of need.
@@ -94,6 +96,7 @@ impl Private {
             store,
             store_lock: tokio::sync::Mutex::new(()),
             accepted: RwLock::new(HashMap::new()),
+            refused: RwLock::new(HashSet::new()),
             changed: Notify::new(),
             relays: Arc::new(Semaphore::new(s.max_relays)),
             pool: Arc::new(DataPool::new(
@@ -160,16 +163,19 @@ impl Private {
             )
             .await?;
         let mut accepted = self.accepted.write().expect("lock");
+        let mut refused = self.refused.write().expect("lock");
         let now = OffsetDateTime::now_utc();
         accepted.retain(|_, (_, exp)| exp.is_none_or(|t| t > now));
         for a in &answer.connections {
             if a.accepted {
+                refused.remove(&a.domain);
                 let expires_at = a.expires_at.as_deref().and_then(|t| {
                     OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()
                 });
                 accepted.insert(a.domain.clone(), (proxy.to_string(), expires_at));
             } else {
                 accepted.remove(&a.domain);
+                refused.insert(a.domain.clone());
                 let e = a
                     .error
                     .clone()
@@ -273,8 +279,11 @@ impl Private {
             .is_some_and(|(proxy, exp)| *proxy == caller.name && exp.is_none_or(|t| t > now));
         // Also a domain this proxy announces to the caller but whose answer has not arrived yet:
         // right after a start, another instance of this operator may have announced it, and the
-        // public side already sends its clients here.
-        if !accepted && !self.announces_to(&domain, &caller.name, now) {
+        // public side already sends its clients here. Not one the caller refused.
+        if !accepted
+            && (self.refused.read().expect("lock").contains(&domain)
+                || !self.announces_to(&domain, &caller.name, now))
+        {
             return Err(RpcError::new(
                 jsonrpc::FORBIDDEN,
                 format!("{domain} is not announced to {}", caller.name),
