@@ -26,8 +26,10 @@ stop() {
   trap - INT TERM EXIT
   echo
   echo "==> stopping"
-  pkill -TERM -P "$$" 2>/dev/null || true
+  # The processes first, then the subshells around them: a subshell killed first leaves its
+  # process to init, out of reach (as when the script itself, not the terminal, gets the signal).
   for p in "${pids[@]}"; do pkill -TERM -P "$p" 2>/dev/null || true; done
+  pkill -TERM -P "$$" 2>/dev/null || true
   wait 2>/dev/null || true
   echo "==> stopped"
 }
