@@ -196,21 +196,8 @@ async fn harness_firewall_rules_do_what_they_say() {
 /// host's address and the public one dials it; no firewall.
 #[tokio::test(flavor = "multi_thread")]
 async fn baseline_grpc_server_mode_without_firewall() {
-    if !netns_supported("baseline_grpc_server_mode_without_firewall") {
-        return;
-    }
-    let mut h = Hosts::new(
-        "baseline",
-        Options {
-            private_hosts: 1,
-            firewall: false,
-            mode: Mode::GrpcServer,
-            keepalive: None,
-        },
-    );
-    h.start_all().await;
-    get_and_post(&h.client()).await;
-    two_thousand(&h.client(), "baseline (gRPC server mode, no firewall)").await;
+    let what = "baseline (gRPC server mode, no firewall)";
+    one_private_host("baseline", false, Mode::GrpcServer, what).await;
 }
 
 /// The premise: host B drops every new inbound connection, its EPS server holds a reverse
@@ -218,41 +205,35 @@ async fn baseline_grpc_server_mode_without_firewall() {
 /// the internal server's answer.
 #[tokio::test(flavor = "multi_thread")]
 async fn firewalled_private_side_serves_clients() {
-    if !netns_supported("firewalled_private_side_serves_clients") {
-        return;
-    }
-    let mut h = Hosts::new(
-        "firewalled",
-        Options {
-            private_hosts: 1,
-            firewall: true,
-            mode: Mode::Reverse,
-            keepalive: None,
-        },
-    );
-    h.start_all().await;
-    get_and_post(&h.client()).await;
-    two_thousand(&h.client(), "firewalled private host").await;
+    one_private_host("firewalled", true, Mode::Reverse, "firewalled private host").await;
 }
 
 /// The same topology with reverse streams and no firewall rule.
 #[tokio::test(flavor = "multi_thread")]
 async fn control_without_firewall() {
-    if !netns_supported("control_without_firewall") {
+    let what = "no firewall (reverse streams)";
+    one_private_host("control", false, Mode::Reverse, what).await;
+}
+
+/// Host A and one private host (`firewall` on it or not, its EPS server in `mode`): GET, POST
+/// and 2,000 requests, 25 in parallel, through the public proxy, all answered; `what` labels
+/// the printed time.
+async fn one_private_host(label: &str, firewall: bool, mode: Mode, what: &str) {
+    if !netns_supported(label) {
         return;
     }
     let mut h = Hosts::new(
-        "control",
+        label,
         Options {
             private_hosts: 1,
-            firewall: false,
-            mode: Mode::Reverse,
+            firewall,
+            mode,
             keepalive: None,
         },
     );
     h.start_all().await;
     get_and_post(&h.client()).await;
-    two_thousand(&h.client(), "no firewall (reverse streams)").await;
+    two_thousand(&h.client(), what).await;
 }
 
 /// Two firewalled private hosts, one operator: B1's EPS server and private proxy are killed

@@ -20,7 +20,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use eps_tests::netns::{drop_new_inbound, link, Link, Netns, NsClient};
-use eps_tests::tunnel::{Role, DOMAIN, PRIVATE, PROCESS_WAIT, PUBLIC, SUCCESS, TUNNEL_WAIT};
+use eps_tests::tunnel::{
+    internal_server_env, Role, DOMAIN, PRIVATE, PROCESS_WAIT, PUBLIC, SUCCESS, TUNNEL_WAIT,
+};
 use eps_tests::{
     bin_path, client_tls_without_cert, json, operator_records, record, write_records, EpsConfig,
     Pki, Proc, TestDir, Value,
@@ -328,32 +330,16 @@ impl Hosts {
             let log = self.dir.join(format!("{}-{}.log", host.label, role.name()));
             let name = format!("{}-{}", host.label, role.name());
             let proc = match role {
-                Role::InternalServer => {
-                    let level =
-                        std::env::var("EPS_TESTS_RUST_LOG").unwrap_or_else(|_| "info".into());
-                    host.ns.start(
-                        &name,
-                        &bin_path("internal-server"),
-                        std::iter::empty::<&str>(),
-                        [
-                            (
-                                "IS_BIND_ADDRESS",
-                                SocketAddr::from((Ipv4Addr::LOCALHOST, INTERNAL_PORT)).to_string(),
-                            ),
-                            (
-                                "IS_CERTIFICATE",
-                                self.pki.cert("internal-server").display().to_string(),
-                            ),
-                            (
-                                "IS_KEY",
-                                self.pki.key("internal-server").display().to_string(),
-                            ),
-                            // One "connection closed" line per connection.
-                            ("RUST_LOG", format!("{level},internal_server=debug")),
-                        ],
-                        log,
-                    )
-                }
+                Role::InternalServer => host.ns.start(
+                    &name,
+                    &bin_path("internal-server"),
+                    std::iter::empty::<&str>(),
+                    internal_server_env(
+                        &self.pki,
+                        SocketAddr::from((Ipv4Addr::LOCALHOST, INTERNAL_PORT)),
+                    ),
+                    log,
+                ),
                 Role::PrivateProxy => host.ns.start(
                     &name,
                     &bin_path("proxy"),

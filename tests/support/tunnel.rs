@@ -238,28 +238,13 @@ impl Tunnel {
         );
         let log = self.dir.join(format!("{}.log", role.name()));
         let proc = match role {
-            Role::InternalServer => {
-                // Debug from the server itself: one "connection closed" line per connection.
-                let level = std::env::var("EPS_TESTS_RUST_LOG").unwrap_or_else(|_| "info".into());
-                Proc::start(
-                    role.name(),
-                    &bin_path("internal-server"),
-                    std::iter::empty::<&str>(),
-                    [
-                        ("IS_BIND_ADDRESS", self.internal_addr.to_string()),
-                        (
-                            "IS_CERTIFICATE",
-                            self.pki.cert("internal-server").display().to_string(),
-                        ),
-                        (
-                            "IS_KEY",
-                            self.pki.key("internal-server").display().to_string(),
-                        ),
-                        ("RUST_LOG", format!("{level},internal_server=debug")),
-                    ],
-                    log,
-                )
-            }
+            Role::InternalServer => Proc::start(
+                role.name(),
+                &bin_path("internal-server"),
+                std::iter::empty::<&str>(),
+                internal_server_env(&self.pki, self.internal_addr),
+                log,
+            ),
             Role::PublicProxy | Role::PrivateProxy => {
                 let kind = if role == Role::PublicProxy {
                     "public"
@@ -430,6 +415,21 @@ impl Tunnel {
             .matches("connection closed")
             .count()
     }
+}
+
+/// The environment of `internal-server` on `addr` with the certificate `pki` issued for it,
+/// logging one "connection closed" line per connection ([`Tunnel::internal_connections`]).
+pub fn internal_server_env(pki: &Pki, addr: SocketAddr) -> [(&'static str, String); 4] {
+    let level = std::env::var("EPS_TESTS_RUST_LOG").unwrap_or_else(|_| "info".into());
+    [
+        ("IS_BIND_ADDRESS", addr.to_string()),
+        (
+            "IS_CERTIFICATE",
+            pki.cert("internal-server").display().to_string(),
+        ),
+        ("IS_KEY", pki.key("internal-server").display().to_string()),
+        ("RUST_LOG", format!("{level},internal_server=debug")),
+    ]
 }
 
 /// An HTTP/1.1 response.
