@@ -305,3 +305,46 @@ async fn sigterm_of_the_receiver_answers_calls_in_flight() {
         .expect("the call in flight was answered");
     assert_eq!(r["echo"]["sleep_ms"], 700);
 }
+
+/// A reverse stream is bound to the certificate it was opened with: once the directory pins
+/// another fingerprint for its operator (and the receiver has re-read it), the stream is closed
+/// at the next call, calls fail with 502, and the holder's next handshake is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn stream_ends_when_the_directory_stops_accepting_its_certificate() {
+    let net = net_with_reverse_bob("reverse-revoked").await;
+    let bob = start_bob(&net, 1).await;
+    alice_logged(&net, ACCEPTED, 1).await;
+    let alice = net.node("alice").client();
+    call(&alice, "bob.echo", json!({}))
+        .await
+        .expect("bob.echo before");
+
+    write_records(
+        &net.dir.join("directory"),
+        "95-bob-new-pin.json",
+        &[record(
+            "bob",
+            "certificates",
+            json!([{"fingerprint": "00".repeat(32), "key_usage": "encryption"}]),
+        )],
+    );
+    let pid = libc::pid_t::try_from(net.node("alice").proc.pid()).expect("a pid");
+    // SAFETY: kill(2) with SIGHUP on our own child process, which is running.
+    unsafe { libc::kill(pid, libc::SIGHUP) };
+    alice_logged(&net, "directory reloaded", 1).await;
+
+    let e = rpc_error(call(&alice, "bob.echo", json!({})).await, "bob.echo after");
+    assert_eq!(e.code, jsonrpc::PEER_UNREACHABLE, "{e}");
+    alice_logged(&net, "no longer accepts its certificate", 1).await;
+    alice_logged(&net, ENDED, 1).await;
+    // bob tries again and is refused at the handshake: no stream is accepted again.
+    alice_logged(&net, "refused peer", 1).await;
+    assert_eq!(
+        net.node("alice").proc.log().matches(ACCEPTED).count(),
+        1,
+        "{}",
+        bob.proc.log()
+    );
+    let e = rpc_error(call(&alice, "bob.echo", json!({})).await, "bob.echo later");
+    assert!(e.message.contains("not connected"), "{e}");
+}

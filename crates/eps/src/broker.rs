@@ -57,6 +57,15 @@ impl Broker {
         &self.name
     }
 
+    /// Whether the current directory still accepts `name`'s certificate with `fingerprint` (it
+    /// may have changed since the connection's handshake).
+    pub fn accepts(&self, name: &str, fingerprint: &str) -> bool {
+        self.directory
+            .load()
+            .entry(name)
+            .is_some_and(|e| e.accepts_fingerprint(fingerprint))
+    }
+
     /// The channels to peers and the reverse streams they hold to us.
     pub fn peers(&self) -> &Peers {
         &self.peers

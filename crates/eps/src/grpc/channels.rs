@@ -156,7 +156,7 @@ impl Peers {
                     if let Err(e) = &outcome {
                         if e.is_not_delivered() {
                             tried.push(stream);
-                            if self.reverse.pick(name, &tried).is_some() {
+                            if self.reverse.pick(name, &tried, |_| true).is_some() {
                                 resends += 1;
                                 continue;
                             }
@@ -187,7 +187,12 @@ impl Peers {
         entry: &'a Entry,
         tried: &[Arc<CallStream>],
     ) -> Result<Route<'a>, RpcError> {
-        if let Some(stream) = self.reverse.pick(name, tried) {
+        // A stream whose certificate the directory no longer accepts (a pin changed) is
+        // closed here, at the first call after the change.
+        if let Some(stream) = self
+            .reverse
+            .pick(name, tried, |fp| entry.accepts_fingerprint(fp))
+        {
             return Ok(Route::Reverse(stream));
         }
         match entry.grpc_address() {
@@ -346,6 +351,8 @@ pub struct CallStream {
 struct Waiting {
     callers: Mutex<Result<HashMap<u64, oneshot::Sender<Outcome>>, RpcError>>,
     ended: AtomicBool,
+    /// Wakes [`CallStream::closed`] when the stream ends.
+    closed: tokio::sync::Notify,
     /// The peer answered the stream with UNIMPLEMENTED: it read none of its calls.
     unimplemented: AtomicBool,
 }
@@ -397,6 +404,7 @@ impl Waiting {
     /// Ends the stream: every caller still waiting gets `error`.
     fn end(&self, error: RpcError) {
         self.ended.store(true, Ordering::Release);
+        self.closed.notify_waiters();
         let callers = std::mem::replace(
             &mut *self.callers.lock().expect("waiting map poisoned"),
             Err(error.clone()),
@@ -431,6 +439,7 @@ impl CallStream {
         let waiting = Arc::new(Waiting {
             callers: Mutex::new(Ok(HashMap::new())),
             ended: AtomicBool::new(false),
+            closed: tokio::sync::Notify::new(),
             unimplemented: AtomicBool::new(false),
         });
         let stream = Arc::new(Self {
@@ -502,6 +511,16 @@ impl CallStream {
     /// Ends the stream now: calls waiting on it fail with `error`, new calls go elsewhere.
     pub fn close(&self, error: RpcError) {
         self.waiting.end(error);
+    }
+
+    /// Resolves once the stream has ended (its peer closed it, or [`close`](Self::close)).
+    pub async fn closed(&self) {
+        let notified = self.waiting.closed.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if !self.waiting.is_ended() {
+            notified.await;
+        }
     }
 
     /// Whether calls can still go out on this stream.

@@ -22,6 +22,8 @@ use tokio_util::task::TaskTracker;
 
 use prometheus_client::metrics::gauge::Gauge;
 
+use eps_core::jsonrpc::{self, RpcError};
+
 use super::channels::CallStream;
 use super::server::{answer_calls, MAX_STREAM_CALLS};
 use crate::broker::Broker;
@@ -45,9 +47,12 @@ const DRAIN: Duration = Duration::from_secs(2);
 /// How often the holder compares the peers it should hold streams to with the directory.
 const RECONCILE_EVERY: Duration = Duration::from_secs(1);
 
+/// A stream a peer holds to us, and the fingerprint of the certificate it was opened with.
+type Held = (Arc<CallStream>, String);
+
 /// The reverse streams peers hold to this server, by operator.
 pub struct ReverseStreams {
-    streams: Mutex<HashMap<String, Vec<Arc<CallStream>>>>,
+    streams: Mutex<HashMap<String, Vec<Held>>>,
     /// Breaks ties between equally busy streams in turn.
     turn: AtomicUsize,
     /// `eps_reverse_streams`, both sides.
@@ -66,7 +71,7 @@ impl Drop for Registration {
         self.streams.gauge(ACCEPTED, &self.name).dec();
         let mut map = self.streams.streams.lock().expect("reverse map poisoned");
         if let Some(list) = map.get_mut(&self.name) {
-            list.retain(|s| !Arc::ptr_eq(s, &self.stream));
+            list.retain(|(s, _)| !Arc::ptr_eq(s, &self.stream));
             if list.is_empty() {
                 map.remove(&self.name);
             }
@@ -93,8 +98,14 @@ impl ReverseStreams {
             .clone()
     }
     /// The open stream of `name` with the fewest calls in flight (in turn among equals), other
-    /// than those in `tried`.
-    pub fn pick(&self, name: &str, tried: &[Arc<CallStream>]) -> Option<Arc<CallStream>> {
+    /// than those in `tried`. A stream whose certificate fingerprint `accepts` refuses (the
+    /// directory no longer pins it) is closed: its holder is then refused at its next handshake.
+    pub fn pick(
+        &self,
+        name: &str,
+        tried: &[Arc<CallStream>],
+        accepts: impl Fn(&str) -> bool,
+    ) -> Option<Arc<CallStream>> {
         let map = self.streams.lock().expect("reverse map poisoned");
         let list = map.get(name)?;
         let n = list.len();
@@ -105,26 +116,36 @@ impl ReverseStreams {
         };
         (0..n)
             .map(|i| &list[(start + i) % n])
-            .filter(|s| s.is_open() && !tried.iter().any(|t| Arc::ptr_eq(t, s)))
-            .min_by_key(|s| s.in_flight())
-            .cloned()
+            .filter(|(s, fingerprint)| {
+                if s.is_open() && !accepts(fingerprint) {
+                    tracing::warn!(peer = %name, %fingerprint, "closing a reverse stream: the directory no longer accepts its certificate");
+                    s.close(RpcError::new(
+                        jsonrpc::PEER_UNREACHABLE,
+                        format!("{name}: the directory no longer accepts the certificate of this reverse stream"),
+                    ));
+                }
+                s.is_open() && !tried.iter().any(|t| Arc::ptr_eq(t, s))
+            })
+            .min_by_key(|(s, _)| s.in_flight())
+            .map(|(s, _)| s.clone())
     }
 
     /// Adds a stream `name` opened; refused past [`MAX_STREAMS_PER_OPERATOR`].
     pub fn register(
         self: &Arc<Self>,
         name: &str,
+        fingerprint: &str,
         stream: Arc<CallStream>,
     ) -> Result<Registration, String> {
         let mut map = self.streams.lock().expect("reverse map poisoned");
         let list = map.entry(name.to_string()).or_default();
-        list.retain(|s| s.is_open());
+        list.retain(|(s, _)| s.is_open());
         if list.len() >= MAX_STREAMS_PER_OPERATOR {
             return Err(format!(
                 "{name} already holds {MAX_STREAMS_PER_OPERATOR} reverse streams here"
             ));
         }
-        list.push(stream.clone());
+        list.push((stream.clone(), fingerprint.to_string()));
         self.gauge(ACCEPTED, name).inc();
         Ok(Registration {
             streams: self.clone(),
@@ -137,7 +158,7 @@ impl ReverseStreams {
     pub fn count(&self, name: &str) -> usize {
         let map = self.streams.lock().expect("reverse map poisoned");
         map.get(name)
-            .map_or(0, |l| l.iter().filter(|s| s.is_open()).count())
+            .map_or(0, |l| l.iter().filter(|(s, _)| s.is_open()).count())
     }
 }
 

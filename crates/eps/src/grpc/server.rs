@@ -108,6 +108,27 @@ struct Service {
     shutdown: CancellationToken,
 }
 
+impl Service {
+    /// The verified peer of a request, if the directory still accepts its certificate: a
+    /// connection outlives directory changes, so every new stream or call checks again.
+    fn peer<T>(&self, request: &tonic::Request<T>) -> Result<PeerConn, tonic::Status> {
+        let conn = request
+            .extensions()
+            .get::<PeerConn>()
+            .cloned()
+            .ok_or_else(|| tonic::Status::unauthenticated("no verified peer certificate"))?;
+        let id = &conn.identity;
+        if !self.broker.accepts(&id.name, &id.fingerprint) {
+            tracing::warn!(peer = %id.name, fingerprint = %id.fingerprint, "refused peer: the directory no longer accepts its certificate");
+            return Err(tonic::Status::permission_denied(format!(
+                "the directory no longer accepts this certificate of {}",
+                id.name
+            )));
+        }
+        Ok(conn)
+    }
+}
+
 type CallResponses =
     Pin<Box<dyn Stream<Item = Result<pb::CallResponse, tonic::Status>> + Send + 'static>>;
 type CallRequests =
@@ -215,18 +236,14 @@ impl Eps for Service {
         &self,
         request: tonic::Request<tonic::Streaming<pb::CallResponse>>,
     ) -> Result<tonic::Response<CallRequests>, tonic::Status> {
-        let conn = request
-            .extensions()
-            .get::<PeerConn>()
-            .cloned()
-            .ok_or_else(|| tonic::Status::unauthenticated("no verified peer certificate"))?;
+        let conn = self.peer(&request)?;
         let name = conn.identity.name.clone();
         let peers = self.broker.peers();
         let (stream, rx) =
             CallStream::new(name.clone(), conn.addr.to_string(), self.max_message_bytes);
         let registration = peers
             .reverse()
-            .register(&name, stream.clone())
+            .register(&name, &conn.identity.fingerprint, stream.clone())
             .map_err(tonic::Status::resource_exhausted)?;
         tracing::info!(peer = %name, addr = %conn.addr, streams = peers.reverse().count(&name), "reverse stream accepted: calls to this peer go on it");
         let answers = request.into_inner();
@@ -240,6 +257,9 @@ impl Eps for Service {
             tokio::pin!(answered);
             tokio::select! {
                 _ = &mut answered => {}
+                // Closed on our side (its certificate no longer accepted): end it, so that its
+                // holder hangs up and meets the new directory at its next handshake.
+                _ = stream.closed() => {}
                 _ = shutdown.cancelled() => {
                     // No new calls go on it; those sent already get their answers first.
                     registration = None;
@@ -269,11 +289,7 @@ impl Eps for Service {
                 "call streams are off here (grpc_server.call_streams: false); use Call",
             ));
         }
-        let conn = request
-            .extensions()
-            .get::<PeerConn>()
-            .cloned()
-            .ok_or_else(|| tonic::Status::unauthenticated("no verified peer certificate"))?;
+        let conn = self.peer(&request)?;
         tracing::debug!(peer = %conn.identity.name, addr = %conn.addr, "call stream opened");
         let (tx, rx) = mpsc::channel(MAX_STREAM_CALLS);
         let mut incoming = request.into_inner();
@@ -299,10 +315,8 @@ impl Eps for Service {
         &self,
         request: tonic::Request<pb::CallRequest>,
     ) -> Result<tonic::Response<pb::CallResponse>, tonic::Status> {
-        let (_, extensions, req) = request.into_parts();
-        let conn = extensions
-            .get::<PeerConn>()
-            .ok_or_else(|| tonic::Status::unauthenticated("no verified peer certificate"))?;
+        let conn = self.peer(&request)?;
+        let req = request.into_inner();
         tracing::debug!(peer = %conn.identity.name, addr = %conn.addr, fingerprint = %conn.identity.fingerprint, method = %req.method, "call from peer");
         let outcome = self
             .broker
