@@ -479,8 +479,8 @@ async fn token_rules() {
     stalled.write_all(&token[..5]).await.expect("send");
     let timeout = TOKEN_TIMEOUT + Duration::from_secs(3);
     let stalled_task = tokio::spawn(async move { read_until_closed(&mut stalled, timeout).await });
-    // Guesses come from 127.0.0.2: the private proxy dials back from 127.0.0.1, and an address
-    // that keeps guessing is rate-limited (max_token_failures, 20 per window by default).
+    // Guesses come from 127.0.0.2; past max_token_failures (20 per window by default) they are
+    // refused without a log line.
     let internal = t.public_internal_addr;
     let guesses = tokio::spawn(async move {
         for _ in 0..30 {
@@ -511,20 +511,12 @@ async fn token_rules() {
         TOKEN_TIMEOUT
     );
     assert!(t.works().await);
-    // The guessing address is now rate-limited: its connections are closed unread, at once,
-    // where an unknown address may wait for its token to come.
-    let mut blocked = connect_from("127.0.0.2", t.public_internal_addr).await;
-    let (bytes, after) = read_until_closed(&mut blocked, CLOSE_WAIT)
-        .await
-        .expect("a rate-limited address's connection was not closed");
-    assert_eq!(bytes, 0);
-    assert!(
-        after < TOKEN_TIMEOUT / 2,
-        "a rate-limited address was closed after {after:?}, not at once"
-    );
+    // The guessing address is marked: one warning for its 30 guesses, no line per guess after.
+    let log = t.proc(Role::PublicProxy).log();
+    assert_eq!(log.matches("too many wrong tokens").count(), 1, "{log}");
     assert!(
         t.works().await,
-        "a client after the guessing address was blocked"
+        "a client after the guessing address was marked"
     );
 }
 

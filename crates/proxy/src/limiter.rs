@@ -4,11 +4,13 @@
 //!
 //! Wrong tokens:
 //!
-//! Tokens are 256 random bits, so guessing cannot succeed; the limiter keeps a guesser from
-//! costing work and log lines. An address that presents more than `max_failures` unknown
-//! tokens within `window` has its data connections closed unread until the window has passed
-//! without failures. Legitimate private proxies present only tokens they were given, so they
-//! never trip it (unless a token expired before they dialed, which is rare and bounded).
+//! Tokens are 256 random bits, so guessing cannot succeed, and a wrong token costs one read of
+//! 32 bytes and one lookup. What a guesser could still cost is a log line per guess: an address
+//! that presents more than `max_failures` unknown tokens within `window` is marked, and its
+//! wrong tokens are then refused without a log line (counted as `token_rate_limited`) until the
+//! window has passed without failures. The mark never refuses a valid token: private proxies
+//! often share their address with others (one NAT for a whole office), and a guesser behind it
+//! must not be able to cut their tunnel.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -43,7 +45,7 @@ impl GuessLimiter {
         }
     }
 
-    /// True when connections from `ip` are to be closed unread.
+    /// True while `ip`'s wrong tokens are refused without a log line.
     pub fn is_blocked(&self, ip: IpAddr, now: Instant) -> bool {
         let entries = self.entries.lock().expect("limiter lock");
         entries

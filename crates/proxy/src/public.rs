@@ -322,13 +322,6 @@ impl Public {
 
     async fn handle_data(&self, mut data: TcpStream, addr: SocketAddr, stop: CancellationToken) {
         self.metrics.accept("internal");
-        if self
-            .guesses
-            .is_blocked(addr.ip(), std::time::Instant::now())
-        {
-            self.metrics.refuse("token_rate_limited");
-            return;
-        }
         // A private proxy dials a few data connections ahead of need: such a connection waits
         // silently (bounded per source network, in all, and in time) until a client's token goes
         // out on it. Past those bounds a connection gets token_timeout for its first byte, as
@@ -389,12 +382,21 @@ impl Public {
             Some(p) => {
                 let _ = p.tx.send(data);
             }
+            // A marked guesser's wrong tokens cost no log line; its valid ones are served above
+            // like anybody's (it may share its address with a private proxy).
             None => {
-                self.metrics.refuse("bad_token");
-                if self.guesses.failure(addr.ip(), std::time::Instant::now()) {
-                    tracing::warn!(addr = %addr.ip(), window_s = self.limits.token_failure_window.as_secs_f64(), "too many wrong tokens; closing this address's data connections for a while");
+                let now = std::time::Instant::now();
+                let marked = self.guesses.is_blocked(addr.ip(), now);
+                let newly = self.guesses.failure(addr.ip(), now);
+                if marked {
+                    self.metrics.refuse("token_rate_limited");
                 } else {
-                    tracing::debug!(%addr, "unknown, used or expired token; data connection closed");
+                    self.metrics.refuse("bad_token");
+                    if newly {
+                        tracing::warn!(addr = %addr.ip(), window_s = self.limits.token_failure_window.as_secs_f64(), "too many wrong tokens from this address; its wrong tokens are refused without a log line for a while (valid ones are still served)");
+                    } else {
+                        tracing::debug!(%addr, "unknown, used or expired token; data connection closed");
+                    }
                 }
             }
         }

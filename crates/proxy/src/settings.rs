@@ -169,8 +169,9 @@ pub struct PublicLimits {
     /// Seconds without traffic after which a relay is closed.
     #[serde(with = "secs")]
     pub idle_timeout: Duration,
-    /// Wrong tokens one address may present within `token_failure_window` before its data
-    /// connections are closed unread for that window; 0 turns this off.
+    /// Wrong tokens one address may present within `token_failure_window` before its further
+    /// wrong tokens are refused without a log line for that window (valid tokens are always
+    /// served); 0 turns this off.
     pub max_token_failures: u32,
     /// Seconds of the wrong-token window.
     #[serde(with = "secs")]
