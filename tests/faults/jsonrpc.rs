@@ -173,3 +173,93 @@ async fn malformed_json_rpc_gets_errors_and_servers_stay_healthy() {
         .await
         .expect("private proxy");
 }
+
+/// A 10 MB POST, over the limit: every client reads the 413 and its JSON-RPC error instead of
+/// a reset connection (HTTP/1.1: the server reads and drops the rest before closing) or a
+/// framing error (HTTP/2: the stream is reset with NO_ERROR only after the response). Clients:
+/// curl over HTTP/1.1 and HTTP/2, and Python's http.client, which sends the whole body before
+/// it reads.
+#[tokio::test(flavor = "multi_thread")]
+async fn oversized_body_gets_its_413_in_every_client() {
+    let _serial = serial().await;
+    let mut fx = Fx::new("jsonrpc-413");
+    fx.start(&[Role::PublicProxy, Role::PublicEps]).await;
+    let t = &fx.t;
+    let body = t.dir.join("big.json");
+    let pad = "x".repeat(10 * 1024 * 1024);
+    std::fs::write(
+        &body,
+        format!(r#"{{"jsonrpc":"2.0","method":"_ping","params":{{"pad":"{pad}"}},"id":1}}"#),
+    )
+    .expect("write the body");
+    let tls = t.pki.tls(PUBLIC);
+    let script = r#"
+import http.client, json, ssl, sys
+host, port, ca, cert, key, path = sys.argv[1:]
+ctx = ssl.create_default_context(cafile=ca)
+ctx.load_cert_chain(cert, key)
+conn = http.client.HTTPSConnection(host, int(port), context=ctx, timeout=30)
+conn.request("POST", "/", body=open(path, "rb").read(), headers={"Content-Type": "application/json"})
+resp = conn.getresponse()
+print(resp.status, json.loads(resp.read())["error"]["code"])
+"#;
+    for (server, addr) in [
+        ("public EPS server", t.public_eps.jsonrpc_addr),
+        ("public proxy", t.public_rpc_addr),
+    ] {
+        let url = format!("https://{addr}/");
+        for version in ["--http1.1", "--http2"] {
+            let out = tokio::process::Command::new("curl")
+                .args([
+                    "-sS",
+                    version,
+                    "--max-time",
+                    "30",
+                    "-w",
+                    "\n%{http_code} %{http_version}",
+                ])
+                .args(["--cacert", &tls.ca_certificate.display().to_string()])
+                .args(["--cert", &tls.certificate.display().to_string()])
+                .args(["--key", &tls.key.display().to_string()])
+                .args(["-H", "Content-Type: application/json", "--data-binary"])
+                .arg(format!("@{}", body.display()))
+                .arg(&url)
+                .output()
+                .await
+                .expect("curl runs");
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success(),
+                "{server}, curl {version}: {} {text} {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let (json, status) = text.rsplit_once('\n').expect("body and status");
+            let expected = if version == "--http2" {
+                "413 2"
+            } else {
+                "413 1.1"
+            };
+            assert_eq!(status, expected, "{server}, curl {version}: {text}");
+            let error: Value = serde_json::from_str(json).expect("a JSON-RPC answer");
+            assert_eq!(error["error"]["code"], TOO_LARGE, "{server}: {json}");
+        }
+        let out = tokio::process::Command::new("python3")
+            .args(["-c", script, "127.0.0.1", &addr.port().to_string()])
+            .arg(&tls.ca_certificate)
+            .arg(&tls.certificate)
+            .arg(&tls.key)
+            .arg(&body)
+            .output()
+            .await
+            .expect("python3 runs");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.trim() == format!("413 {TOO_LARGE}"),
+            "{server}, Python http.client: {} {text} {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        println!("{server}: a 10 MB POST got 413 in curl (HTTP/1.1 and HTTP/2) and in Python's http.client");
+    }
+}

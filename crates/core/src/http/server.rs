@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, Method, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use serde::{Deserialize, Serialize};
@@ -228,7 +228,7 @@ async fn handle<H: Handler>(
     limits: &ServerLimits,
     handler: &H,
     peer: Peer,
-) -> hyper::Response<Full<Bytes>> {
+) -> hyper::Response<ReplyBody> {
     if req.method() != Method::POST {
         return reply(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -240,41 +240,35 @@ async fn handle<H: Handler>(
             ),
         );
     }
-    let too_large = || {
-        reply(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            Response::new(
-                None,
-                Err(RpcError::new(
-                    jsonrpc::TOO_LARGE,
-                    format!("request body over {} bytes", limits.max_body_bytes),
-                )),
-            ),
-        )
-    };
+    let http1 = req.version() < http::Version::HTTP_2;
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
+    let mut body = req.into_body();
     if declared.is_some_and(|n| n > limits.max_body_bytes as u64) {
-        return too_large();
+        return too_large(body, limits, http1).await;
     }
     let work = async {
-        let body = match Limited::new(req.into_body(), limits.max_body_bytes)
-            .collect()
-            .await
-        {
-            Ok(b) => b.to_bytes(),
-            Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large()),
-            Err(e) => {
-                tracing::debug!(addr = %peer.addr, error = %e, "reading request body failed");
-                return Err(reply(
-                    StatusCode::BAD_REQUEST,
-                    Response::new(None, Err(RpcError::invalid_request("body not readable"))),
-                ));
+        let mut buf = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let data = match frame {
+                Ok(f) => f.into_data().unwrap_or_default(),
+                Err(e) => {
+                    tracing::debug!(addr = %peer.addr, error = %e, "reading request body failed");
+                    return Err(reply(
+                        StatusCode::BAD_REQUEST,
+                        Response::new(None, Err(RpcError::invalid_request("body not readable"))),
+                    ));
+                }
+            };
+            if buf.len() + data.len() > limits.max_body_bytes {
+                return Err(too_large(body, limits, http1).await);
             }
-        };
+            buf.extend_from_slice(&data);
+        }
+        let body = buf;
         let request = match jsonrpc::parse_request(&body) {
             Ok(r) => r,
             Err((id, e)) => return Ok(Response::new(id, Err(e))),
@@ -299,10 +293,94 @@ async fn handle<H: Handler>(
     }
 }
 
-fn reply(status: StatusCode, resp: Response) -> hyper::Response<Full<Bytes>> {
+/// Most of a refused body read and dropped before the 413, and how long that may take.
+const DISCARD_BYTES: usize = 64 * 1024 * 1024;
+const DISCARD_TIME: Duration = Duration::from_secs(10);
+
+/// The 413 for a body over `max_body_bytes`, once the rest of the body has been read and
+/// dropped (bounded in bytes and time): every client then reads it, whether it sends its whole
+/// body before reading (Python's http.client, which a close with unread data would reset) or
+/// ends an upload answered early with an error (curl's HTTP/2). A body past those bounds is
+/// cut off after the answer: over HTTP/1.1 the connection closes, over HTTP/2 the response holds
+/// the body and drops it once complete, so the stream is reset with NO_ERROR after it
+/// (RFC 9113 §8.1), not CANCEL before it.
+async fn too_large(
+    mut body: Incoming,
+    limits: &ServerLimits,
+    http1: bool,
+) -> hyper::Response<ReplyBody> {
+    let time = limits.request_timeout.min(DISCARD_TIME);
+    let drained = tokio::time::timeout(time, async {
+        let mut read = 0usize;
+        while let Some(frame) = body.frame().await {
+            match frame {
+                Ok(f) => read += f.data_ref().map_or(0, |d| d.len()),
+                Err(_) => return true,
+            }
+            if read > DISCARD_BYTES {
+                return false;
+            }
+        }
+        true
+    })
+    .await
+    .unwrap_or(false);
+    let mut resp = reply(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        Response::new(
+            None,
+            Err(RpcError::new(
+                jsonrpc::TOO_LARGE,
+                format!("request body over {} bytes", limits.max_body_bytes),
+            )),
+        ),
+    );
+    if !drained {
+        if http1 {
+            resp.headers_mut().insert(
+                header::CONNECTION,
+                header::HeaderValue::from_static("close"),
+            );
+        } else {
+            resp.body_mut().request = Some(body);
+        }
+    }
+    resp
+}
+
+/// A response body that may hold the request's unread body until the response has gone out.
+pub struct ReplyBody {
+    data: Full<Bytes>,
+    request: Option<Incoming>,
+}
+
+impl hyper::body::Body for ReplyBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        std::pin::Pin::new(&mut self.data).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.data.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.data.size_hint()
+    }
+}
+
+fn reply(status: StatusCode, resp: Response) -> hyper::Response<ReplyBody> {
     hyper::Response::builder()
         .status(status)
         .header(header::CONTENT_TYPE, "application/json")
-        .body(Full::new(Bytes::from(resp.to_bytes())))
+        .body(ReplyBody {
+            data: Full::new(Bytes::from(resp.to_bytes())),
+            request: None,
+        })
         .expect("static response parts are valid")
 }
