@@ -348,3 +348,48 @@ async fn stream_ends_when_the_directory_stops_accepting_its_certificate() {
     let e = rpc_error(call(&alice, "bob.echo", json!({})).await, "bob.echo later");
     assert!(e.message.contains("not connected"), "{e}");
 }
+
+/// An operator that runs two EPS servers lists both addresses; a server that cannot be dialed
+/// holds a reverse stream to each, so whichever instance a call starts at reaches it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_to_every_instance_of_the_peer() {
+    let net = net_with_reverse_bob("reverse-two-alices").await;
+    // A second alice: her own ports and service, the same certificate.
+    let service = TestService::start("alice", Some(&net.pki.tls_verifying("alice"))).await;
+    let mut config = net.node("alice").config.clone();
+    config.jsonrpc_addr = free_addr();
+    config.grpc_addr = free_addr();
+    config.delivery_url = service.url();
+    let settings = config.write(&net.dir.join("alice-2-settings"));
+    let mut alice2 = start_eps("alice-2", &[&settings], net.dir.join("alice-2.log"));
+    alice2.wait_for_log(EPS_READY, PROCESS_WAIT).await;
+    let addresses = [net.node("alice").config.grpc_addr, config.grpc_addr];
+    write_records(
+        &net.dir.join("directory"),
+        "25-alice-two-instances.json",
+        &[record(
+            "alice",
+            "channels",
+            json!(addresses
+                .map(|a| json!({"type": "grpc_server", "settings": {"address": a.to_string()}}))),
+        )],
+    );
+    let bob = start_bob(&net, 1).await;
+    alice2.wait_for_log(ACCEPTED, PROCESS_WAIT).await;
+    alice_logged(&net, ACCEPTED, 1).await;
+    let clients = [
+        net.node("alice").client(),
+        rpc_client(
+            &config.jsonrpc_url(),
+            Some(&net.node("alice").client_tls),
+            Duration::from_secs(10),
+        ),
+    ];
+    for (i, client) in clients.iter().enumerate() {
+        let r = call(client, "bob.echo", json!({"from": i}))
+            .await
+            .unwrap_or_else(|e| panic!("bob.echo from alice instance {i}: {e}"));
+        assert_eq!(r["echo"]["_client"]["name"], "alice");
+    }
+    assert_eq!(bob.service.received().len(), 2);
+}
