@@ -215,6 +215,25 @@ async fn control_without_firewall() {
     one_private_host("control", false, Mode::Reverse, what).await;
 }
 
+/// Host A and two firewalled private hosts of one operator (reverse streams, default
+/// keepalive), started; `None` where namespaces cannot be made (outside CI).
+async fn two_firewalled_private_hosts(label: &str) -> Option<Hosts> {
+    if !netns_supported(label) {
+        return None;
+    }
+    let mut h = Hosts::new(
+        label,
+        Options {
+            private_hosts: 2,
+            firewall: true,
+            mode: Mode::Reverse,
+            keepalive: None,
+        },
+    );
+    h.start_all().await;
+    Some(h)
+}
+
 /// Host A and one private host (`firewall` on it or not, its EPS server in `mode`): GET, POST
 /// and 2,000 requests, 25 in parallel, through the public proxy, all answered; `what` labels
 /// the printed time.
@@ -242,19 +261,9 @@ async fn one_private_host(label: &str, firewall: bool, mode: Mode, what: &str) {
 /// started again, opens its stream again and takes calls again.
 #[tokio::test(flavor = "multi_thread")]
 async fn two_private_instances_fail_over_on_kill() {
-    if !netns_supported("two_private_instances_fail_over_on_kill") {
+    let Some(mut h) = two_firewalled_private_hosts("failover").await else {
         return;
-    }
-    let mut h = Hosts::new(
-        "failover",
-        Options {
-            private_hosts: 2,
-            firewall: true,
-            mode: Mode::Reverse,
-            keepalive: None,
-        },
-    );
-    h.start_all().await;
+    };
     let client = h.client();
 
     let done = Arc::new(AtomicUsize::new(0));
@@ -377,20 +386,10 @@ async fn two_private_instances_fail_over_on_kill() {
 /// side has noticed, and every request started from then on succeeds through B2.
 #[tokio::test(flavor = "multi_thread")]
 async fn silently_cut_path_is_noticed() {
-    if !netns_supported("silently_cut_path_is_noticed") {
+    // The default keepalive: what the README promises.
+    let Some(h) = two_firewalled_private_hosts("cut").await else {
         return;
-    }
-    let mut h = Hosts::new(
-        "cut",
-        Options {
-            private_hosts: 2,
-            firewall: true,
-            mode: Mode::Reverse,
-            // The defaults: what the README promises.
-            keepalive: None,
-        },
-    );
-    h.start_all().await;
+    };
     let client = h.client();
 
     // Both instances take calls, so the cut removes a path in use.
