@@ -21,7 +21,8 @@ use std::time::Duration;
 
 use eps_tests::netns::{drop_new_inbound, link, Link, Netns, NsClient};
 use eps_tests::tunnel::{
-    internal_server_env, Role, DOMAIN, PRIVATE, PROCESS_WAIT, PUBLIC, SUCCESS, TUNNEL_WAIT,
+    internal_server_env, private_role, proxy_settings, Role, DOMAIN, PRIVATE, PROCESS_WAIT, PUBLIC,
+    SUCCESS, TUNNEL_WAIT,
 };
 use eps_tests::{
     bin_path, client_tls_without_cert, json, operator_records, record, write_records, EpsConfig,
@@ -238,40 +239,31 @@ impl Hosts {
         write_records(&directory, "10-operators.json", &records);
 
         // The proxies' settings.
-        let tls = |name: &str| serde_json::to_value(pki.tls(name)).expect("TLS settings");
-        let tls_verifying =
-            |name: &str| serde_json::to_value(pki.tls_verifying(name)).expect("TLS settings");
-        let public_proxy = json!({
-            "name": PUBLIC,
-            "eps": {"url": public_eps.jsonrpc_url(), "tls": tls(PUBLIC)},
-            "jsonrpc_server": {"bind_address": local(PUBLIC_RPC_PORT), "tls": tls_verifying(PUBLIC)},
-            "datastore": {"type": "file",
-                          "settings": {"path": dir.join("data/public/announcements.json")}},
-            "public": {
+        let public_proxy = proxy_settings(
+            &pki,
+            PUBLIC,
+            &public_eps,
+            local(PUBLIC_RPC_PORT),
+            &dir.join("data/public/announcements.json"),
+            json!({"public": {
                 "bind_address": any(PUBLIC_PORT),
                 "internal_bind_address": any(PUBLIC_INTERNAL_PORT),
                 "internal_endpoint": at(public_ip, PUBLIC_INTERNAL_PORT).to_string(),
-            },
-        });
+            }}),
+        );
         let mut public_settings = BTreeMap::new();
         dir.write_yaml("public/proxy/proxy.yml", &public_proxy);
         public_settings.insert(Role::PublicProxy, dir.join("public/proxy"));
         public_settings.insert(Role::PublicEps, public_eps.write(&dir.join("public/eps")));
         for host in &mut privates {
-            let private_proxy = json!({
-                "name": PRIVATE,
-                "eps": {"url": private_eps.jsonrpc_url(), "tls": tls(PRIVATE)},
-                "jsonrpc_server": {"bind_address": local(PRIVATE_RPC_PORT),
-                                   "tls": tls_verifying(PRIVATE)},
-                "datastore": {"type": "file",
-                              "settings": {"path": dir.join(format!("data/{}/announcements.json",
-                                                                    host.label))}},
-                "private": {
-                    "public_proxy": PUBLIC,
-                    "internal_endpoint": local(INTERNAL_PORT).to_string(),
-                    "announcements": [{"domain": DOMAIN}],
-                },
-            });
+            let private_proxy = proxy_settings(
+                &pki,
+                PRIVATE,
+                &private_eps,
+                local(PRIVATE_RPC_PORT),
+                &dir.join(format!("data/{}/announcements.json", host.label)),
+                private_role(local(INTERNAL_PORT)),
+            );
             let proxy_dir = format!("{}/proxy", host.label);
             dir.write_yaml(format!("{proxy_dir}/proxy.yml"), &private_proxy);
             host.settings

@@ -289,17 +289,15 @@ pub fn link(a: &Netns, b: &Netns, subnet: u8) -> Link {
 /// (policy drop); loopback and packets of connections `ns` opened itself (established, related)
 /// pass. Replaces an earlier such rule.
 pub fn drop_new_inbound(ns: &Netns) {
-    ns.nft(&format!(
-        "add table inet {FIREWALL_TABLE}\n\
-         delete table inet {FIREWALL_TABLE}\n\
-         table inet {FIREWALL_TABLE} {{\n\
-           chain input {{\n\
-             type filter hook input priority filter; policy drop;\n\
-             iif \"lo\" accept\n\
-             ct state established,related accept\n\
-           }}\n\
-         }}\n"
-    ));
+    replace_table(
+        ns,
+        FIREWALL_TABLE,
+        "chain input {\n\
+           type filter hook input priority filter; policy drop;\n\
+           iif \"lo\" accept\n\
+           ct state established,related accept\n\
+         }\n",
+    );
 }
 
 /// Removes [`drop_new_inbound`]'s rule (if any).
@@ -311,25 +309,30 @@ pub fn remove_firewall(ns: &Netns) {
 /// dropped, so its peers get no RST, no FIN, no ICMP, nothing. (Local sends fail with EPERM
 /// inside `ns` itself, as under any output drop rule.) Undone by [`heal`].
 pub fn cut(ns: &Netns) {
-    ns.nft(&format!(
-        "add table inet {CUT_TABLE}\n\
-         delete table inet {CUT_TABLE}\n\
-         table inet {CUT_TABLE} {{\n\
-           chain input {{\n\
-             type filter hook input priority raw; policy accept;\n\
-             iif != \"lo\" drop\n\
-           }}\n\
-           chain output {{\n\
-             type filter hook output priority raw; policy accept;\n\
-             oif != \"lo\" drop\n\
-           }}\n\
-         }}\n"
-    ));
+    replace_table(
+        ns,
+        CUT_TABLE,
+        "chain input {\n\
+           type filter hook input priority raw; policy accept;\n\
+           iif != \"lo\" drop\n\
+         }\n\
+         chain output {\n\
+           type filter hook output priority raw; policy accept;\n\
+           oif != \"lo\" drop\n\
+         }\n",
+    );
 }
 
 /// Removes [`cut`]'s rules (if any).
 pub fn heal(ns: &Netns) {
     delete_table(ns, CUT_TABLE);
+}
+
+/// Installs table `table` in `ns` with `chains`, replacing an earlier one of that name.
+fn replace_table(ns: &Netns, table: &str, chains: &str) {
+    ns.nft(&format!(
+        "add table inet {table}\ndelete table inet {table}\ntable inet {table} {{\n{chains}}}\n"
+    ));
 }
 
 fn delete_table(ns: &Netns, table: &str) {

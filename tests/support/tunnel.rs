@@ -173,34 +173,27 @@ impl Tunnel {
         records.push(record(OTHER_PRIVATE, "settings", allowed));
         write_records(&directory, "10-operators.json", &records);
 
-        let tls = |name: &str| serde_json::to_value(pki.tls(name)).expect("TLS settings");
-        let tls_verifying =
-            |name: &str| serde_json::to_value(pki.tls_verifying(name)).expect("TLS settings");
-        let public_proxy = json!({
-            "name": PUBLIC,
-            "eps": {"url": public_eps.jsonrpc_url(), "tls": tls(PUBLIC)},
-            "jsonrpc_server": {"bind_address": public_rpc_addr, "tls": tls_verifying(PUBLIC)},
-            "datastore": {"type": "file",
-                          "settings": {"path": dir.join("data/public-proxy-1/announcements.json")}},
-            "public": {
+        let public_proxy = proxy_settings(
+            &pki,
+            PUBLIC,
+            &public_eps,
+            public_rpc_addr,
+            &dir.join("data/public-proxy-1/announcements.json"),
+            json!({"public": {
                 "bind_address": public_addr,
                 "internal_bind_address": public_internal_addr,
                 "internal_endpoint": public_internal_addr.to_string(),
                 "limits": {"token_timeout": TOKEN_TIMEOUT.as_secs_f64()},
-            },
-        });
-        let private_proxy = json!({
-            "name": PRIVATE,
-            "eps": {"url": private_eps.jsonrpc_url(), "tls": tls(PRIVATE)},
-            "jsonrpc_server": {"bind_address": private_rpc_addr, "tls": tls_verifying(PRIVATE)},
-            "datastore": {"type": "file",
-                          "settings": {"path": dir.join("data/private-proxy-1/announcements.json")}},
-            "private": {
-                "public_proxy": PUBLIC,
-                "internal_endpoint": internal_addr.to_string(),
-                "announcements": [{"domain": DOMAIN}],
-            },
-        });
+            }}),
+        );
+        let private_proxy = proxy_settings(
+            &pki,
+            PRIVATE,
+            &private_eps,
+            private_rpc_addr,
+            &dir.join("data/private-proxy-1/announcements.json"),
+            private_role(internal_addr),
+        );
         let mut settings = BTreeMap::new();
         dir.write_yaml("public-proxy/proxy.yml", &public_proxy);
         settings.insert(Role::PublicProxy, dir.join("public-proxy"));
@@ -415,6 +408,39 @@ impl Tunnel {
             .matches("connection closed")
             .count()
     }
+}
+
+/// A proxy's settings: operator `name` with its certificate from `pki`, calling out through
+/// `eps`, serving its JSON-RPC on `rpc_addr` (clients need a certificate), announcements kept in
+/// `store`, and its role's section (`{"public": ...}` or `{"private": ...}`) merged in.
+pub fn proxy_settings(
+    pki: &Pki,
+    name: &str,
+    eps: &EpsConfig,
+    rpc_addr: SocketAddr,
+    store: &std::path::Path,
+    role: serde_json::Value,
+) -> serde_json::Value {
+    let tls = serde_json::to_value(pki.tls(name)).expect("TLS settings");
+    let verifying = serde_json::to_value(pki.tls_verifying(name)).expect("TLS settings");
+    let mut v = json!({
+        "name": name,
+        "eps": {"url": eps.jsonrpc_url(), "tls": tls},
+        "jsonrpc_server": {"bind_address": rpc_addr, "tls": verifying},
+        "datastore": {"type": "file", "settings": {"path": store}},
+    });
+    eps_core::settings::merge(&mut v, role);
+    v
+}
+
+/// The `private` section of the demo's private proxy: it announces [`DOMAIN`] to [`PUBLIC`]
+/// and relays to the internal server at `internal`.
+pub fn private_role(internal: SocketAddr) -> serde_json::Value {
+    json!({"private": {
+        "public_proxy": PUBLIC,
+        "internal_endpoint": internal.to_string(),
+        "announcements": [{"domain": DOMAIN}],
+    }})
 }
 
 /// The environment of `internal-server` on `addr` with the certificate `pki` issued for it,
