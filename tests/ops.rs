@@ -25,6 +25,9 @@ use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+#[path = "ops/rotation.rs"]
+mod rotation;
+
 /// Requests sent through the tunnel for the metrics test.
 const REQUESTS: u64 = 20;
 /// Time counters get to settle after the last request (relays end once both sides closed).

@@ -4,7 +4,8 @@
 //! - [`settings`]: loads settings directories (`EPS_SETTINGS`, `PROXY_SETTINGS`): YAML files
 //!   deep-merged in lexical order, `$DIR` and `vars:` substitution, errors that name file and key.
 //! - [`tls`]: certificates and keys from PEM files, rustls configs, fingerprints and the names
-//!   a certificate carries.
+//!   a certificate carries; [`tls::reload`] keeps them in step with their files.
+//! - [`files`]: file stamps, to notice that TLS material or the directory changed.
 //! - [`directory`]: the service directory: records folded into one entry per operator, and the
 //!   permission check for a call.
 //! - [`jsonrpc`]: JSON-RPC 2.0 types and error codes, plain functions over bytes.
@@ -16,6 +17,7 @@
 //! - [`logging`]: the tracing setup every binary shares.
 
 pub mod directory;
+pub mod files;
 pub mod http;
 pub mod jsonrpc;
 pub mod logging;

@@ -19,7 +19,8 @@ use crate::tls;
 
 /// File name of the root CA certificate in a certs folder.
 pub const ROOT_CERT: &str = "root.crt";
-const ROOT_KEY: &str = "root.key";
+/// The root CA's private key, beside [`ROOT_CERT`].
+pub const ROOT_KEY: &str = "root.key";
 /// File name of the certificates record the PKI writes into the directory folder.
 pub const CERTIFICATES_RECORD_FILE: &str = "90-certificates.json";
 

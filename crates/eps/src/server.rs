@@ -210,6 +210,8 @@ async fn run(s: Settings, p: Prepared) -> anyhow::Result<()> {
             shutdown.clone(),
         ));
     }
+    // Certificates, keys and CA files are re-read when they change and on SIGHUP.
+    tokio::spawn(tls::watch(shutdown.clone()));
     let DirectorySettings::Files { path } = &s.directory;
     wait_for_shutdown(&p.directory, path).await;
     tracing::info!(
@@ -228,23 +230,42 @@ async fn run(s: Settings, p: Prepared) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Resolves on SIGINT or SIGTERM; on SIGHUP re-reads the directory (a bad one is logged and
-/// the current one kept).
+/// Resolves on SIGINT or SIGTERM. Re-reads the directory on SIGHUP and when its files changed
+/// and then stayed the same for one check (every [`tls::WATCH_INTERVAL`]); a bad one is logged
+/// and the current one kept.
 async fn wait_for_shutdown(directory: &SharedDirectory, path: &std::path::Path) {
+    use eps_core::files::dir_stamp;
     use tokio::signal::unix::{signal, SignalKind};
     let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
     let stop = eps_core::net::shutdown_signal();
     tokio::pin!(stop);
+    let mut tick = tokio::time::interval(tls::WATCH_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut loaded = dir_stamp(path);
+    let mut settling = None;
     loop {
-        tokio::select! {
+        let why = tokio::select! {
             _ = &mut stop => return,
-            _ = hup.recv() => match Directory::load_dir(path) {
-                Ok(d) => {
-                    tracing::info!(operators = d.len(), "directory reloaded");
-                    directory.store(d);
+            _ = hup.recv() => "SIGHUP",
+            _ = tick.tick() => {
+                let now = dir_stamp(path);
+                if now == loaded || settling.as_ref() != Some(&now) {
+                    settling = (now != loaded).then_some(now);
+                    continue;
                 }
-                Err(e) => tracing::error!("directory not reloaded, keeping the current one: {e}"),
-            },
+                "files changed"
+            }
+        };
+        loaded = dir_stamp(path);
+        settling = None;
+        match Directory::load_dir(path) {
+            Ok(d) => {
+                tracing::info!(operators = d.len(), %why, "directory reloaded");
+                directory.store(d);
+            }
+            Err(e) => {
+                tracing::error!(%why, "directory not reloaded, keeping the current one: {e}")
+            }
         }
     }
 }

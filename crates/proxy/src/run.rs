@@ -181,6 +181,7 @@ async fn run_public(
     ));
     serve_ops(ops, prometheus, &c.eps, &shutdown);
     tokio::spawn(reload_on_hangup(None, shutdown.clone()));
+    tokio::spawn(eps_core::tls::watch(shutdown.clone()));
     tokio::spawn(wait_for_eps(c.eps, shutdown.clone()));
     public.run(clients, internal, tracker, shutdown).await;
     let _ = rpc_task.await;
@@ -220,6 +221,7 @@ async fn run_private(
     ));
     serve_ops(ops, prometheus, &c.eps, &shutdown);
     tokio::spawn(reload_on_hangup(Some(private.clone()), shutdown.clone()));
+    tokio::spawn(eps_core::tls::watch(shutdown.clone()));
     private.announcer(shutdown).await;
     let _ = rpc_task.await;
     Ok(())
@@ -228,7 +230,8 @@ async fn run_private(
 /// On SIGHUP, re-reads PROXY_SETTINGS; a private proxy takes its announcements from them
 /// (`private` is `Some`), a public one only checks them (its listeners and limits take effect
 /// at restart; what it routes comes from announcements, not settings). Relays are untouched.
-/// Bad settings are logged and the current ones kept.
+/// Bad settings are logged and the current ones kept. (Certificates, keys and CA files are
+/// re-read by [`eps_core::tls::watch`], on SIGHUP too.)
 async fn reload_on_hangup(private: Option<Arc<Private>>, shutdown: CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
     let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");

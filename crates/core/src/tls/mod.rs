@@ -10,10 +10,13 @@ use std::sync::Arc;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::danger::ClientCertVerifier;
-use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+
+pub mod reload;
+
+pub use reload::{refresh, watch, Check, WATCH_INTERVAL};
 
 /// TLS settings of one listener or client.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -49,9 +52,9 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 /// Reads every certificate in a PEM file.
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs: Vec<_> = CertificateDer::pem_file_iter(path)
-        .map_err(|e| file_err(path, e))?
+        .map_err(|e| pem_err(path, e))?
         .collect::<Result<_, _>>()
-        .map_err(|e| file_err(path, e))?;
+        .map_err(|e| pem_err(path, e))?;
     if certs.is_empty() {
         return Err(TlsError::File {
             path: path.to_path_buf(),
@@ -63,7 +66,29 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
 
 /// Reads the first private key in a PEM file.
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    PrivateKeyDer::from_pem_file(path).map_err(|e| file_err(path, e))
+    PrivateKeyDer::from_pem_file(path).map_err(|e| pem_err(path, e))
+}
+
+/// A PEM error in words (rustls prints some of them as lists of byte values).
+fn pem_err(path: &Path, e: rustls::pki_types::pem::Error) -> TlsError {
+    use rustls::pki_types::pem::Error;
+    let reason = match e {
+        Error::MissingSectionEnd { end_marker } => format!(
+            "not valid PEM: no {:?} line",
+            String::from_utf8_lossy(&end_marker)
+        ),
+        Error::IllegalSectionStart { line } => format!(
+            "not valid PEM: bad section start {:?}",
+            String::from_utf8_lossy(&line)
+        ),
+        Error::Base64Decode(e) => format!("not valid PEM: bad base64 ({e})"),
+        Error::NoItemsFound => "no PEM section of the expected kind in the file".into(),
+        e => e.to_string(),
+    };
+    TlsError::File {
+        path: path.to_path_buf(),
+        reason,
+    }
 }
 
 fn file_err(path: &Path, e: impl std::fmt::Display) -> TlsError {
@@ -84,16 +109,18 @@ pub fn root_store(ca_file: &Path) -> Result<Arc<RootCertStore>, TlsError> {
 
 /// A server config with this side's certificate; a client certificate from the CA is required
 /// when `verify_client` is set. `alpn` lists the protocols offered, in order of preference.
+/// The certificate, key and CA follow their files (see [`reload`]).
 pub fn server_config(s: &TlsSettings, alpn: &[&[u8]]) -> Result<Arc<ServerConfig>, TlsError> {
     let verifier = s.verify_client.then(|| client_verifier(s)).transpose()?;
     server_config_with(s, verifier, alpn)
 }
 
-/// The verifier that accepts client certificates chaining to `ca_certificate`.
+/// The verifier that accepts client certificates chaining to `ca_certificate` (as the file
+/// reads at the time of each handshake).
 pub fn client_verifier(s: &TlsSettings) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
-    WebPkiClientVerifier::builder_with_provider(root_store(&s.ca_certificate)?, provider())
-        .build()
-        .map_err(|e| TlsError::Config(e.to_string()))
+    Ok(Arc::new(reload::ClientVerifier(reload::Trust::shared(
+        &s.ca_certificate,
+    )?)))
 }
 
 /// A server config with this side's certificate and the given client verifier (none: clients
@@ -110,21 +137,21 @@ pub fn server_config_with(
         Some(v) => builder.with_client_cert_verifier(v),
         None => builder.with_no_client_auth(),
     };
-    let mut config = builder
-        .with_single_cert(load_certs(&s.certificate)?, load_key(&s.key)?)
-        .map_err(|e| TlsError::Config(format!("{}: {e}", s.certificate.display())))?;
+    let mut config = builder.with_cert_resolver(reload::Identity::shared(&s.certificate, &s.key)?);
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(config))
 }
 
-/// A client config that trusts `ca_certificate` and presents this side's certificate.
+/// A client config that trusts `ca_certificate` and presents this side's certificate, both
+/// as their files read at the time of each handshake.
 pub fn client_config(s: &TlsSettings, alpn: &[&[u8]]) -> Result<Arc<ClientConfig>, TlsError> {
+    let trust = reload::Trust::shared(&s.ca_certificate)?;
     let mut config = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Config(e.to_string()))?
-        .with_root_certificates(root_store(&s.ca_certificate)?)
-        .with_client_auth_cert(load_certs(&s.certificate)?, load_key(&s.key)?)
-        .map_err(|e| TlsError::Config(format!("{}: {e}", s.certificate.display())))?;
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(reload::ServerVerifier(trust)))
+        .with_client_cert_resolver(reload::Identity::shared(&s.certificate, &s.key)?);
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(config))
 }
