@@ -153,3 +153,47 @@ async fn local_client_needs_a_certificate_when_verify_client_is_on() {
     }
     assert_eq!(net.node("bob").service.received().len(), 1);
 }
+
+/// A connection outlives directory changes: once bob's directory (re-read by itself when its
+/// files change, no signal) stops accepting alice's certificate, her next call on the call
+/// stream she already holds is refused and the stream ends; nothing reaches bob's service.
+#[tokio::test(flavor = "multi_thread")]
+async fn calls_on_an_open_stream_stop_once_the_directory_stops_accepting_the_caller() {
+    let mut net = Net::new("revoked-caller");
+    net.start(&["alice", "bob"]).await;
+    let alice = net.node("alice").client();
+    call(&alice, "bob.echo", json!({}))
+        .await
+        .expect("bob.echo while alice's certificate is pinned");
+    assert_eq!(net.node("bob").service.received().len(), 1);
+
+    write_records(
+        &net.dir.join("directory"),
+        "95-alice-new-pin.json",
+        &[record(
+            "alice",
+            "certificates",
+            json!([{"fingerprint": "00".repeat(32), "key_usage": "encryption"}]),
+        )],
+    );
+    net.node_mut("bob")
+        .proc
+        .wait_for_log("directory reloaded", PROCESS_WAIT)
+        .await;
+    let e = rpc_error(
+        call(&alice, "bob.echo", json!({})).await,
+        "bob.echo after the pin changed",
+    );
+    assert!(
+        e.message.contains("no longer accepts"),
+        "alice's error should say why: {e}"
+    );
+    let bob = &mut net.node_mut("bob").proc;
+    bob.wait_for_log("no longer accepts its certificate", PROCESS_WAIT)
+        .await;
+    assert_eq!(
+        net.node("bob").service.received().len(),
+        1,
+        "a call from a certificate bob no longer accepts reached his service"
+    );
+}

@@ -305,6 +305,8 @@ async fn serve_one(
         answers,
         broker.clone(),
         Arc::from(name),
+        // The peer's certificate was checked when this connection was made.
+        None,
         Arc::new(Semaphore::new(MAX_STREAM_CALLS)),
         peers.max_message_bytes(),
         stop.clone(),

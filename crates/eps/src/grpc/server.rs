@@ -140,12 +140,16 @@ type CallRequests =
 /// busy peer is slowed by HTTP/2 flow control. Returns when `incoming` ends or fails, or, after
 /// `shutdown`, once every call read before it has been answered; a call read after `shutdown`
 /// is answered at once as not delivered, so that the caller may send it to another instance.
-/// `answers` closes after the last answer.
+/// `answers` closes after the last answer. With `fingerprint` (the certificate the caller
+/// showed), each call first checks that the directory still accepts that certificate; the
+/// first call that finds it no longer does is refused and ends the stream.
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn answer_calls<S>(
     incoming: &mut S,
     answers: mpsc::Sender<Result<pb::CallResponse, tonic::Status>>,
     broker: Arc<Broker>,
     caller: Arc<str>,
+    fingerprint: Option<Arc<str>>,
     in_flight: Arc<Semaphore>,
     max_message_bytes: usize,
     shutdown: CancellationToken,
@@ -171,6 +175,23 @@ pub(super) async fn answer_calls<S>(
                 break;
             }
         };
+        // A stream outlives directory changes: the certificate it was opened with must still
+        // be accepted.
+        if let Some(fp) = fingerprint.as_deref() {
+            if !broker.accepts(&caller, fp) {
+                tracing::warn!(peer = %caller, fingerprint = %fp, "refused peer: the directory no longer accepts its certificate; ending its call stream");
+                let mut resp = to_pb(Err(RpcError::not_delivered(
+                    jsonrpc::FORBIDDEN,
+                    format!(
+                        "the directory of {} no longer accepts this certificate of {caller}",
+                        broker.name()
+                    ),
+                )));
+                resp.id = req.id;
+                let _ = answers.send(Ok(resp)).await;
+                break;
+            }
+        }
         // Read first, then wait for room: an idle stream holds no permit, and a full
         // connection stops reading (back-pressure through HTTP/2 flow control).
         let permit = tokio::select! {
@@ -297,11 +318,13 @@ impl Eps for Service {
         let max_message_bytes = self.max_message_bytes;
         tokio::spawn(async move {
             let caller = Arc::from(conn.identity.name.as_str());
+            let fingerprint = Some(Arc::from(conn.identity.fingerprint.as_str()));
             answer_calls(
                 &mut incoming,
                 tx,
                 broker,
                 caller,
+                fingerprint,
                 conn.in_flight.clone(),
                 max_message_bytes,
                 shutdown,
