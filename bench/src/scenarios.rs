@@ -226,7 +226,7 @@ pub async fn idle_rss(
     );
     let after = settled_rss(system).await?;
     drop(held);
-    let closed = eps_core::net::wait_until(TEARDOWN_TIMEOUT, || {
+    let closed = eps_testkit::wait_until(TEARDOWN_TIMEOUT, || {
         let open = open_fds();
         async move { open <= fds_before + TEARDOWN_SLACK_FDS }
     })

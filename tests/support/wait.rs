@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-pub use eps_core::net::wait_until;
+pub use eps_testkit::wait_until;
 
 /// Ports [`free_port`] hands out: below Linux's default ephemeral range (32768-60999) and
 /// macOS's (49152-65535), so that the kernel never gives one of them to somebody else's

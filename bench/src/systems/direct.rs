@@ -74,7 +74,7 @@ impl Env {
             &log,
         )?;
         let mut addr = None;
-        eps_core::net::wait_until(Duration::from_secs(30), || {
+        eps_testkit::wait_until(Duration::from_secs(30), || {
             addr = std::fs::read_to_string(&log).ok().and_then(|text| {
                 let line = text.lines().find_map(|l| l.strip_prefix(LISTENING))?;
                 line.trim().parse().ok()

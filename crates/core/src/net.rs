@@ -1,9 +1,8 @@
 //! Accepting connections the way every listener of eps does, and the stop signals every
 //! process obeys.
 
-use std::future::Future;
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -66,32 +65,5 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = int.recv() => {}
         _ = term.recv() => {}
-    }
-}
-
-/// First and longest pause between two checks of [`wait_until`].
-const FIRST_POLL_PAUSE: Duration = Duration::from_millis(5);
-const MAX_POLL_PAUSE: Duration = Duration::from_millis(100);
-
-/// Runs `check` until it returns true or `timeout` has passed; returns whether it did. Pauses
-/// between attempts grow from 5 ms to 100 ms. For waiting on readiness (a port, a log line, a
-/// count) instead of sleeping a fixed time.
-pub async fn wait_until<F, Fut>(timeout: Duration, mut check: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + timeout;
-    let mut pause = FIRST_POLL_PAUSE;
-    loop {
-        if check().await {
-            return true;
-        }
-        let now = Instant::now();
-        if now >= deadline {
-            return false;
-        }
-        tokio::time::sleep(pause.min(deadline - now)).await;
-        pause = (pause * 2).min(MAX_POLL_PAUSE);
     }
 }
