@@ -5,6 +5,7 @@
 //!   deep-merged in lexical order, `$DIR` and `vars:` substitution, errors that name file and key.
 //! - [`tls`]: certificates and keys from PEM files, rustls configs, fingerprints and the names
 //!   a certificate carries; [`tls::reload`] keeps them in step with their files.
+//! - [`backoff`]: the doubling pause every retry loop takes.
 //! - [`files`]: file stamps, to notice that TLS material or the directory changed.
 //! - [`directory`]: the service directory: records folded into one entry per operator, and the
 //!   permission check for a call.
@@ -16,6 +17,7 @@
 //! - [`ops`]: the operations listener: `/metrics`, `/healthz`, `/readyz`.
 //! - [`logging`]: the tracing setup every binary shares.
 
+pub mod backoff;
 pub mod directory;
 pub mod files;
 pub mod http;

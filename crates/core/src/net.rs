@@ -7,6 +7,8 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
+use crate::backoff::Backoff;
+
 /// First pause after a failed `accept`.
 const FIRST_BACKOFF: Duration = Duration::from_millis(5);
 /// Longest pause after repeated failures.
@@ -18,7 +20,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(1);
 pub struct Acceptor {
     listener: TcpListener,
     what: &'static str,
-    backoff: Duration,
+    backoff: Backoff,
 }
 
 impl Acceptor {
@@ -27,7 +29,7 @@ impl Acceptor {
         Self {
             listener,
             what,
-            backoff: FIRST_BACKOFF,
+            backoff: Backoff::new(FIRST_BACKOFF, MAX_BACKOFF),
         }
     }
 
@@ -40,17 +42,16 @@ impl Acceptor {
             };
             match r {
                 Ok((stream, addr)) => {
-                    self.backoff = FIRST_BACKOFF;
+                    self.backoff.reset();
                     let _ = stream.set_nodelay(true);
                     return Some((stream, addr));
                 }
                 Err(e) => {
                     tracing::warn!(listener = self.what, error = %e, "accept failed; backing off");
                     tokio::select! {
-                        _ = tokio::time::sleep(self.backoff) => {}
+                        _ = tokio::time::sleep(self.backoff.fail()) => {}
                         _ = shutdown.cancelled() => return None,
                     }
-                    self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
                 }
             }
         }

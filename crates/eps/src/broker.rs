@@ -14,7 +14,7 @@ use eps_core::jsonrpc::{self, params, Outcome, Request, RpcError, PING};
 use serde_json::json;
 use serde_json::value::RawValue;
 
-use crate::grpc::Peers;
+use crate::grpc::{Node, Peers};
 use crate::metrics::Metrics;
 use crate::peers::SharedDirectory;
 
@@ -50,25 +50,6 @@ impl Broker {
             local,
             call_timeout,
         }
-    }
-
-    /// This server's operator name.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// Whether the current directory still accepts `name`'s certificate with `fingerprint` (it
-    /// may have changed since the connection's handshake).
-    pub fn accepts(&self, name: &str, fingerprint: &str) -> bool {
-        self.directory
-            .load()
-            .entry(name)
-            .is_some_and(|e| e.accepts_fingerprint(fingerprint))
-    }
-
-    /// The channels to peers and the reverse streams they hold to us.
-    pub fn peers(&self) -> &Peers {
-        &self.peers
     }
 
     /// `{"name": caller, "entry": ...}` serialized once per caller and directory version.
@@ -139,7 +120,7 @@ impl Broker {
     ) -> Outcome {
         if operator == self.name {
             return self
-                .incoming(&self.name, method, params.get().as_bytes())
+                .answer(&self.name, method, params.get().as_bytes())
                 .await;
         }
         let Some(entry) = dir.entry(operator) else {
@@ -152,7 +133,7 @@ impl Broker {
     }
 
     /// A call from peer `caller` (already authenticated) for this server's service.
-    pub async fn incoming(&self, caller: &str, method: &str, params: &[u8]) -> Outcome {
+    async fn answer(&self, caller: &str, method: &str, params: &[u8]) -> Outcome {
         if method == PING {
             return self.ping();
         }
@@ -225,6 +206,32 @@ impl Broker {
 }
 
 /// The local JSON-RPC server's handler: every request goes out through the broker.
+impl Node for Broker {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn accepts(&self, name: &str, fingerprint: &str) -> bool {
+        self.directory
+            .load()
+            .entry(name)
+            .is_some_and(|e| e.accepts_fingerprint(fingerprint))
+    }
+
+    fn peers(&self) -> &Peers {
+        &self.peers
+    }
+
+    fn incoming(
+        &self,
+        caller: &str,
+        method: &str,
+        params: &[u8],
+    ) -> impl std::future::Future<Output = Outcome> + Send {
+        self.answer(caller, method, params)
+    }
+}
+
 pub struct LocalHandler(pub std::sync::Arc<Broker>);
 
 impl Handler for LocalHandler {

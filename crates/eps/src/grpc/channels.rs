@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use eps_core::backoff::Backoff;
 use eps_core::jsonrpc::{self, Outcome, RpcError};
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
@@ -34,10 +35,12 @@ use crate::metrics::ReverseGauge;
 use crate::peers::{check_peer, SharedDirectory};
 use crate::settings::GrpcClientSettings;
 
+/// First pause before connecting again to a peer that could not be reached.
+const FIRST_RECONNECT: Duration = Duration::from_millis(50);
+
 /// Reconnect pacing for one peer: attempts after failures wait 50 ms, 100 ms, ... up to a cap.
-#[derive(Default)]
-struct Backoff {
-    failures: u32,
+struct Reconnect {
+    backoff: Backoff,
     next_attempt: Option<Instant>,
 }
 
@@ -306,8 +309,10 @@ impl Peers {
             tls: TlsConnector::from(self.tls.clone()),
             directory: self.directory.clone(),
             timeout: self.settings.connect_timeout,
-            max_backoff: self.settings.max_reconnect_backoff,
-            backoff: Arc::new(Mutex::new(Backoff::default())),
+            reconnect: Arc::new(Mutex::new(Reconnect {
+                backoff: Backoff::new(FIRST_RECONNECT, self.settings.max_reconnect_backoff),
+                next_attempt: None,
+            })),
         };
         Ok(
             endpoint.connect_with_connector_lazy(tower::service_fn(move |_| {
@@ -629,8 +634,7 @@ struct Connector {
     tls: TlsConnector,
     directory: SharedDirectory,
     timeout: Duration,
-    max_backoff: Duration,
-    backoff: Arc<Mutex<Backoff>>,
+    reconnect: Arc<Mutex<Reconnect>>,
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -640,7 +644,7 @@ impl Connector {
         &self,
     ) -> Result<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>, BoxError> {
         let wait = {
-            let b = self.backoff.lock().expect("backoff poisoned");
+            let b = self.reconnect.lock().expect("reconnect poisoned");
             b.next_attempt
                 .map(|t| t.saturating_duration_since(Instant::now()))
         };
@@ -649,19 +653,17 @@ impl Connector {
         }
         match self.try_connect().await {
             Ok(io) => {
-                let mut b = self.backoff.lock().expect("backoff poisoned");
-                if b.failures > 0 {
+                let mut b = self.reconnect.lock().expect("reconnect poisoned");
+                if b.backoff.failures() > 0 {
                     tracing::info!(peer = %self.name, address = %self.address, "peer reachable again");
                 }
-                *b = Backoff::default();
+                b.backoff.reset();
+                b.next_attempt = None;
                 Ok(TokioIo::new(io))
             }
             Err(e) => {
-                let mut b = self.backoff.lock().expect("backoff poisoned");
-                b.failures = b.failures.saturating_add(1);
-                let pause = Duration::from_millis(50)
-                    .saturating_mul(1 << b.failures.min(10))
-                    .min(self.max_backoff);
+                let mut b = self.reconnect.lock().expect("reconnect poisoned");
+                let pause = b.backoff.fail();
                 b.next_attempt = Some(Instant::now() + pause);
                 tracing::info!(peer = %self.name, address = %self.address, error = %e, retry_in_ms = pause.as_millis() as u64, "waiting for peer");
                 Err(e.into())

@@ -4,6 +4,8 @@
 //! reverse streams to them instead ([`hold_streams`], `reverse.rs`), and its calls travel on
 //! those.
 
+use std::future::Future;
+
 use bytes::Bytes;
 use eps_core::jsonrpc::{Outcome, RpcError};
 use serde_json::value::RawValue;
@@ -15,6 +17,25 @@ mod server;
 pub use channels::Peers;
 pub use reverse::hold_streams;
 pub use server::serve;
+
+/// What the transport asks of the server it carries calls for (the broker), so that this
+/// module does not depend on the broker.
+pub trait Node: Send + Sync + 'static {
+    /// This server's operator name.
+    fn name(&self) -> &str;
+    /// Whether the current directory accepts the certificate with `fingerprint` for operator
+    /// `name` (a connection or stream outlives directory changes, so calls check again).
+    fn accepts(&self, name: &str, fingerprint: &str) -> bool;
+    /// The channels to peers and the reverse streams held to this server.
+    fn peers(&self) -> &Peers;
+    /// Checks and delivers a call that peer `caller` sent.
+    fn incoming(
+        &self,
+        caller: &str,
+        method: &str,
+        params: &[u8],
+    ) -> impl Future<Output = Outcome> + Send;
+}
 
 pub mod pb {
     tonic::include_proto!("eps.v1");

@@ -22,11 +22,12 @@ use tokio_util::task::TaskTracker;
 
 use prometheus_client::metrics::gauge::Gauge;
 
+use eps_core::backoff::Backoff;
 use eps_core::jsonrpc::{self, RpcError};
 
 use super::channels::CallStream;
 use super::server::{answer_calls, MAX_STREAM_CALLS};
-use crate::broker::Broker;
+use super::Node;
 use crate::metrics::{ReverseGauge, ReverseLabels};
 use crate::peers::SharedDirectory;
 
@@ -191,8 +192,8 @@ pub fn targets(
 
 /// Holds a reverse stream to each of [`targets`], following directory changes, until
 /// `shutdown`; then returns once every stream has answered the calls it read.
-pub async fn hold_streams(
-    broker: Arc<Broker>,
+pub async fn hold_streams<B: Node>(
+    broker: Arc<B>,
     directory: SharedDirectory,
     listed: Vec<String>,
     shutdown: CancellationToken,
@@ -240,23 +241,24 @@ pub async fn hold_streams(
 
 /// Keeps one reverse stream to `name` at `address` open: opens it, answers its calls, and when
 /// it ends opens it again after a pause that doubles with each failure.
-async fn hold(broker: Arc<Broker>, name: String, address: String, stop: CancellationToken) {
-    let max_backoff = broker.peers().settings().max_reconnect_backoff;
-    let mut pause = FIRST_RETRY;
+async fn hold<B: Node>(broker: Arc<B>, name: String, address: String, stop: CancellationToken) {
+    let mut backoff = Backoff::new(FIRST_RETRY, broker.peers().settings().max_reconnect_backoff);
     // The first failure in a row is logged at info; the channel logs each failed connect.
     let mut failing = false;
     while !stop.is_cancelled() {
         let started = Instant::now();
-        match serve_one(&broker, &name, &address, &stop).await {
+        let outcome = serve_one(&broker, &name, &address, &stop).await;
+        if outcome.is_ok() && started.elapsed() >= STABLE {
+            backoff.reset();
+        }
+        let pause = backoff.fail();
+        match outcome {
             Ok(()) => {
                 failing = false;
                 if stop.is_cancelled() {
                     return;
                 }
                 tracing::info!(peer = %name, %address, "reverse stream ended; opening it again");
-                if started.elapsed() >= STABLE {
-                    pause = FIRST_RETRY;
-                }
             }
             Err(e) if failing => {
                 tracing::debug!(peer = %name, %address, error = %e, retry_in_ms = pause.as_millis() as u64, "reverse stream not opened")
@@ -270,14 +272,13 @@ async fn hold(broker: Arc<Broker>, name: String, address: String, stop: Cancella
             _ = tokio::time::sleep(pause) => {}
             _ = stop.cancelled() => return,
         }
-        pause = (pause * 2).min(max_backoff.max(FIRST_RETRY));
     }
 }
 
 /// Opens one `Serve` stream and answers the calls on it until it ends (`Ok`), or says why it
 /// could not be opened.
-async fn serve_one(
-    broker: &Arc<Broker>,
+async fn serve_one<B: Node>(
+    broker: &Arc<B>,
     name: &str,
     address: &str,
     stop: &CancellationToken,

@@ -23,8 +23,8 @@ use tokio_stream::StreamExt;
 
 use super::channels::CallStream;
 use super::pb::eps_server::{Eps, EpsServer};
+use super::Node;
 use super::{pb, to_pb};
-use crate::broker::Broker;
 use crate::peers::{check_peer, PeerIdentity, SharedDirectory};
 use crate::settings::GrpcServerSettings;
 
@@ -96,8 +96,8 @@ impl AsyncWrite for PeerStream {
     }
 }
 
-struct Service {
-    broker: Arc<Broker>,
+struct Service<B> {
+    broker: Arc<B>,
     /// Whether `Calls` is served (`grpc_server.call_streams`).
     call_streams: bool,
     /// Largest answer a `Calls` stream carries; a larger one is answered with an error for
@@ -108,7 +108,7 @@ struct Service {
     shutdown: CancellationToken,
 }
 
-impl Service {
+impl<B: Node> Service<B> {
     /// The verified peer of a request, if the directory still accepts its certificate: a
     /// connection outlives directory changes, so every new stream or call checks again.
     fn peer<T>(&self, request: &tonic::Request<T>) -> Result<PeerConn, tonic::Status> {
@@ -144,10 +144,10 @@ type CallRequests =
 /// showed), each call first checks that the directory still accepts that certificate; the
 /// first call that finds it no longer does is refused and ends the stream.
 #[allow(clippy::too_many_arguments)]
-pub(super) async fn answer_calls<S>(
+pub(super) async fn answer_calls<S, B: Node>(
     incoming: &mut S,
     answers: mpsc::Sender<Result<pb::CallResponse, tonic::Status>>,
-    broker: Arc<Broker>,
+    broker: Arc<B>,
     caller: Arc<str>,
     fingerprint: Option<Arc<str>>,
     in_flight: Arc<Semaphore>,
@@ -249,7 +249,7 @@ pub(super) async fn answer_calls<S>(
 }
 
 #[tonic::async_trait]
-impl Eps for Service {
+impl<B: Node> Eps for Service<B> {
     type CallsStream = CallResponses;
     type ServeStream = CallRequests;
 
@@ -350,11 +350,11 @@ impl Eps for Service {
 }
 
 /// Serves the gRPC port until `shutdown`.
-pub async fn serve(
+pub async fn serve<B: Node>(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     settings: GrpcServerSettings,
-    broker: Arc<Broker>,
+    broker: Arc<B>,
     directory: SharedDirectory,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
