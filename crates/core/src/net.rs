@@ -1,11 +1,16 @@
-//! Accepting connections the way every listener of eps does, and the stop signals every
-//! process obeys.
+//! Accepting connections the way every listener of eps does ([`serve`]), and the stop signals
+//! every process obeys.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::backoff::Backoff;
 
@@ -55,6 +60,88 @@ impl Acceptor {
                 }
             }
         }
+    }
+}
+
+/// What a listener does with a new connection when all its slots are taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WhenFull {
+    /// Stop accepting until a slot frees: newcomers wait in the kernel's backlog (local links,
+    /// whose clients retry on their own).
+    Wait,
+    /// Accept and close at once, so that the client learns of the refusal instead of waiting
+    /// (public listeners).
+    Refuse,
+}
+
+/// How many connections a listener serves at once, and what happens beyond.
+#[derive(Debug, Clone)]
+pub struct Slots {
+    permits: Arc<Semaphore>,
+    when_full: WhenFull,
+}
+
+impl Slots {
+    /// `max` connections at once (at least one).
+    pub fn new(max: usize, when_full: WhenFull) -> Self {
+        Self {
+            permits: Arc::new(Semaphore::new(max.max(1))),
+            when_full,
+        }
+    }
+
+    /// Slots taken from `permits`, which others may also look at or share.
+    pub fn from_semaphore(permits: Arc<Semaphore>, when_full: WhenFull) -> Self {
+        Self { permits, when_full }
+    }
+}
+
+/// Serves `listener` until `shutdown`: each accepted connection runs `handle` on its own task of
+/// `tracker`, with one of `slots` that it holds for as long as it keeps the permit (it may hand
+/// the permit on to whatever serves the connection after the task ends). A connection refused
+/// for lack of a slot calls `on_refused` and is logged (the first and every 1000th). Returns
+/// once the listener has stopped accepting; `tracker.wait()` then drains the connections.
+pub async fn serve<F, Fut>(
+    listener: TcpListener,
+    what: &'static str,
+    slots: Slots,
+    tracker: &TaskTracker,
+    shutdown: &CancellationToken,
+    on_refused: impl Fn(),
+    mut handle: F,
+) where
+    F: FnMut(TcpStream, SocketAddr, OwnedSemaphorePermit) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let refused = AtomicU64::new(0);
+    let mut acceptor = Acceptor::new(listener, what);
+    loop {
+        let waited = match slots.when_full {
+            WhenFull::Wait => tokio::select! {
+                p = slots.permits.clone().acquire_owned() => Some(p.expect("semaphore never closes")),
+                _ = shutdown.cancelled() => return,
+            },
+            WhenFull::Refuse => None,
+        };
+        let Some((stream, addr)) = acceptor.next(shutdown).await else {
+            return;
+        };
+        let permit = match waited {
+            Some(p) => p,
+            None => match slots.permits.clone().try_acquire_owned() {
+                Ok(p) => p,
+                Err(_) => {
+                    on_refused();
+                    let n = refused.fetch_add(1, Ordering::Relaxed);
+                    if n % 1000 == 0 {
+                        tracing::warn!(listener = what, %addr, refused_so_far = n + 1, "connection limit reached; refusing");
+                    }
+                    drop(stream);
+                    continue;
+                }
+            },
+        };
+        tracker.spawn(handle(stream, addr, permit));
     }
 }
 

@@ -15,10 +15,10 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-use crate::net::Acceptor;
+use crate::net::{self, Slots, WhenFull};
 
 /// Connections the operations listener serves at once; scrapers and probes need few.
 const MAX_CONNECTIONS: usize = 64;
@@ -48,30 +48,32 @@ pub async fn serve(
     ready: ReadyCheck,
     shutdown: CancellationToken,
 ) {
-    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let mut listener = Acceptor::new(listener, "metrics");
-    loop {
-        let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => p.expect("semaphore never closes"),
-            _ = shutdown.cancelled() => return,
-        };
-        let Some((stream, _)) = listener.next(&shutdown).await else {
-            return;
-        };
-        let (registry, ready) = (registry.clone(), ready.clone());
-        tokio::spawn(async move {
-            let _permit = permit;
-            let service = hyper::service::service_fn(move |req| {
-                let (registry, ready) = (registry.clone(), ready.clone());
-                async move { Ok::<_, Infallible>(answer(req, &registry, &ready).await) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
-    }
+    let conns = TaskTracker::new();
+    let slots = Slots::new(MAX_CONNECTIONS, WhenFull::Wait);
+    net::serve(
+        listener,
+        "metrics",
+        slots,
+        &conns,
+        &shutdown,
+        || {},
+        |stream, _, permit| {
+            let (registry, ready) = (registry.clone(), ready.clone());
+            async move {
+                let _permit = permit;
+                let service = hyper::service::service_fn(move |req| {
+                    let (registry, ready) = (registry.clone(), ready.clone());
+                    async move { Ok::<_, Infallible>(answer(req, &registry, &ready).await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT)
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            }
+        },
+    )
+    .await;
 }
 
 async fn answer(

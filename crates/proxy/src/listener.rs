@@ -1,12 +1,10 @@
-//! The accept loop both proxy listeners share: one task per connection, a bounded number of
-//! them, accept errors backed off.
+//! The accept loop both proxy listeners share: [`eps_core::net::serve`] with refusal when full.
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use eps_core::net::Acceptor;
+use eps_core::net::{self, Slots, WhenFull};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -28,26 +26,21 @@ pub async fn accept_loop<F, Fut, R>(
     R: Fn(),
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let refused = AtomicU64::new(0);
-    let mut listener = Acceptor::new(listener, what);
-    loop {
-        let Some((stream, addr)) = listener.next(&shutdown).await else {
-            return;
-        };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            on_refused();
-            // Log the first refusal and then every 1000th, not each one.
-            let n = refused.fetch_add(1, Ordering::Relaxed);
-            if n % 1000 == 0 {
-                tracing::warn!(%addr, refused_so_far = n + 1, "connection limit reached; refusing");
+    let slots = Slots::from_semaphore(permits, WhenFull::Refuse);
+    net::serve(
+        listener,
+        what,
+        slots,
+        &tracker,
+        &shutdown,
+        on_refused,
+        |stream, addr, permit| {
+            let fut = handle(stream, addr);
+            async move {
+                fut.await;
+                drop(permit);
             }
-            drop(stream);
-            continue;
-        };
-        let fut = handle(stream, addr);
-        tracker.spawn(async move {
-            fut.await;
-            drop(permit);
-        });
-    }
+        },
+    )
+    .await;
 }

@@ -16,12 +16,12 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::jsonrpc::{self, Outcome, Request, Response, RpcError};
-use crate::net::Acceptor;
+use crate::net::{self, Slots, WhenFull};
 use crate::tls;
 
 /// Default cap on concurrent connections of one JSON-RPC listener.
@@ -121,7 +121,8 @@ pub trait Handler: Send + Sync + 'static {
     fn call(&self, req: Request, peer: Peer) -> impl Future<Output = Outcome> + Send;
 }
 
-/// Serves JSON-RPC on `listener` until `shutdown` is cancelled.
+/// Serves JSON-RPC on `listener` until `shutdown` is cancelled, then lets the requests in
+/// flight finish and returns.
 pub async fn serve<H: Handler>(
     listener: TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
@@ -129,35 +130,37 @@ pub async fn serve<H: Handler>(
     handler: Arc<H>,
     shutdown: CancellationToken,
 ) {
-    let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let acceptor = tls.map(TlsAcceptor::from);
+    let slots = Slots::new(limits.max_connections, WhenFull::Wait);
     let limits = Arc::new(limits);
-    let mut listener = Acceptor::new(listener, "jsonrpc");
-    loop {
-        let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => p.expect("semaphore never closes"),
-            _ = shutdown.cancelled() => return,
-        };
-        let Some((stream, addr)) = listener.next(&shutdown).await else {
-            return;
-        };
-        let (acceptor, limits, handler, shutdown) = (
-            acceptor.clone(),
-            limits.clone(),
-            handler.clone(),
-            shutdown.clone(),
-        );
-        tokio::spawn(async move {
-            let _permit = permit;
-            match acceptor {
-                None => {
-                    let peer = Peer { addr, name: None };
-                    serve_conn(stream, peer, limits, handler, shutdown).await
-                }
-                Some(acceptor) => {
-                    let tls =
-                        match tokio::time::timeout(limits.header_timeout, acceptor.accept(stream))
-                            .await
+    let conns = TaskTracker::new();
+    net::serve(
+        listener,
+        "jsonrpc",
+        slots,
+        &conns,
+        &shutdown,
+        || {},
+        |stream, addr, permit| {
+            let (acceptor, limits, handler, shutdown) = (
+                acceptor.clone(),
+                limits.clone(),
+                handler.clone(),
+                shutdown.clone(),
+            );
+            async move {
+                let _permit = permit;
+                match acceptor {
+                    None => {
+                        let peer = Peer { addr, name: None };
+                        serve_conn(stream, peer, limits, handler, shutdown).await
+                    }
+                    Some(acceptor) => {
+                        let tls = match tokio::time::timeout(
+                            limits.header_timeout,
+                            acceptor.accept(stream),
+                        )
+                        .await
                         {
                             Ok(Ok(s)) => s,
                             Ok(Err(e)) => {
@@ -169,17 +172,22 @@ pub async fn serve<H: Handler>(
                                 return;
                             }
                         };
-                    let name = tls
-                        .get_ref()
-                        .1
-                        .peer_certificates()
-                        .and_then(|c| c.first())
-                        .and_then(|c| tls::operator_name(c));
-                    serve_conn(tls, Peer { addr, name }, limits, handler, shutdown).await
+                        let name = tls
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .and_then(|c| c.first())
+                            .and_then(|c| tls::operator_name(c));
+                        serve_conn(tls, Peer { addr, name }, limits, handler, shutdown).await
+                    }
                 }
             }
-        });
-    }
+        },
+    )
+    .await;
+    // Requests in flight finish (each under its deadline); idle connections close at once.
+    conns.close();
+    conns.wait().await;
 }
 
 async fn serve_conn<IO, H>(

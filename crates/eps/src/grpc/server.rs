@@ -8,7 +8,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use eps_core::jsonrpc::{self, RpcError};
-use eps_core::net::Acceptor;
+use eps_core::net::{self, Slots, WhenFull};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
@@ -368,49 +368,53 @@ pub async fn serve<B: Node>(
     } = settings;
     let (tx, rx) = mpsc::channel::<std::io::Result<PeerStream>>(64);
     let acceptor = TlsAcceptor::from(tls);
-    let permits = Arc::new(Semaphore::new(max_connections.max(1)));
     let accept_shutdown = shutdown.clone();
+    // The handshake tasks; each connection then lives in tonic, holding its slot.
+    let handshakes = TaskTracker::new();
     tokio::spawn(async move {
-        let mut listener = Acceptor::new(listener, "grpc");
-        loop {
-            let permit = tokio::select! {
-                p = permits.clone().acquire_owned() => p.expect("semaphore never closes"),
-                _ = accept_shutdown.cancelled() => return,
-            };
-            let Some((tcp, addr)) = listener.next(&accept_shutdown).await else {
-                return;
-            };
-            let (acceptor, tx, directory) = (acceptor.clone(), tx.clone(), directory.clone());
-            tokio::spawn(async move {
-                let io = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(io)) => io,
-                    Ok(Err(e)) => {
-                        tracing::info!(%addr, error = %e, "peer handshake refused");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::info!(%addr, "peer handshake timed out");
-                        return;
-                    }
-                };
-                let cert = io.get_ref().1.peer_certificates().and_then(|c| c.first());
-                let identity = match cert.map(|c| check_peer(&directory.load(), c)) {
-                    Some(Ok(id)) => id,
-                    _ => return, // the verifier already refused such a peer
-                };
-                tracing::debug!(%addr, peer = %identity.name, "peer connected");
-                let stream = PeerStream {
-                    io,
-                    info: PeerConn {
-                        addr,
-                        identity: Arc::new(identity),
-                        in_flight: Arc::new(Semaphore::new(MAX_STREAM_CALLS)),
-                    },
-                    _permit: permit,
-                };
-                let _ = tx.send(Ok(stream)).await;
-            });
-        }
+        let slots = Slots::new(max_connections, WhenFull::Wait);
+        net::serve(
+            listener,
+            "grpc",
+            slots,
+            &handshakes,
+            &accept_shutdown,
+            || {},
+            |tcp, addr, permit| {
+                let (acceptor, tx, directory) = (acceptor.clone(), tx.clone(), directory.clone());
+                async move {
+                    let io =
+                        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                            Ok(Ok(io)) => io,
+                            Ok(Err(e)) => {
+                                tracing::info!(%addr, error = %e, "peer handshake refused");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::info!(%addr, "peer handshake timed out");
+                                return;
+                            }
+                        };
+                    let cert = io.get_ref().1.peer_certificates().and_then(|c| c.first());
+                    let identity = match cert.map(|c| check_peer(&directory.load(), c)) {
+                        Some(Ok(id)) => id,
+                        _ => return, // the verifier already refused such a peer
+                    };
+                    tracing::debug!(%addr, peer = %identity.name, "peer connected");
+                    let stream = PeerStream {
+                        io,
+                        info: PeerConn {
+                            addr,
+                            identity: Arc::new(identity),
+                            in_flight: Arc::new(Semaphore::new(MAX_STREAM_CALLS)),
+                        },
+                        _permit: permit,
+                    };
+                    let _ = tx.send(Ok(stream)).await;
+                }
+            },
+        )
+        .await;
     });
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(keepalive_interval))
