@@ -1,4 +1,4 @@
-//! Bad input and faults (DESIGN §8), end to end: the demo's five processes on loopback, with
+//! Bad input and faults (docs/architecture.md §10), end to end: the demo's five processes on loopback, with
 //! clients that misbehave on purpose, and measurements of what that costs the proxies.
 //!
 //! Build the binaries first: `cargo build --workspace && cargo test -p eps-tests --test faults`

@@ -1,4 +1,4 @@
-//! Announcement stores (DESIGN §7, README "Running several public proxies"): two public proxy
+//! Announcement stores (docs/architecture.md §3.4, §8.2, README "Running several public proxies"): two public proxy
 //! instances of one operator sharing their announcements in Redis, routing from memory while
 //! Redis is down, and stores that lose no acknowledged announcement on `kill -9` (the file store
 //! of one instance; Redis with `appendfsync always`).

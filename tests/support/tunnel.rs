@@ -1,4 +1,4 @@
-//! The demo's five processes (DESIGN §2) on free loopback ports, for `tunnel.rs`: the internal
+//! The demo's five processes (docs/architecture.md §2) on free loopback ports, for `tunnel.rs`: the internal
 //! server, the public and the private proxy of operators `public-proxy-1` / `private-proxy-1`,
 //! and their two EPS servers, with certificates from one [`Pki`] and one directory.
 //!

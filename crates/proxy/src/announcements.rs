@@ -1,4 +1,4 @@
-//! Announcements and the rules for accepting them (DESIGN §3.1), as plain data and functions.
+//! Announcements and the rules for accepting them (docs/architecture.md §3.1), as plain data and functions.
 
 use std::collections::HashMap;
 use std::time::Duration;

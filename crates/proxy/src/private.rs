@@ -1,5 +1,5 @@
 //! `proxy run private`: announces its domains and dials back for matching clients
-//! (DESIGN §3.1, §3.2 step 4).
+//! (docs/architecture.md §3.1, §3.2 step 4).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};

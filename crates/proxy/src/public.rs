@@ -1,4 +1,4 @@
-//! `proxy run public`: the SNI router (DESIGN §3.2).
+//! `proxy run public`: the SNI router (docs/architecture.md §3.2).
 //!
 //! Per client: read the ClientHello under a byte and time bound, look the SNI up in the
 //! in-memory announcements, draw a token, ask the announcing operator through the EPS server to
