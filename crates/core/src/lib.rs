@@ -12,7 +12,8 @@
 //! - [`jsonrpc`]: JSON-RPC 2.0 types and error codes, plain functions over bytes.
 //! - [`http`]: the bounded HTTPS JSON-RPC server and the keep-alive client both sides of a local
 //!   link use.
-//! - [`net`]: the accept loop's building block: backoff on errors, `TCP_NODELAY`.
+//! - [`net`]: [`net::serve`], the accept loop every listener uses (slots that wait or refuse,
+//!   a task tracker, the shutdown token, backoff on errors, `TCP_NODELAY`), and the stop signals.
 //! - [`pki`]: the development PKI (`eps certs`), also used by tests.
 //! - [`ops`]: the operations listener: `/metrics`, `/healthz`, `/readyz`.
 //! - [`logging`]: the tracing setup every binary shares.

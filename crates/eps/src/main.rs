@@ -4,11 +4,16 @@
 //! - `settings`: the `EPS_SETTINGS` schema and its defaults.
 //! - `server`: wires listeners, directory and broker together (`eps server run`).
 //! - `broker`: routes calls between the local client, peers and the local service.
-//! - `grpc`: the mutual-TLS gRPC server and the per-peer channels.
+//! - `grpc`: the EPS network's transport: `server` (the mutual-TLS gRPC server and the
+//!   `Calls`/`Serve` streams it answers), `channels` (one channel per peer, the call streams
+//!   on it), `reverse` (reverse streams: held to peers by a server nobody can dial, and
+//!   accepted from such servers). It asks the broker for what it needs through `grpc::Node`.
 //! - `metrics`: Prometheus counters of calls.
 //! - `peers`: peer identity checks against the directory.
 //! - `certs`: `eps certs`, the development PKI.
 //! - `cli`: `eps call`, `eps settings check`, `eps directory show`.
+//!
+//! How the pieces work together: `docs/architecture.md`.
 
 /// mimalloc instead of glibc's malloc: per-call and per-connection allocations (TLS records,
 /// HTTP heads, JSON) are small and short-lived, and glibc spent ~12% of an EPS server's CPU in

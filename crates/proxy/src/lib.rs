@@ -11,6 +11,12 @@
 //! - [`store`]: the embedded, atomically replaced announcement file.
 //! - [`settings`]: the `PROXY_SETTINGS` schema and its defaults.
 //! - [`run`]: wires settings, listeners and tasks for either role.
+//! - `limiter` (private): the wrong-token limiter and the per-address caps on silent data
+//!   connections of the internal port.
+//! - `listener` (private): the accept loop both public listeners share (refuse when full).
+//! - `pool` (private): the private proxy's pre-dialed data connections.
+//!
+//! How the pieces work together: `docs/architecture.md`.
 
 pub mod announcements;
 pub mod clienthello;
