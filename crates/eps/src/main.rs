@@ -5,8 +5,9 @@
 //! - `server`: wires listeners, directory and broker together (`eps server run`).
 //! - `broker`: routes calls between the local client, peers and the local service.
 //! - `grpc`: the EPS network's transport: `server` (the mutual-TLS gRPC server and the
-//!   `Calls`/`Serve` streams it answers), `channels` (one channel per peer, the call streams
-//!   on it), `reverse` (reverse streams: held to peers by a server nobody can dial, and
+//!   `Calls`/`Serve` streams it answers), `channels` (one channel per peer and where a call
+//!   goes), `connector` (connects and checks a peer), `call_stream` (many calls as messages of
+//!   one stream), `reverse` (reverse streams: held to peers by a server nobody can dial, and
 //!   accepted from such servers). It asks the broker for what it needs through `grpc::Node`.
 //! - `metrics`: Prometheus counters of calls.
 //! - `peers`: peer identity checks against the directory.

@@ -1,48 +1,30 @@
 //! Outgoing channels: one lazily connected, long-lived HTTP/2 channel per peer, reconnected
-//! with backoff, with the peer's pinned certificate checked on every connect.
+//! with backoff, with the peer's pinned certificate checked on every connect (`connector.rs`).
 //!
-//! Calls to a peer share one `Calls` stream on that channel ([`CallStream`]): a call is one
-//! request message with an id and one response message with the same id, so a call costs no
-//! HTTP/2 stream, no headers and no task of its own. When the stream ends (the peer shut down,
-//! the connection broke), every call still waiting on it fails at once and the next call opens
-//! a new stream.
+//! Calls to a peer share one `Calls` stream on that channel (`call_stream.rs`); when it ends,
+//! the next call opens a new one. Where calls go: a reverse stream the peer holds, else its
+//! `grpc_server` address, else 502.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use eps_core::backoff::Backoff;
+use eps_core::directory::Entry;
 use eps_core::jsonrpc::{self, Outcome, RpcError};
-use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 use serde_json::value::RawValue;
-use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio_rustls::TlsConnector;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
-use eps_core::directory::Entry;
-use tokio_stream::{Stream, StreamExt};
-
+use super::call_stream::{CallStream, NotSent};
+use super::connector::Connector;
 use super::pb::eps_client::EpsClient;
 use super::reverse::ReverseStreams;
-use super::server::MAX_STREAM_CALLS;
-use super::{from_pb, pb};
+use super::{from_pb, pb, status_error};
 use crate::metrics::ReverseGauge;
-use crate::peers::{check_peer, SharedDirectory};
+use crate::peers::SharedDirectory;
 use crate::settings::GrpcClientSettings;
-
-/// First pause before connecting again to a peer that could not be reached.
-const FIRST_RECONNECT: Duration = Duration::from_millis(50);
-
-/// Reconnect pacing for one peer: attempts after failures wait 50 ms, 100 ms, ... up to a cap.
-struct Reconnect {
-    backoff: Backoff,
-    next_attempt: Option<Instant>,
-}
 
 /// Outgoing channels, one per peer, created on first use and reused, and the reverse streams
 /// peers that cannot be dialed hold to this server.
@@ -138,7 +120,7 @@ impl Peers {
                 let outcome = match stream.call(method, params, deadline).await {
                     Ok(outcome) => outcome,
                     // The peer never read the call: it goes out the unary way.
-                    Err(NotSent(_)) if stream.waiting.is_unimplemented() => {
+                    Err(NotSent(_)) if stream.is_unimplemented() => {
                         self.use_unary(name);
                         continue;
                     }
@@ -302,18 +284,15 @@ impl Peers {
             // All calls to a peer share one stream: its flow-control window grows with the
             // measured bandwidth-delay product instead of capping a long link at 2 MiB per RTT.
             .http2_adaptive_window(true);
-        let connector = Connector {
-            name: name.to_string(),
-            address: address.to_string(),
+        let connector = Connector::new(
+            name,
+            address,
             server_name,
-            tls: TlsConnector::from(self.tls.clone()),
-            directory: self.directory.clone(),
-            timeout: self.settings.connect_timeout,
-            reconnect: Arc::new(Mutex::new(Reconnect {
-                backoff: Backoff::new(FIRST_RECONNECT, self.settings.max_reconnect_backoff),
-                next_attempt: None,
-            })),
-        };
+            TlsConnector::from(self.tls.clone()),
+            self.directory.clone(),
+            self.settings.connect_timeout,
+            self.settings.max_reconnect_backoff,
+        );
         Ok(
             endpoint.connect_with_connector_lazy(tower::service_fn(move |_| {
                 let c = connector.clone();
@@ -330,275 +309,6 @@ impl PeerChannel {
             client,
             stream: None,
             unary_until: None,
-        }
-    }
-}
-
-/// One stream of calls to a peer: a `Calls` stream we opened, or a `Serve` stream the peer
-/// opened to us (a reverse stream). Dropping the last handle ends the stream's request side;
-/// the peer then answers what it has read and ends its side.
-pub struct CallStream {
-    /// The peer, for error messages.
-    name: String,
-    address: String,
-    requests: mpsc::Sender<pb::CallRequest>,
-    waiting: Arc<Waiting>,
-    /// Largest request the stream carries (the peer refuses larger ones, which would end the
-    /// stream for every call on it).
-    max_message_bytes: usize,
-    next_id: AtomicU64,
-    /// Bounds the calls waiting on this stream; a call beyond it waits for a slot (within its
-    /// deadline).
-    slots: Semaphore,
-}
-
-/// Callers waiting for their answer, by call id; the error that ended the stream once it has.
-struct Waiting {
-    callers: Mutex<Result<HashMap<u64, oneshot::Sender<Outcome>>, RpcError>>,
-    ended: AtomicBool,
-    /// Wakes [`CallStream::closed`] when the stream ends.
-    closed: tokio::sync::Notify,
-    /// The peer answered the stream with UNIMPLEMENTED: it read none of its calls.
-    unimplemented: AtomicBool,
-}
-
-/// A call that never went out, and why.
-struct NotSent(RpcError);
-
-impl Waiting {
-    fn is_ended(&self) -> bool {
-        self.ended.load(Ordering::Acquire)
-    }
-
-    fn is_unimplemented(&self) -> bool {
-        self.unimplemented.load(Ordering::Acquire)
-    }
-
-    /// Registers call `id`, unless the stream has already ended.
-    fn insert(&self, id: u64, tx: oneshot::Sender<Outcome>) -> Result<(), NotSent> {
-        match self.callers.lock().expect("waiting map poisoned").as_mut() {
-            Ok(map) => {
-                map.insert(id, tx);
-                Ok(())
-            }
-            Err(e) => Err(NotSent(e.clone())),
-        }
-    }
-
-    fn remove(&self, id: u64) {
-        if let Ok(map) = self.callers.lock().expect("waiting map poisoned").as_mut() {
-            map.remove(&id);
-        }
-    }
-
-    /// Hands an answer to its caller (gone callers, e.g. after their deadline, are skipped).
-    fn answer(&self, resp: pb::CallResponse) {
-        let id = resp.id;
-        let tx = self
-            .callers
-            .lock()
-            .expect("waiting map poisoned")
-            .as_mut()
-            .ok()
-            .and_then(|m| m.remove(&id));
-        if let Some(tx) = tx {
-            let _ = tx.send(from_pb(resp));
-        }
-    }
-
-    /// Ends the stream: every caller still waiting gets `error`.
-    fn end(&self, error: RpcError) {
-        self.ended.store(true, Ordering::Release);
-        self.closed.notify_waiters();
-        let callers = std::mem::replace(
-            &mut *self.callers.lock().expect("waiting map poisoned"),
-            Err(error.clone()),
-        );
-        for (_, tx) in callers.into_iter().flatten() {
-            let _ = tx.send(Err(error.clone()));
-        }
-    }
-}
-
-/// Forgets a call whose caller stopped waiting (deadline, cancellation).
-struct Forget<'a> {
-    waiting: &'a Waiting,
-    id: u64,
-}
-
-impl Drop for Forget<'_> {
-    fn drop(&mut self) {
-        self.waiting.remove(self.id);
-    }
-}
-
-impl CallStream {
-    /// A stream to peer `name` at `address` whose calls go out on the receiver returned; the
-    /// answers must be fed to [`take_answers`](Self::take_answers).
-    pub fn new(
-        name: String,
-        address: String,
-        max_message_bytes: usize,
-    ) -> (Arc<Self>, mpsc::Receiver<pb::CallRequest>) {
-        let (requests, rx) = mpsc::channel(MAX_STREAM_CALLS);
-        let waiting = Arc::new(Waiting {
-            callers: Mutex::new(Ok(HashMap::new())),
-            ended: AtomicBool::new(false),
-            closed: tokio::sync::Notify::new(),
-            unimplemented: AtomicBool::new(false),
-        });
-        let stream = Arc::new(Self {
-            name,
-            address,
-            requests,
-            waiting,
-            max_message_bytes,
-            next_id: AtomicU64::new(1),
-            slots: Semaphore::new(MAX_STREAM_CALLS),
-        });
-        (stream, rx)
-    }
-
-    /// Opens a `Calls` stream on `client` and starts the task that hands answers to their
-    /// callers.
-    fn open(
-        mut client: EpsClient<Channel>,
-        name: String,
-        address: String,
-        secs: f64,
-        max_message_bytes: usize,
-    ) -> Arc<Self> {
-        let (stream, rx) = Self::new(name, address, max_message_bytes);
-        let this = stream.clone();
-        tokio::spawn(async move {
-            match client.calls(ReceiverStream::new(rx)).await {
-                Err(status) => {
-                    if status.code() == tonic::Code::Unimplemented {
-                        this.waiting.unimplemented.store(true, Ordering::Release);
-                    }
-                    let error = status_error(&this.name, &this.address, &status, secs);
-                    tracing::debug!(peer = %this.name, address = %this.address, error = %error.message, "call stream ended");
-                    this.waiting.end(error);
-                }
-                Ok(resp) => {
-                    this.take_answers(resp.into_inner(), secs).await;
-                }
-            }
-        });
-        stream
-    }
-
-    /// Hands the answers read from `answers` to their callers until it ends; then every call
-    /// still waiting fails and the stream takes no more calls.
-    pub async fn take_answers<S>(&self, mut answers: S, secs: f64)
-    where
-        S: Stream<Item = Result<pb::CallResponse, tonic::Status>> + Unpin,
-    {
-        let (name, address) = (&self.name, &self.address);
-        let error = loop {
-            match answers.next().await {
-                Some(Ok(resp)) => self.waiting.answer(resp),
-                // A peer ends its side only after answering every call it read: the calls
-                // still waiting never reached it, and another instance may take them.
-                None => {
-                    break RpcError::not_delivered(
-                        jsonrpc::PEER_UNREACHABLE,
-                        format!("peer {name} ({address}) closed its call stream"),
-                    )
-                }
-                Some(Err(status)) => break status_error(name, address, &status, secs),
-            }
-        };
-        tracing::debug!(peer = %name, %address, error = %error.message, "call stream ended");
-        self.waiting.end(error);
-    }
-
-    /// Ends the stream now: calls waiting on it fail with `error`, new calls go elsewhere.
-    pub fn close(&self, error: RpcError) {
-        self.waiting.end(error);
-    }
-
-    /// Resolves once the stream has ended (its peer closed it, or [`close`](Self::close)).
-    pub async fn closed(&self) {
-        let notified = self.waiting.closed.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
-        if !self.waiting.is_ended() {
-            notified.await;
-        }
-    }
-
-    /// Whether calls can still go out on this stream.
-    pub fn is_open(&self) -> bool {
-        !self.waiting.is_ended() && !self.requests.is_closed()
-    }
-
-    /// Calls sent on this stream (or waiting for room on it) and not answered yet.
-    pub fn in_flight(&self) -> usize {
-        MAX_STREAM_CALLS - self.slots.available_permits()
-    }
-
-    /// Resolves once no call waits on this stream (polled: only shutdown waits for it).
-    pub async fn idle(&self) {
-        while self.in_flight() > 0 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    fn ended(&self) -> RpcError {
-        RpcError::new(
-            jsonrpc::PEER_UNREACHABLE,
-            format!(
-                "peer {} ({}): the call stream ended",
-                self.name, self.address
-            ),
-        )
-    }
-
-    /// Sends one call and waits for its answer (the caller bounds the wait by `deadline`).
-    async fn call(
-        &self,
-        method: &str,
-        params: &RawValue,
-        deadline: Instant,
-    ) -> Result<Outcome, NotSent> {
-        let _slot = self.slots.acquire().await.expect("semaphore never closes");
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let request = pb::CallRequest {
-            method: method.to_string(),
-            params: Bytes::copy_from_slice(params.get().as_bytes()),
-            id,
-            // What is left of the caller's deadline, so the peer gives up when the caller does.
-            timeout_ms: deadline
-                .saturating_duration_since(Instant::now())
-                .as_millis()
-                .clamp(1, u32::MAX.into()) as u32,
-        };
-        // The peer would refuse it by ending the stream, failing every call on it.
-        if prost::Message::encoded_len(&request) > self.max_message_bytes {
-            return Ok(Err(RpcError::new(
-                jsonrpc::TOO_LARGE,
-                format!(
-                    "params over the EPS network's max_message_bytes ({} bytes)",
-                    self.max_message_bytes
-                ),
-            )));
-        }
-        let (tx, rx) = oneshot::channel();
-        self.waiting.insert(id, tx)?;
-        let _forget = Forget {
-            waiting: &self.waiting,
-            id,
-        };
-        if self.requests.send(request).await.is_err() {
-            // The stream's task dropped the receiver: it has ended or is ending.
-            return Err(NotSent(self.ended()));
-        }
-        // The sender is dropped only after `end` has answered every caller.
-        let outcome = rx.await.unwrap_or_else(|_| Err(self.ended()));
-        match outcome {
-            Err(e) if self.waiting.is_unimplemented() => Err(NotSent(e)),
-            outcome => Ok(outcome),
         }
     }
 }
@@ -623,115 +333,5 @@ async fn unary(
     match client.call(request).await {
         Ok(resp) => from_pb(resp.into_inner()),
         Err(status) => Err(status_error(name, address, &status, left.as_secs_f64())),
-    }
-}
-
-#[derive(Clone)]
-struct Connector {
-    name: String,
-    address: String,
-    server_name: ServerName<'static>,
-    tls: TlsConnector,
-    directory: SharedDirectory,
-    timeout: Duration,
-    reconnect: Arc<Mutex<Reconnect>>,
-}
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-impl Connector {
-    async fn connect(
-        &self,
-    ) -> Result<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>, BoxError> {
-        let wait = {
-            let b = self.reconnect.lock().expect("reconnect poisoned");
-            b.next_attempt
-                .map(|t| t.saturating_duration_since(Instant::now()))
-        };
-        if let Some(w) = wait.filter(|w| !w.is_zero()) {
-            tokio::time::sleep(w).await;
-        }
-        match self.try_connect().await {
-            Ok(io) => {
-                let mut b = self.reconnect.lock().expect("reconnect poisoned");
-                if b.backoff.failures() > 0 {
-                    tracing::info!(peer = %self.name, address = %self.address, "peer reachable again");
-                }
-                b.backoff.reset();
-                b.next_attempt = None;
-                Ok(TokioIo::new(io))
-            }
-            Err(e) => {
-                let mut b = self.reconnect.lock().expect("reconnect poisoned");
-                let pause = b.backoff.fail();
-                b.next_attempt = Some(Instant::now() + pause);
-                tracing::info!(peer = %self.name, address = %self.address, error = %e, retry_in_ms = pause.as_millis() as u64, "waiting for peer");
-                Err(e.into())
-            }
-        }
-    }
-
-    async fn try_connect(
-        &self,
-    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, std::io::Error> {
-        let work = async {
-            let tcp = TcpStream::connect(&self.address).await?;
-            tcp.set_nodelay(true)?;
-            let io = self.tls.connect(self.server_name.clone(), tcp).await?;
-            // The CA chain and name are checked by the handshake; the pin is ours to check.
-            let cert = io
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .ok_or_else(|| std::io::Error::other("peer sent no certificate"))?;
-            let id = check_peer(&self.directory.load(), cert).map_err(std::io::Error::other)?;
-            if id.name != self.name {
-                return Err(std::io::Error::other(format!(
-                    "peer at {} is {:?}, expected {:?}",
-                    self.address, id.name, self.name
-                )));
-            }
-            Ok(io)
-        };
-        tokio::time::timeout(self.timeout, work)
-            .await
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
-    }
-}
-
-pub(super) fn status_error(
-    name: &str,
-    address: &str,
-    status: &tonic::Status,
-    secs: f64,
-) -> RpcError {
-    use std::error::Error as _;
-    let mut detail = status.message().to_string();
-    let mut source = status.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !detail.contains(&text) {
-            detail.push_str(": ");
-            detail.push_str(&text);
-        }
-        source = s.source();
-    }
-    // hyper reports a connection that died before the request went out (a peer refusing our
-    // certificate after the TLS 1.3 handshake) as "canceled"; only an expired deadline, ours or
-    // the grpc-timeout the peer enforces ("Timeout expired"), is a timeout.
-    let expired = status.code() == tonic::Code::DeadlineExceeded
-        || (status.code() == tonic::Code::Cancelled
-            && status.message() == tonic::TimeoutExpired(()).to_string());
-    if expired {
-        RpcError::new(
-            jsonrpc::PEER_TIMEOUT,
-            format!("peer {name} ({address}) did not answer within {secs:.1} s"),
-        )
-    } else {
-        RpcError::new(
-            jsonrpc::PEER_UNREACHABLE,
-            format!("peer {name} ({address}) unreachable: {detail}"),
-        )
     }
 }

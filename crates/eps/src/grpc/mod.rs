@@ -7,10 +7,12 @@
 use std::future::Future;
 
 use bytes::Bytes;
-use eps_core::jsonrpc::{Outcome, RpcError};
+use eps_core::jsonrpc::{self, Outcome, RpcError};
 use serde_json::value::RawValue;
 
+mod call_stream;
 mod channels;
+mod connector;
 mod reverse;
 mod server;
 
@@ -80,5 +82,43 @@ pub(crate) fn from_pb(resp: pb::CallResponse) -> Outcome {
             },
         }),
         None => Err(RpcError::internal("peer sent an empty response")),
+    }
+}
+
+/// A failed gRPC call to peer `name` as a JSON-RPC error: 504 when a deadline expired
+/// (`secs` says which), 502 otherwise, with the whole chain of causes.
+pub(crate) fn status_error(
+    name: &str,
+    address: &str,
+    status: &tonic::Status,
+    secs: f64,
+) -> RpcError {
+    use std::error::Error as _;
+    let mut detail = status.message().to_string();
+    let mut source = status.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !detail.contains(&text) {
+            detail.push_str(": ");
+            detail.push_str(&text);
+        }
+        source = s.source();
+    }
+    // hyper reports a connection that died before the request went out (a peer refusing our
+    // certificate after the TLS 1.3 handshake) as "canceled"; only an expired deadline, ours or
+    // the grpc-timeout the peer enforces ("Timeout expired"), is a timeout.
+    let expired = status.code() == tonic::Code::DeadlineExceeded
+        || (status.code() == tonic::Code::Cancelled
+            && status.message() == tonic::TimeoutExpired(()).to_string());
+    if expired {
+        RpcError::new(
+            jsonrpc::PEER_TIMEOUT,
+            format!("peer {name} ({address}) did not answer within {secs:.1} s"),
+        )
+    } else {
+        RpcError::new(
+            jsonrpc::PEER_UNREACHABLE,
+            format!("peer {name} ({address}) unreachable: {detail}"),
+        )
     }
 }

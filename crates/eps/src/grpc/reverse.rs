@@ -25,7 +25,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use eps_core::backoff::Backoff;
 use eps_core::jsonrpc::{self, RpcError};
 
-use super::channels::CallStream;
+use super::call_stream::CallStream;
 use super::server::{answer_calls, MAX_STREAM_CALLS};
 use super::Node;
 use crate::metrics::{ReverseGauge, ReverseLabels};
@@ -295,7 +295,7 @@ async fn serve_one<B: Node>(
     let mut calls = opened
         .map_err(|status| {
             let secs = peers.settings().connect_timeout.as_secs_f64();
-            super::channels::status_error(name, address, &status, secs).message
+            super::status_error(name, address, &status, secs).message
         })?
         .into_inner();
     tracing::info!(peer = %name, %address, "reverse stream open: this peer's calls come on it");

@@ -21,7 +21,7 @@ use tonic::transport::server::Connected;
 
 use tokio_stream::StreamExt;
 
-use super::channels::CallStream;
+use super::call_stream::CallStream;
 use super::pb::eps_server::{Eps, EpsServer};
 use super::Node;
 use super::{pb, to_pb};
