@@ -41,18 +41,26 @@ pub struct PeerIdentity {
     pub fingerprint: String,
 }
 
+/// Why a certificate that chains to the CA set does not speak for a peer.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerRefused {
+    #[error("certificate has no common name")]
+    NoName,
+    #[error("certificate names {0:?}, which is not in the directory")]
+    NotInDirectory(String),
+    #[error("certificate of {name:?} (sha256 {fingerprint}) does not match the fingerprint pinned in the directory")]
+    NotPinned { name: String, fingerprint: String },
+}
+
 /// Checks a peer's end-entity certificate against the directory.
-pub fn check_peer(dir: &Directory, cert: &[u8]) -> Result<PeerIdentity, String> {
-    let name =
-        tls::operator_name(cert).ok_or_else(|| "certificate has no common name".to_string())?;
+pub fn check_peer(dir: &Directory, cert: &[u8]) -> Result<PeerIdentity, PeerRefused> {
+    let name = tls::operator_name(cert).ok_or(PeerRefused::NoName)?;
     let fingerprint = tls::fingerprint(cert);
-    let entry = dir
-        .entry(&name)
-        .ok_or_else(|| format!("certificate names {name:?}, which is not in the directory"))?;
+    let Some(entry) = dir.entry(&name) else {
+        return Err(PeerRefused::NotInDirectory(name));
+    };
     if !entry.accepts_fingerprint(&fingerprint) {
-        return Err(format!(
-            "certificate of {name:?} (sha256 {fingerprint}) does not match the fingerprint pinned in the directory"
-        ));
+        return Err(PeerRefused::NotPinned { name, fingerprint });
     }
     Ok(PeerIdentity { name, fingerprint })
 }
