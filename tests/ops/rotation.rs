@@ -153,9 +153,11 @@ async fn certificates_rotate_under_the_running_demo_without_dropping_a_relay() {
     relay.expect_success("after the rotation").await;
     assert!(t.works().await, "a new client after the rotation");
 
-    // Only the new certificates are pinned now. The public EPS server starts again, so every
-    // link to it is a new handshake: the private EPS server's reverse stream and the public
-    // proxy's calls get through only with their new client certificates.
+    // The private EPS server moved its reverse stream to a connection made with its new
+    // certificate, so unpinning the old one costs no call.
+    t.proc_mut(Role::PrivateEps)
+        .wait_for_log("reverse stream moved to a new connection", NOTICE)
+        .await;
     pin(
         &t,
         &[
@@ -164,6 +166,21 @@ async fn certificates_rotate_under_the_running_demo_without_dropping_a_relay() {
         ],
     );
     wait_directory_reloads(&t, 2).await;
+    for i in 0..10 {
+        assert!(
+            t.works().await,
+            "new client {i} after the old certificates were unpinned; public EPS log:\n{}",
+            t.proc(Role::PublicEps).run_log()
+        );
+    }
+    assert!(
+        !t.proc(Role::PublicEps)
+            .run_log()
+            .contains("no longer accepts"),
+        "the public EPS server still saw the old certificate in use:\n{}",
+        t.proc(Role::PublicEps).run_log()
+    );
+    // A restarted public EPS server (every link a new handshake) accepts the new certificates.
     t.restart(Role::PublicEps);
     t.wait_ready(Role::PublicEps).await;
     assert!(

@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 
 pub mod reload;
 
-pub use reload::{refresh, watch, Check, WATCH_INTERVAL};
+pub use reload::{identity_changes, identity_generation, refresh, watch, Check, WATCH_INTERVAL};
 
 /// TLS settings of one listener or client.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -133,11 +133,17 @@ pub fn server_config_with(
     let builder = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Config(e.to_string()))?;
+    let verifies_clients = verifier.is_some();
     let builder = match verifier {
         Some(v) => builder.with_client_cert_verifier(v),
         None => builder.with_no_client_auth(),
     };
     let mut config = builder.with_cert_resolver(reload::Identity::shared(&s.certificate, &s.key)?);
+    if verifies_clients {
+        // A resumed session skips the client certificate check: every connection is checked
+        // against the CA set and directory of its time instead.
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    }
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(config))
 }
@@ -152,6 +158,9 @@ pub fn client_config(s: &TlsSettings, alpn: &[&[u8]]) -> Result<Arc<ClientConfig
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(reload::ServerVerifier(trust)))
         .with_client_cert_resolver(reload::Identity::shared(&s.certificate, &s.key)?);
+    // A resumed session carries the certificate of its first handshake: every connection
+    // shows the current one instead (these links are long-lived; a full handshake is rare).
+    config.resumption = rustls::client::Resumption::disabled();
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(config))
 }

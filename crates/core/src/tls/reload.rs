@@ -13,7 +13,7 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::sync::{Arc, LazyLock, Mutex, RwLock, Weak};
 use std::time::Duration;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -23,11 +23,26 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::files::Stamp as FileStamp;
 
 use super::{file_err, fingerprint, load_certs, load_key, provider, root_store, TlsError};
+
+/// Counts the times a certificate this process shows changed, so that long-lived connections
+/// made with the old one can be replaced (peers may stop accepting it).
+static IDENTITY_GENERATION: LazyLock<watch::Sender<u64>> = LazyLock::new(|| watch::channel(0).0);
+
+/// Changes whenever a certificate this process presents was replaced by a new one.
+pub fn identity_changes() -> watch::Receiver<u64> {
+    IDENTITY_GENERATION.subscribe()
+}
+
+/// How many times a certificate this process presents was replaced so far.
+pub fn identity_generation() -> u64 {
+    *IDENTITY_GENERATION.borrow()
+}
 
 /// How often the files behind live TLS material are checked for changes.
 pub const WATCH_INTERVAL: Duration = Duration::from_secs(1);
@@ -156,6 +171,7 @@ impl Identity {
                 let after = fingerprint(fresh.cert[0].as_ref());
                 *self.current.write().expect("identity lock poisoned") = Arc::new(fresh);
                 if before != after {
+                    IDENTITY_GENERATION.send_modify(|g| *g += 1);
                     tracing::info!(
                         certificate = %self.certificate.display(),
                         sha256 = %after,

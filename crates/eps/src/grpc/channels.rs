@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use eps_core::directory::Entry;
 use eps_core::jsonrpc::{self, Outcome, RpcError};
+use eps_core::tls;
 use rustls::pki_types::ServerName;
 use serde_json::value::RawValue;
 use tokio_rustls::TlsConnector;
@@ -40,6 +41,9 @@ pub struct Peers {
 /// A peer's channel and the call stream open on it, if any.
 struct PeerChannel {
     address: String,
+    /// [`tls::identity_generation`] when the channel was made: a channel made with a
+    /// certificate since replaced is replaced too (the peer may no longer accept the old one).
+    generation: u64,
     client: EpsClient<Channel>,
     stream: Option<Arc<CallStream>>,
     /// The peer answered `Calls` with UNIMPLEMENTED (an older version, or `call_streams:
@@ -215,11 +219,11 @@ impl Peers {
     /// first, else one of its own (a reverse stream to another instance of the operator).
     pub fn client(&self, name: &str, address: &str) -> Result<EpsClient<Channel>, RpcError> {
         let mut channels = self.channels.lock().expect("channel map poisoned");
-        if let Some(p) = channels.get(name).filter(|p| p.address == address) {
+        if let Some(p) = channels.get(name).filter(|p| p.usable_for(address)) {
             return Ok(p.client.clone());
         }
         let client = self.new_client(name, address)?;
-        if !channels.contains_key(name) {
+        if channels.get(name).is_none_or(|p| !p.is_current()) {
             channels.insert(name.to_string(), PeerChannel::new(address, client.clone()));
         }
         Ok(client)
@@ -235,7 +239,7 @@ impl Peers {
     fn dialed<'a>(&self, name: &str, address: &'a str) -> Result<Route<'a>, RpcError> {
         let mut channels = self.channels.lock().expect("channel map poisoned");
         let peer = match channels.get_mut(name) {
-            Some(p) if p.address == address => p,
+            Some(p) if p.usable_for(address) => p,
             _ => {
                 // The map holds at most one channel per operator in the directory.
                 let peer = PeerChannel::new(address, self.new_client(name, address)?);
@@ -303,9 +307,20 @@ impl Peers {
 }
 
 impl PeerChannel {
+    /// Made with the certificate this process shows now.
+    fn is_current(&self) -> bool {
+        self.generation == tls::identity_generation()
+    }
+
+    /// A channel calls to `address` may use: that address, and the current certificate.
+    fn usable_for(&self, address: &str) -> bool {
+        self.address == address && self.is_current()
+    }
+
     fn new(address: &str, client: EpsClient<Channel>) -> Self {
         Self {
             address: address.to_string(),
+            generation: tls::identity_generation(),
             client,
             stream: None,
             unary_until: None,

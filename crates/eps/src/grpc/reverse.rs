@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
@@ -243,11 +243,13 @@ pub async fn hold_streams<B: Node>(
 /// it ends opens it again after a pause that doubles with each failure.
 async fn hold<B: Node>(broker: Arc<B>, name: String, address: String, stop: CancellationToken) {
     let mut backoff = Backoff::new(FIRST_RETRY, broker.peers().settings().max_reconnect_backoff);
+    let mut identity = eps_core::tls::identity_changes();
+    identity.mark_unchanged();
     // The first failure in a row is logged at info; the channel logs each failed connect.
     let mut failing = false;
     while !stop.is_cancelled() {
         let started = Instant::now();
-        let outcome = serve_one(&broker, &name, &address, &stop).await;
+        let outcome = follow_identity(&broker, &name, &address, &stop, &mut identity).await;
         if outcome.is_ok() && started.elapsed() >= STABLE {
             backoff.reset();
         }
@@ -275,6 +277,70 @@ async fn hold<B: Node>(broker: Arc<B>, name: String, address: String, stop: Canc
     }
 }
 
+/// One [`serve_one`] on its own task, with its own stop.
+struct Running {
+    task: tokio::task::JoinHandle<Result<(), String>>,
+    stop: CancellationToken,
+    opened: oneshot::Receiver<()>,
+}
+
+impl Running {
+    fn start<B: Node>(
+        broker: &Arc<B>,
+        name: &str,
+        address: &str,
+        stop: &CancellationToken,
+    ) -> Self {
+        let stop = stop.child_token();
+        let (opened_tx, opened) = oneshot::channel();
+        let (broker, name, address) = (broker.clone(), name.to_string(), address.to_string());
+        let task = tokio::spawn({
+            let stop = stop.clone();
+            async move { serve_one(&broker, &name, &address, &stop, opened_tx).await }
+        });
+        Self { task, stop, opened }
+    }
+}
+
+/// Runs one reverse stream until it ends, moving it to a new connection whenever this server's
+/// certificate changes (the peer may soon stop accepting the old one): the new stream is open
+/// before the old one stops taking calls, so the peer always has one to call on.
+async fn follow_identity<B: Node>(
+    broker: &Arc<B>,
+    name: &str,
+    address: &str,
+    stop: &CancellationToken,
+    identity: &mut tokio::sync::watch::Receiver<u64>,
+) -> Result<(), String> {
+    let open_within = broker.peers().settings().connect_timeout * 2;
+    let mut current = Running::start(broker, name, address, stop);
+    let retiring = TaskTracker::new();
+    let outcome = loop {
+        tokio::select! {
+            r = &mut current.task => break r.unwrap_or_else(|e| Err(e.to_string())),
+            Ok(()) = identity.changed() => {
+                let mut next = Running::start(broker, name, address, stop);
+                match tokio::time::timeout(open_within, &mut next.opened).await {
+                    Ok(Ok(())) => {
+                        tracing::info!(peer = %name, %address, "this server's certificate changed: reverse stream moved to a new connection");
+                        // The old stream answers what it has read, then ends.
+                        current.stop.cancel();
+                        let old = std::mem::replace(&mut current, next);
+                        retiring.spawn(old.task);
+                    }
+                    _ => {
+                        tracing::warn!(peer = %name, %address, "this server's certificate changed, but no reverse stream opens with it; keeping the current one");
+                        next.stop.cancel();
+                    }
+                }
+            }
+        }
+    };
+    retiring.close();
+    retiring.wait().await;
+    outcome
+}
+
 /// Opens one `Serve` stream and answers the calls on it until it ends (`Ok`), or says why it
 /// could not be opened.
 async fn serve_one<B: Node>(
@@ -282,6 +348,7 @@ async fn serve_one<B: Node>(
     name: &str,
     address: &str,
     stop: &CancellationToken,
+    is_open: oneshot::Sender<()>,
 ) -> Result<(), String> {
     let peers = broker.peers();
     let mut client = peers.client(name, address).map_err(|e| e.message)?;
@@ -301,6 +368,7 @@ async fn serve_one<B: Node>(
     tracing::info!(peer = %name, %address, "reverse stream open: this peer's calls come on it");
     let held = peers.reverse().gauge(HELD, name);
     held.inc();
+    let _ = is_open.send(());
     answer_calls(
         &mut calls,
         answers,
