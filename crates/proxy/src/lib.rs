@@ -6,6 +6,7 @@
 //! - [`public`]: `proxy run public`: the SNI router, pending tokens, the internal port.
 //! - [`policy`]: who may connect at the SNI step: address ranges, per-address and per-domain
 //!   caps and rates, announcements' rules and their bounds, PROXY protocol headers.
+//! - `admission`: the public port's PROXY header read and policy checks, refusals logged sampled.
 //! - [`private`]: `proxy run private`: the announcer and the dial-back.
 //! - [`registry`]: the public side's in-memory announcements and their file or Redis store.
 //! - [`metrics`]: Prometheus counters of both proxies.
@@ -14,6 +15,7 @@
 //! - [`settings`]: the `PROXY_SETTINGS` schema and its defaults.
 //! - [`run`]: wires settings, listeners and tasks for either role.
 
+mod admission;
 pub mod announcements;
 pub mod clienthello;
 mod limiter;
