@@ -11,7 +11,7 @@ use eps_core::tls::TlsSettings;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use crate::policy::{Cidr, MAX_RATE};
+use crate::policy::{Cidr, DomainPolicy, MAX_RATE};
 
 /// Default cap on concurrent client connections on the public port (relays included).
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
@@ -362,6 +362,10 @@ pub struct AnnouncementSetting {
     pub proxy: Option<String>,
     #[serde(default, with = "time::serde::rfc3339::option")]
     pub expires_at: Option<OffsetDateTime>,
+    /// Access rules for the public proxy to enforce for this domain (client ranges, a cap on
+    /// connections at once, a new-connection rate), within its operator's bounds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<DomainPolicy>,
 }
 
 /// Default time relays get to finish after SIGTERM.
@@ -436,6 +440,13 @@ impl Settings {
                 .ok_or("`proxy run private` needs a `private:` section")?;
             if p.reannounce_interval < Duration::from_secs(1) {
                 return Err("private.reannounce_interval must be at least 1 second".into());
+            }
+            for (i, a) in p.announcements.iter().enumerate() {
+                if let Some(rules) = &a.policy {
+                    rules
+                        .check_shape()
+                        .map_err(|e| format!("private.announcements[{i}].{e}"))?;
+                }
             }
             if p.data_pool > 0 && p.data_pool_max_age < Duration::from_millis(100) {
                 return Err(
