@@ -21,6 +21,8 @@
 //!   relays, descriptor leaks.
 //! - `jsonrpc`: malformed and oversized JSON-RPC on all four JSON-RPC servers.
 //! - `peers`: an EPS peer with an expired certificate.
+//! - `policy`: the access policy: denied ranges, a rate exceeded and recovered, a domain at its
+//!   cap, PROXY headers from trusted and untrusted sources.
 
 #[path = "faults/client_hello.rs"]
 mod client_hello;
@@ -36,6 +38,8 @@ mod jsonrpc;
 mod limits;
 #[path = "faults/peers.rs"]
 mod peers;
+#[path = "faults/policy.rs"]
+mod policy;
 #[path = "faults/relays.rs"]
 mod relays;
 #[path = "faults/tokens.rs"]

@@ -618,6 +618,31 @@ async fn settings_check_names_file_and_key() {
     assert!(err.contains("public.limits"), "key not named: {err}");
     assert!(err.contains("max_pendin"), "key not named: {err}");
 
+    // A bad access-policy range, and a rate setting that means nothing: exit 64, naming them.
+    let policy = t.dir.mkdir("policy");
+    t.dir.write_yaml(
+        "policy/bad.yml",
+        &json!({"public": {"policy": {"deny": ["192.0.2.0/24", "10.0.0.0/33"]}}}),
+    );
+    let out = proxy(&[&public, &policy], &["settings", "check", "public"], &[]).await;
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    let err = stderr(&out);
+    assert!(
+        err.contains("public.policy.deny") && err.contains("10.0.0.0/33"),
+        "{err}"
+    );
+    t.dir.write_yaml(
+        "policy/bad.yml",
+        &json!({"public": {"policy": {"per_address": {"burst": 5}}}}),
+    );
+    let out = proxy(&[&public, &policy], &["settings", "check", "public"], &[]).await;
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    assert!(
+        stderr(&out).contains("public.policy.per_address.new_connections_per_second"),
+        "{}",
+        stderr(&out)
+    );
+
     // A Redis datastore whose password comes from the environment: printed masked.
     let redis = t.dir.mkdir("redis");
     t.dir.write_yaml(
@@ -681,8 +706,9 @@ async fn settings_check_names_file_and_key() {
 }
 
 /// The README's two-host settings (`settings/examples/two-hosts`) are valid as shipped, once
-/// `eps certs` has made their PKI as the README says: each role's `settings check` passes, the
-/// private EPS server has no gRPC port, and the directory reaches it by reverse stream.
+/// `eps certs` has made their PKI as the README says: each role's `settings check` passes (also
+/// with the access-policy example of `settings/examples/policy` merged over it), the private
+/// EPS server has no gRPC port, and the directory reaches it by reverse stream.
 #[tokio::test(flavor = "multi_thread")]
 async fn two_host_example_settings_check() {
     let dir = TestDir::new("ops-two-hosts");
@@ -731,6 +757,16 @@ async fn two_host_example_settings_check() {
         let out = proxy(&[&dirs[0]], &["settings", "check", role], &[]).await;
         let merged = merged_settings(&out, &format!("proxy settings check {role}"));
         assert_eq!(merged["name"], name, "{merged}");
+        // The README's access-policy example, merged over the role's settings.
+        let policy = examples.join(format!("../policy/{role}-proxy"));
+        let out = proxy(&[&dirs[0], &policy], &["settings", "check", role], &[]).await;
+        let merged = merged_settings(&out, &format!("proxy settings check {role} with policy"));
+        let rules = if role == "public" {
+            &merged["public"]["policy"]["per_domain"]
+        } else {
+            &merged["private"]["announcements"][1]["policy"]
+        };
+        assert!(rules.is_object(), "{merged}");
     }
     let out = eps(&copy.join("private-eps"), &["directory", "show", PRIVATE]).await;
     assert_success(&out, "eps directory show");

@@ -8,10 +8,12 @@
 //! - [`scenarios`]: the measurements; [`rpc`]: the JSON-RPC setup for the `rpc_*` ones.
 //! - [`report`]: `latest.json` and `latest.md`; [`targets`]: the targets; [`plot`]: the PNG.
 //! - [`run`]: one run, start to report; [`procs`]: child processes, killed however it ends.
+//! - [`refusals`]: the CPU a refused client costs the public proxy, by reason.
 
 mod client;
 mod plot;
 mod procs;
+mod refusals;
 mod report;
 mod rpc;
 mod run;
@@ -44,8 +46,9 @@ pub struct Args {
     )]
     pub systems: Vec<Kind>,
     /// Scenario groups to run, comma-separated: idle (idle_rss_per_conn), connect (connect_*,
-    /// conn_rate), throughput (throughput_1, throughput_8), rpc (rpc_*). A partial run suits
-    /// profiling one path; its report has only those rows.
+    /// conn_rate), throughput (throughput_1, throughput_8), rpc (rpc_*), refusals (refused_*:
+    /// eps only, not run by default). A partial run suits profiling one path; its report has
+    /// only those rows.
     #[arg(
         long,
         value_delimiter = ',',
@@ -76,6 +79,7 @@ pub enum Group {
     Connect,
     Throughput,
     Rpc,
+    Refusals,
 }
 
 #[tokio::main]

@@ -38,7 +38,7 @@ pub struct Report {
 }
 
 /// Scenarios in table order, with their unit and whether higher is better.
-pub const SCENARIOS: [(&str, &str, bool); 11] = [
+pub const SCENARIOS: [(&str, &str, bool); 17] = [
     ("throughput_1", "MiB/s", true),
     ("throughput_8", "MiB/s", true),
     ("connect_p50", "ms", false),
@@ -50,6 +50,12 @@ pub const SCENARIOS: [(&str, &str, bool); 11] = [
     ("rpc_p50", "ms", false),
     ("rpc_p99", "ms", false),
     ("rpc_rate", "calls/s", true),
+    ("refused_unknown_sni", "µs CPU", false),
+    ("refused_denied", "µs CPU", false),
+    ("refused_rate_limited", "µs CPU", false),
+    ("refused_domain_busy", "µs CPU", false),
+    ("refused_bad_proxy_header", "µs CPU", false),
+    ("refused_untrusted_proxy_header", "µs CPU", false),
 ];
 
 impl Report {

@@ -8,7 +8,7 @@ use crate::client::Client;
 use crate::report::{num, Report};
 use crate::scenarios::{self, Plan, Timed};
 use crate::systems::{Env, Kind, System};
-use crate::{procs, rpc, Args, Group};
+use crate::{procs, refusals, rpc, Args, Group};
 
 pub async fn run(args: &Args, work: &Path) -> anyhow::Result<()> {
     let mut plan = if args.quick {
@@ -65,9 +65,14 @@ pub async fn run(args: &Args, work: &Path) -> anyhow::Result<()> {
     let per_system = usize::from(wants(Group::Idle))
         + 2 * usize::from(wants(Group::Connect))
         + 2 * usize::from(wants(Group::Throughput));
+    let refusal_cases = if wants(Group::Refusals) && running.iter().any(|s| s.kind == Kind::Eps) {
+        6
+    } else {
+        0
+    };
     let mut progress = Progress {
         step: 0,
-        total: running.len() * per_system + rpc_systems,
+        total: running.len() * per_system + rpc_systems + refusal_cases,
     };
 
     for s in running.iter().filter(|_| wants(Group::Idle)) {
@@ -212,6 +217,37 @@ pub async fn run(args: &Args, work: &Path) -> anyhow::Result<()> {
                 .insert(("rpc".into(), name.into()), t.samples_ms);
             progress.line(&mut report, "rpc_*", s.kind, line);
         }
+    }
+    if refusal_cases > 0 {
+        for m in refusals::run(&env, &client, plan.refusals).await? {
+            report.push(&format!("refused_{}", m.reason), "eps", m.cpu_us);
+            if m.counted != m.refused as u64 {
+                report.notes.push(format!(
+                    "refused_{}: {} connections closed without a byte, {} counted under that \
+                     reason",
+                    m.reason, m.refused, m.counted
+                ));
+            }
+            let line = Ok(format!(
+                "{} µs of public-proxy CPU per refused connection ({} refused, {} counted)",
+                num(m.cpu_us),
+                m.refused,
+                m.counted
+            ));
+            progress.line(
+                &mut report,
+                &format!("refused_{}", m.reason),
+                Kind::Eps,
+                line,
+            );
+        }
+        report.notes.push(format!(
+            "refused_*: {} connections per reason from one loopback address, 32 at a time, each \
+             sending a ClientHello (or a PROXY header) and waiting to be closed; CPU time (user + \
+             system) of the public proxy per refused connection, eps running with a policy that \
+             refuses that reason.",
+            plan.refusals
+        ));
     }
     drop(running);
 

@@ -50,6 +50,8 @@ pub struct Plan {
     /// Calls of the RPC scenario, and how many callers make them in parallel.
     pub rpc_calls: usize,
     pub rpc_callers: usize,
+    /// Refused connections per refusal reason (`refused_*`).
+    pub refusals: usize,
     /// The connect and throughput scenarios run in this many rounds, the systems taking turns in
     /// each, so that a burst of other work on the machine does not fall on one system only.
     pub rounds: usize,
@@ -66,6 +68,7 @@ impl Plan {
             idle: 5_000,
             rpc_calls: 20_000,
             rpc_callers: 64,
+            refusals: 20_000,
             rounds: 3,
         }
     }
@@ -79,6 +82,7 @@ impl Plan {
             connections_1: 100,
             idle: 1_000,
             rpc_calls: 4_000,
+            refusals: 5_000,
             rounds: 1,
             ..Self::full()
         }

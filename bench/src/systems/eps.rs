@@ -25,8 +25,24 @@ const MAX_RELAYS: usize = 15_000;
 /// Clients waiting for a dial-back at once (the benchmark has at most a few dozen in flight).
 const MAX_PENDING: usize = 4_096;
 
+/// Settings merged over the demo's, for a run that needs others (`--scenarios refusals`).
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// A name for the run's folder (settings, data) next to the plain run's.
+    pub name: &'static str,
+    /// Merged over the public proxy's settings.
+    pub public: Option<Value>,
+    /// Merged over the private proxy's settings.
+    pub private: Option<Value>,
+}
+
 pub fn start(env: &Env) -> anyhow::Result<System> {
-    let root = env.work.join("eps");
+    start_with(env, &Overrides::default())
+}
+
+/// [`start`] with `o` merged over the public and private proxies' settings.
+pub fn start_with(env: &Env, o: &Overrides) -> anyhow::Result<System> {
+    let root = env.work.join(format!("eps{}", o.name));
     let directory = root.join("directory");
     let (public, internal) = (free_addr()?, free_addr()?);
     let (public_rpc, private_rpc) = (free_addr()?, free_addr()?);
@@ -66,7 +82,7 @@ pub fn start(env: &Env) -> anyhow::Result<System> {
     write_directory(env, &directory, &records, &[PUBLIC, PRIVATE])?;
 
     let tls = |name: &str, verify: bool| tls_value(&env.tls(name, verify));
-    let public_settings = json!({
+    let mut public_settings = json!({
         "name": PUBLIC,
         "eps": {"url": public_eps.url(), "tls": tls(PUBLIC, false)},
         "jsonrpc_server": {"bind_address": public_rpc.to_string(), "tls": tls(PUBLIC, true)},
@@ -80,7 +96,10 @@ pub fn start(env: &Env) -> anyhow::Result<System> {
                        "max_pending": MAX_PENDING},
         },
     });
-    let private_settings = json!({
+    if let Some(extra) = &o.public {
+        eps_core::settings::merge(&mut public_settings, extra.clone());
+    }
+    let mut private_settings = json!({
         "name": PRIVATE,
         "eps": {"url": private_eps.url(), "tls": tls(PRIVATE, false)},
         "jsonrpc_server": {"bind_address": private_rpc.to_string(), "tls": tls(PRIVATE, true)},
@@ -93,6 +112,9 @@ pub fn start(env: &Env) -> anyhow::Result<System> {
             "max_relays": MAX_RELAYS,
         },
     });
+    if let Some(extra) = &o.private {
+        eps_core::settings::merge(&mut private_settings, extra.clone());
+    }
     let delivery = |addr: SocketAddr| format!("https://{addr}/jsonrpc");
     let public_eps_settings = public_eps.settings(
         env,

@@ -98,6 +98,17 @@ impl System {
         Ok(system)
     }
 
+    /// eps with other settings (`--scenarios refusals`), once a request goes through it.
+    pub async fn start_eps_with(
+        env: &Env,
+        client: &Client,
+        o: &eps::Overrides,
+    ) -> anyhow::Result<Self> {
+        let mut system = eps::start_with(env, o)?;
+        system.wait_ready(client).await?;
+        Ok(system)
+    }
+
     fn new(kind: Kind, addr: SocketAddr, procs: Vec<Proc>) -> Self {
         Self {
             kind,

@@ -1,21 +1,27 @@
 //! Announcements and the rules for accepting them (docs/architecture.md §3.1), as plain data and functions.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use eps_core::jsonrpc;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
+use crate::policy::DomainPolicy;
 use crate::settings::{DEFAULT_ANNOUNCEMENT_TTL, MAX_ANNOUNCEMENT_TTL};
 
-/// A live announcement on the public side: `domain` is served by `operator` until `expires_at`.
+/// A live announcement on the public side: `domain` is served by `operator` until `expires_at`,
+/// to the clients its access rules (`policy`) let in.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Announcement {
     pub domain: String,
     pub operator: String,
     #[serde(with = "time::serde::rfc3339")]
     pub expires_at: OffsetDateTime,
+    /// Shared with every connection routed by it: a lookup copies a pointer, not the rules.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<Arc<DomainPolicy>>,
 }
 
 /// A time as RFC 3339 text, the form announcements are exchanged in.
@@ -32,7 +38,7 @@ pub struct Refusal {
 }
 
 impl Refusal {
-    fn new(code: i64, message: impl Into<String>) -> Self {
+    pub fn new(code: i64, message: impl Into<String>) -> Self {
         Self {
             code,
             message: message.into(),
@@ -145,7 +151,7 @@ impl Table {
         expires_at: Option<OffsetDateTime>,
         now: OffsetDateTime,
     ) -> Result<Announcement, Refusal> {
-        let a = validate(operator, allowed_suffixes, domain, expires_at, now)?;
+        let a = validate(operator, allowed_suffixes, domain, expires_at, None, now)?;
         self.claim(a, now)
     }
 
@@ -179,12 +185,14 @@ pub fn conflict(domain: &str) -> Refusal {
 }
 
 /// The rules that need no other announcement: a valid name under an allowed suffix and an
-/// expiry in the next 7 days (none given: the default lifetime). Returns what to store.
+/// expiry in the next 7 days (none given: the default lifetime). Returns what to store, with
+/// `policy` (checked against the public operator's bounds before).
 pub fn validate(
     operator: &str,
     allowed_suffixes: &[String],
     domain: &str,
     expires_at: Option<OffsetDateTime>,
+    policy: Option<Arc<DomainPolicy>>,
     now: OffsetDateTime,
 ) -> Result<Announcement, Refusal> {
     let Some(domain) = normalize_domain(domain) else {
@@ -223,6 +231,7 @@ pub fn validate(
         domain,
         operator: operator.to_string(),
         expires_at,
+        policy: policy.filter(|p| !p.is_empty()),
     })
 }
 

@@ -4,6 +4,9 @@
 //! - [`clienthello`]: the ClientHello reader: bytes in, SNI out, no I/O.
 //! - [`announcements`]: announcement rules (suffixes, conflicts, expiry) over plain data.
 //! - [`public`]: `proxy run public`: the SNI router, pending tokens, the internal port.
+//! - [`policy`]: who may connect at the SNI step: address ranges, per-address and per-domain
+//!   caps and rates, announcements' rules and their bounds, PROXY protocol headers.
+//! - `admission`: the public port's PROXY header read and policy checks, refusals logged sampled.
 //! - [`private`]: `proxy run private`: the announcer and the dial-back.
 //! - [`registry`]: the public side's in-memory announcements and their file or Redis store.
 //! - [`metrics`]: Prometheus counters of both proxies.
@@ -18,11 +21,13 @@
 //!
 //! How the pieces work together: `docs/architecture.md`.
 
+mod admission;
 pub mod announcements;
 pub mod clienthello;
 mod limiter;
 mod listener;
 pub mod metrics;
+pub mod policy;
 mod pool;
 pub mod private;
 pub mod public;

@@ -108,7 +108,7 @@ pub struct IdleSlot<'a> {
 
 /// The network an address is counted under: IPv4 addresses alone, IPv6 by /64 (one host
 /// often holds a whole /64).
-fn network(ip: IpAddr) -> IpAddr {
+pub(crate) fn network(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V4(_) => ip,
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {

@@ -59,6 +59,9 @@ pub struct Metrics {
     /// Dial-backs by how they got their connection to the public proxy: `hit` (pre-dialed,
     /// from the pool) or `miss` (dialed for the client).
     pub data_pool: Family<ResultLabel, Counter>,
+    /// Addresses and domains whose access-policy state is held (bounded by the policy's
+    /// settings and the connection limit).
+    pub policy_tracked: Gauge,
 }
 
 impl Metrics {
@@ -76,6 +79,7 @@ impl Metrics {
             dial_back_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 18)),
             announcements: Gauge::default(),
             data_pool: Family::default(),
+            policy_tracked: Gauge::default(),
         };
         let r = registry.sub_registry_with_prefix("eps_proxy");
         r.register(
@@ -132,6 +136,11 @@ impl Metrics {
             "data_pool",
             "Dial-backs by where their connection came from (hit: pooled, miss: dialed)",
             m.data_pool.clone(),
+        );
+        r.register(
+            "policy_tracked",
+            "Addresses and domains whose access-policy state is held",
+            m.policy_tracked.clone(),
         );
         m
     }

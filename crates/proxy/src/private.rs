@@ -18,6 +18,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::announcements::{normalize_domain, rfc3339};
 use crate::metrics::Metrics;
+use crate::policy::DomainPolicy;
 use crate::pool::{dial, DataPool};
 use crate::public::TOKEN_LEN;
 use crate::relay;
@@ -35,6 +36,9 @@ struct Wanted {
     proxy: String,
     #[serde(default, with = "time::serde::rfc3339::option")]
     expires_at: Option<OffsetDateTime>,
+    /// Access rules for the public proxy to enforce.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    policy: Option<DomainPolicy>,
 }
 
 /// What a public proxy answered for one domain.
@@ -46,6 +50,9 @@ struct DomainAnswer {
     expires_at: Option<String>,
     #[serde(default)]
     error: Option<RpcError>,
+    /// The rules the public proxy enforces (echoed back; absent from an older public proxy).
+    #[serde(default)]
+    policy: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -66,6 +73,8 @@ pub struct Private {
     accepted: RwLock<HashMap<String, (String, Option<OffsetDateTime>)>>,
     /// Domains the public proxy refused at the last answer (at most one per announcement).
     refused: RwLock<HashSet<String>>,
+    /// Domains whose rules the public proxy did not confirm (warned about once).
+    unconfirmed: Mutex<HashSet<String>>,
     changed: Notify,
     relays: Arc<Semaphore>,
     /// Connections to public proxies dialed ahead of need.
@@ -97,6 +106,7 @@ impl Private {
             store_lock: tokio::sync::Mutex::new(()),
             accepted: RwLock::new(HashMap::new()),
             refused: RwLock::new(HashSet::new()),
+            unconfirmed: Mutex::new(HashSet::new()),
             changed: Notify::new(),
             relays: Arc::new(Semaphore::new(s.max_relays)),
             pool: Arc::new(DataPool::new(
@@ -153,7 +163,13 @@ impl Private {
     ) -> Result<Vec<DomainAnswer>, CallError> {
         let connections: Vec<Value> = list
             .iter()
-            .map(|w| json!({"domain": w.domain, "expires_at": w.expires_at.map(rfc3339)}))
+            .map(|w| {
+                let mut c = json!({"domain": w.domain, "expires_at": w.expires_at.map(rfc3339)});
+                if let Some(p) = &w.policy {
+                    c["policy"] = json!(p);
+                }
+                c
+            })
             .collect();
         let answer: AnnounceAnswer = self
             .eps
@@ -166,9 +182,20 @@ impl Private {
         let mut refused = self.refused.write().expect("lock");
         let now = OffsetDateTime::now_utc();
         accepted.retain(|_, (_, exp)| exp.is_none_or(|t| t > now));
+        let mut unconfirmed = self.unconfirmed.lock().expect("lock");
         for a in &answer.connections {
             if a.accepted {
                 refused.remove(&a.domain);
+                let sent_rules = list
+                    .iter()
+                    .any(|w| w.domain == a.domain && w.policy.is_some());
+                if sent_rules && a.policy.is_none() {
+                    if unconfirmed.insert(a.domain.clone()) {
+                        tracing::warn!(domain = %a.domain, %proxy, "the public proxy accepted the domain but did not confirm its access rules: they are not enforced there (a public proxy older than access rules ignores them)");
+                    }
+                } else {
+                    unconfirmed.remove(&a.domain);
+                }
                 let expires_at = a.expires_at.as_deref().and_then(|t| {
                     OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()
                 });
@@ -385,6 +412,7 @@ impl Private {
                 domain: p.domain,
                 proxy: p.proxy,
                 expires_at: p.expires_at,
+                policy: p.policy,
             },
             &self.settings.public_proxy,
         )
@@ -425,9 +453,11 @@ impl Private {
             return Err(a.error.unwrap_or_else(|| RpcError::internal("refused")));
         }
         // Already announced: the periodic re-announcement takes it from here.
-        Ok(jsonrpc::to_raw(
-            &json!({"domain": a.domain, "proxy": w.proxy, "expires_at": a.expires_at}),
-        ))
+        let mut answer = json!({"domain": a.domain, "proxy": w.proxy, "expires_at": a.expires_at});
+        if let Some(p) = a.policy {
+            answer["policy"] = p;
+        }
+        Ok(jsonrpc::to_raw(&answer))
     }
 
     fn list(&self) -> Outcome {
@@ -446,10 +476,14 @@ impl Private {
 fn wanted(a: &AnnouncementSetting, default_proxy: &str) -> Result<Wanted, String> {
     let domain = normalize_domain(&a.domain)
         .ok_or_else(|| format!("{:?} is not a valid domain", a.domain))?;
+    if let Some(p) = &a.policy {
+        p.check_shape().map_err(|e| format!("{domain}: {e}"))?;
+    }
     Ok(Wanted {
         domain,
         proxy: a.proxy.clone().unwrap_or_else(|| default_proxy.to_string()),
         expires_at: a.expires_at,
+        policy: a.policy.clone().filter(|p| !p.is_empty()),
     })
 }
 
@@ -503,6 +537,8 @@ struct AddParams {
     proxy: Option<String>,
     #[serde(default, with = "time::serde::rfc3339::option")]
     expires_at: Option<OffsetDateTime>,
+    #[serde(default)]
+    policy: Option<DomainPolicy>,
 }
 
 /// The private proxy's JSON-RPC methods.

@@ -1,9 +1,11 @@
 //! `proxy run public`: the SNI router (docs/architecture.md §3.2).
 //!
-//! Per client: read the ClientHello under a byte and time bound, look the SNI up in the
-//! in-memory announcements, draw a token, ask the announcing operator through the EPS server to
-//! dial back, and relay once a data connection presents the token. No disk, no directory read
-//! and no DNS on that path.
+//! Per client: read a load balancer's PROXY header (from trusted sources only), check the access
+//! policy for the client's address, read the ClientHello under a byte and time bound, look the
+//! SNI up in the in-memory announcements, check the domain's rules, draw a token, ask the
+//! announcing operator through the EPS server to dial back, and relay once a data connection
+//! presents the token. No disk, no directory read and no DNS on that path; a refused client
+//! costs no token and no EPS call.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -24,14 +26,16 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::announcements::rfc3339;
-use crate::clienthello::{self, ClientHelloError, Parse};
+use crate::admission::{self, Admission};
+use crate::announcements::{rfc3339, Refusal};
 use crate::limiter::{GuessLimiter, IdleSlots};
 use crate::listener::accept_loop;
 use crate::metrics::{short_addr, Metrics};
-use crate::registry::Registry;
+use crate::policy::gate::Refused;
+use crate::policy::{self, DomainPolicy};
+use crate::registry::{AnnounceRequest, Registry, Route};
 use crate::relay;
-use crate::settings::{PublicLimits, PublicSettings};
+use crate::settings::{DomainLimits, PublicLimits, PublicSettings};
 use crate::ClientParams;
 
 /// Token length in bytes, drawn from the OS CSPRNG.
@@ -54,6 +58,9 @@ pub struct Public {
     pending_refused: AtomicU64,
     guesses: GuessLimiter,
     idle_data: IdleSlots,
+    admission: Admission,
+    /// Bounds on the rules announcements may set.
+    domain_limits: DomainLimits,
     eps: RpcClient,
 }
 
@@ -71,18 +78,6 @@ impl Drop for PendingGuard<'_> {
             .expect("pending lock")
             .remove(&self.token);
         self.public.metrics.pending.dec();
-    }
-}
-
-/// The metrics label of a ClientHello refusal.
-fn hello_error_reason(e: &ClientHelloError) -> &'static str {
-    match e {
-        ClientHelloError::NotTls => "not_tls",
-        ClientHelloError::NotClientHello => "not_client_hello",
-        ClientHelloError::TooLarge(_) => "too_large",
-        ClientHelloError::Malformed(_) => "malformed",
-        ClientHelloError::NoSni => "no_sni",
-        ClientHelloError::InvalidSni(_) => "invalid_sni",
     }
 }
 
@@ -107,6 +102,8 @@ impl Public {
                 s.limits.max_idle_data_per_address,
                 s.limits.max_internal_connections / 2,
             ),
+            admission: Admission::new(s),
+            domain_limits: s.policy.per_domain.clone(),
             eps,
         }
     }
@@ -162,7 +159,11 @@ impl Public {
                 if since_prune >= PRUNE_INTERVAL_SECS {
                     since_prune = 0;
                     me.registry.prune().await;
+                    me.admission.gate.tidy(|d| me.registry.lookup(d).is_some());
                 }
+                me.metrics
+                    .policy_tracked
+                    .set(me.admission.gate.tracked() as i64);
                 me.metrics
                     .announcements
                     .set(me.registry.live_count() as i64);
@@ -172,10 +173,40 @@ impl Public {
         tokio::join!(a, b, c, d);
     }
 
-    async fn handle_client(self: Arc<Self>, mut client: TcpStream, addr: SocketAddr) {
+    async fn handle_client(self: Arc<Self>, mut client: TcpStream, peer: SocketAddr) {
         self.metrics.accept("public");
         let started = Instant::now();
-        let (buf, sni) = match self.read_client_hello(&mut client).await {
+        // The PROXY header and the ClientHello share one deadline.
+        let deadline = started + self.limits.client_hello_timeout;
+        let who = if self.admission.trusts(peer.ip()) {
+            match admission::read_proxy_header(&mut client, peer, deadline).await {
+                Ok(c) => c,
+                Err((reason, detail)) => {
+                    self.refused(reason, peer, &detail);
+                    return;
+                }
+            }
+        } else {
+            admission::Client {
+                addr: peer,
+                destination: None,
+                rest: Vec::new(),
+            }
+        };
+        // From here on, `addr` is the client: the peer, or whom a trusted PROXY header names.
+        let addr = who.addr;
+        // Before any read of the client's own bytes: a flood costs the least.
+        let _address_pass = match self.admission.gate.admit_address(addr.ip()) {
+            Ok(pass) => pass,
+            Err(r) => {
+                self.refused_by_policy(r, addr, None);
+                return;
+            }
+        };
+        let max = self.limits.max_client_hello_bytes;
+        let (buf, sni) = match admission::read_client_hello(&mut client, who.rest, deadline, max)
+            .await
+        {
             Ok(r) => r,
             Err((reason, detail)) => {
                 self.metrics.refuse(reason);
@@ -187,11 +218,23 @@ impl Public {
         self.metrics
             .client_hello_seconds
             .observe((hello_done - started).as_secs_f64());
-        let Some(operator) = self.registry.lookup(&sni) else {
+        let Some(Route { operator, policy }) = self.registry.lookup(&sni) else {
             self.metrics.refuse("unknown_sni");
             tracing::debug!(client = %short_addr(addr), %sni, "no live announcement for this name");
             return;
         };
+        let _domain_pass =
+            match self
+                .admission
+                .gate
+                .admit_domain(&sni, policy.as_deref(), addr.ip())
+            {
+                Ok(pass) => pass,
+                Err(r) => {
+                    self.refused_by_policy(r, addr, Some(&sni));
+                    return;
+                }
+            };
         let mut token: Token = [0; TOKEN_LEN];
         if let Err(e) = getrandom::fill(&mut token) {
             tracing::error!(error = %e, "OS random generator failed");
@@ -217,8 +260,10 @@ impl Public {
             public: &self,
             token,
         };
-        let server_address = client
-            .local_addr()
+        // Behind a load balancer, the address the client connected to is the balancer's.
+        let server_address = who
+            .destination
+            .or_else(|| client.local_addr().ok())
             .map(|a| a.to_string())
             .unwrap_or_default();
         let token_text = base64::engine::general_purpose::STANDARD.encode(token);
@@ -281,42 +326,19 @@ impl Public {
         );
     }
 
-    /// Reads until the ClientHello is complete; returns every byte read and the SNI, or a
-    /// refusal reason (a metrics label) and its detail.
-    async fn read_client_hello(
-        &self,
-        client: &mut TcpStream,
-    ) -> Result<(Vec<u8>, String), (&'static str, String)> {
-        let max = self.limits.max_client_hello_bytes;
-        let deadline = Instant::now() + self.limits.client_hello_timeout;
-        // Read straight into the buffer: a stack chunk would live in every connection's task
-        // for as long as its relay runs.
-        let mut buf = Vec::with_capacity(2048);
-        loop {
-            let room = (max + 1 - buf.len()).min(4096);
-            buf.reserve(room);
-            let mut limited = (&mut *client).take(room as u64);
-            match tokio::time::timeout_at(deadline, limited.read_buf(&mut buf)).await {
-                Err(_) => {
-                    return Err((
-                        "client_hello_timeout",
-                        "ClientHello not complete within client_hello_timeout".into(),
-                    ))
-                }
-                Ok(Err(e)) => return Err(("read_error", format!("read failed: {e}"))),
-                Ok(Ok(0)) => {
-                    return Err(("truncated", "end of stream inside the ClientHello".into()))
-                }
-                Ok(Ok(_)) => {}
-            };
-            match clienthello::parse_client_hello(&buf, max) {
-                Ok(Parse::Complete { sni, .. }) => return Ok((buf, sni)),
-                Ok(Parse::Incomplete) if buf.len() > max => {
-                    return Err(("too_large", format!("ClientHello over {max} bytes")))
-                }
-                Ok(Parse::Incomplete) => continue,
-                Err(e) => return Err((hello_error_reason(&e), e.to_string())),
-            }
+    /// Counts and (sampled) logs a client refused before routing.
+    fn refused(&self, reason: &'static str, client: SocketAddr, detail: &str) {
+        self.metrics.refuse(reason);
+        if let Some(not_logged) = self.admission.log_refusal(reason) {
+            tracing::debug!(client = %short_addr(client), reason, %detail, not_logged, "client refused");
+        }
+    }
+
+    fn refused_by_policy(&self, r: Refused, client: SocketAddr, domain: Option<&str>) {
+        let reason = r.reason();
+        self.metrics.refuse(reason);
+        if let Some(not_logged) = self.admission.log_refusal(reason) {
+            tracing::debug!(client = %short_addr(client), reason, domain = domain.unwrap_or(""), not_logged, "client refused by the access policy");
         }
     }
 
@@ -414,12 +436,25 @@ impl Public {
             .and_then(|s| s.get("allowed_domains"))
             .and_then(|v| serde_json::from_value(v.clone()).ok())
             .unwrap_or_default();
-        let requests: Vec<_> = params
-            .connections
-            .into_iter()
-            .map(|c| (c.domain, c.expires_at))
-            .collect();
-        let outcomes = self
+        // Rules beyond this proxy's bounds refuse their domain only; the others go on.
+        let mut early: Vec<Option<Refusal>> = Vec::with_capacity(params.connections.len());
+        let mut domains = Vec::with_capacity(params.connections.len());
+        let mut requests = Vec::with_capacity(params.connections.len());
+        for c in params.connections {
+            domains.push(c.domain.clone());
+            match self.domain_rules(c.policy) {
+                Ok(policy) => {
+                    early.push(None);
+                    requests.push(AnnounceRequest {
+                        domain: c.domain,
+                        expires_at: c.expires_at,
+                        policy,
+                    });
+                }
+                Err(r) => early.push(Some(r)),
+            }
+        }
+        let mut outcomes = self
             .registry
             .announce(&client.name, &allowed, &requests)
             .await
@@ -429,19 +464,48 @@ impl Public {
                     jsonrpc::SERVICE_UNAVAILABLE,
                     format!("announcements not stored: {e}"),
                 )
-            })?;
-        let results: Vec<Value> = outcomes
+            })?
+            .into_iter();
+        let results: Vec<Value> = early
             .into_iter()
-            .zip(&requests)
-            .map(|(o, (domain, _))| match o {
-                Ok(a) => json!({"domain": a.domain, "accepted": true, "expires_at": rfc3339(a.expires_at)}),
-                Err(r) => json!({"domain": domain, "accepted": false, "error": r}),
+            .zip(&domains)
+            .map(|(refused, domain)| {
+                let o = match refused {
+                    Some(r) => Err(r),
+                    None => outcomes.next().unwrap_or_else(|| {
+                        Err(Refusal::new(jsonrpc::INTERNAL_ERROR, "no outcome"))
+                    }),
+                };
+                match o {
+                    Ok(a) => {
+                        let mut v = json!({"domain": a.domain, "accepted": true,
+                                           "expires_at": rfc3339(a.expires_at)});
+                        // The rules are echoed: a private proxy that sent rules and gets none
+                        // back knows they are not enforced (an older public proxy ignores them).
+                        if let Some(p) = &a.policy {
+                            v["policy"] = json!(p);
+                        }
+                        v
+                    }
+                    Err(r) => json!({"domain": domain, "accepted": false, "error": r}),
+                }
             })
             .collect();
         for r in &results {
             tracing::info!(operator = %client.name, domain = %r["domain"], accepted = %r["accepted"], "announcement");
         }
         Ok(jsonrpc::to_raw(&json!({ "connections": results })))
+    }
+
+    /// An announcement's rules, decoded and checked against this proxy's bounds.
+    fn domain_rules(&self, raw: Option<Value>) -> Result<Option<Arc<DomainPolicy>>, Refusal> {
+        let Some(raw) = raw.filter(|v| !v.is_null()) else {
+            return Ok(None);
+        };
+        let rules: DomainPolicy = serde_json::from_value(raw)
+            .map_err(|e| Refusal::new(jsonrpc::INVALID_PARAMS, format!("policy: {e}")))?;
+        policy::check_rules(&rules, &self.domain_limits)?;
+        Ok((!rules.is_empty()).then(|| Arc::new(rules)))
     }
 
     fn get_announcements(&self) -> Outcome {
@@ -473,6 +537,9 @@ struct RequestedConnection {
     domain: String,
     #[serde(default, with = "time::serde::rfc3339::option")]
     expires_at: Option<OffsetDateTime>,
+    /// Decoded per domain, so that one domain's bad rules do not refuse the others.
+    #[serde(default)]
+    policy: Option<Value>,
 }
 
 /// The public proxy's JSON-RPC methods, as delivered by its EPS server.

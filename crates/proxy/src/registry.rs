@@ -8,7 +8,7 @@
 //!   when it is down, clients are routed from memory and announcements are refused.
 
 use std::collections::HashMap;
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
@@ -18,6 +18,7 @@ use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::announcements::{self, conflict, Announcement, Refusal, Table};
+use crate::policy::DomainPolicy;
 use crate::settings::{DatastoreSettings, RedisSettings};
 use crate::store::FileStore;
 
@@ -74,6 +75,24 @@ struct Stored {
     #[serde(with = "time::serde::rfc3339")]
     expires_at: OffsetDateTime,
     expires_unix: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    policy: Option<Arc<DomainPolicy>>,
+}
+
+/// Where a client for a domain goes, and the rules its announcement set.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub operator: String,
+    pub policy: Option<Arc<DomainPolicy>>,
+}
+
+/// One domain an operator asks to announce.
+#[derive(Debug, Clone)]
+pub struct AnnounceRequest {
+    pub domain: String,
+    pub expires_at: Option<OffsetDateTime>,
+    /// Access rules, already checked against the public operator's bounds.
+    pub policy: Option<Arc<DomainPolicy>>,
 }
 
 enum Backend {
@@ -122,11 +141,14 @@ impl Registry {
         })
     }
 
-    /// The operator holding a live announcement of exactly `domain`.
-    pub fn lookup(&self, domain: &str) -> Option<String> {
+    /// The operator holding a live announcement of exactly `domain`, and its rules.
+    pub fn lookup(&self, domain: &str) -> Option<Route> {
         let now = OffsetDateTime::now_utc();
         let table = self.table.read().expect("table lock");
-        table.lookup(domain, now).map(|a| a.operator.clone())
+        table.lookup(domain, now).map(|a| Route {
+            operator: a.operator.clone(),
+            policy: a.policy.clone(),
+        })
     }
 
     /// Number of live announcements.
@@ -148,12 +170,15 @@ impl Registry {
         &self,
         operator: &str,
         allowed: &[String],
-        requests: &[(String, Option<OffsetDateTime>)],
+        requests: &[AnnounceRequest],
     ) -> Result<Vec<Result<Announcement, Refusal>>, StoreUnavailable> {
         let now = OffsetDateTime::now_utc();
         let checked: Vec<_> = requests
             .iter()
-            .map(|(d, exp)| announcements::validate(operator, allowed, d, *exp, now))
+            .map(|r| {
+                let policy = r.policy.clone();
+                announcements::validate(operator, allowed, &r.domain, r.expires_at, policy, now)
+            })
             .collect();
         match &self.backend {
             Backend::File(store) => {
@@ -294,12 +319,7 @@ impl RedisBackend {
         a: &Announcement,
         now: OffsetDateTime,
     ) -> Result<Result<(), Refusal>, StoreUnavailable> {
-        let value = serde_json::to_string(&Stored {
-            operator: a.operator.clone(),
-            expires_at: a.expires_at,
-            expires_unix: a.expires_at.unix_timestamp(),
-        })
-        .expect("json");
+        let value = encode(a);
         let mut conn = self.conn().await?;
         let mut call = self.claim.key(&self.key);
         call.arg(&a.domain)
@@ -406,11 +426,51 @@ impl RedisBackend {
     }
 }
 
+fn encode(a: &Announcement) -> String {
+    serde_json::to_string(&Stored {
+        operator: a.operator.clone(),
+        expires_at: a.expires_at,
+        expires_unix: a.expires_at.unix_timestamp(),
+        policy: a.policy.clone(),
+    })
+    .expect("json")
+}
+
 fn decode(domain: &str, value: &str) -> Option<Announcement> {
     let s: Stored = serde_json::from_str(value).ok()?;
     Some(Announcement {
         domain: domain.to_string(),
         operator: s.operator,
         expires_at: s.expires_at,
+        policy: s.policy,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules_survive_the_redis_value() {
+        let rules = DomainPolicy {
+            allow: vec!["192.0.2.0/24".parse().unwrap()],
+            max_concurrent: Some(5),
+            new_connections_per_second: Some(2.5),
+            ..Default::default()
+        };
+        let a = Announcement {
+            domain: "a.example".into(),
+            operator: "op".into(),
+            expires_at: OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap(),
+            policy: Some(Arc::new(rules)),
+        };
+        let value = encode(&a);
+        assert_eq!(decode("a.example", &value), Some(a.clone()));
+        // A value written before rules existed still reads, without rules.
+        let old =
+            r#"{"operator":"op","expires_at":"2027-01-15T08:00:00Z","expires_unix":1800000000}"#;
+        assert_eq!(decode("a.example", old).unwrap().policy, None);
+        let plain = Announcement { policy: None, ..a };
+        assert!(!encode(&plain).contains("policy"));
+    }
 }
