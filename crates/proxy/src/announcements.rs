@@ -37,6 +37,12 @@ pub struct Refusal {
     pub message: String,
 }
 
+impl From<Refusal> for eps_core::jsonrpc::RpcError {
+    fn from(r: Refusal) -> Self {
+        Self::new(r.code, r.message)
+    }
+}
+
 impl Refusal {
     pub fn new(code: i64, message: impl Into<String>) -> Self {
         Self {

@@ -3,6 +3,8 @@
 //! # Layout
 //! - [`clienthello`]: the ClientHello reader: bytes in, SNI out, no I/O.
 //! - [`announcements`]: announcement rules (suffixes, conflicts, expiry) over plain data.
+//! - `dialback` (private): the dial-back protocol both roles speak: the token, the
+//!   `announceConnections` / `incomingConnection` messages, the pending table, reading a token.
 //! - [`public`]: `proxy run public`: the SNI router, pending tokens, the internal port.
 //! - [`policy`]: who may connect at the SNI step: address ranges, per-address and per-domain
 //!   caps and rates, announcements' rules and their bounds, PROXY protocol headers.
@@ -24,6 +26,7 @@
 mod admission;
 pub mod announcements;
 pub mod clienthello;
+mod dialback;
 mod limiter;
 mod listener;
 pub mod metrics;

@@ -2,10 +2,10 @@
 //! (docs/architecture.md §3.1, §3.2 step 4).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use base64::Engine as _;
 use eps_core::http::{CallError, Handler, Peer, RpcClient};
 use eps_core::jsonrpc::{self, Outcome, Request, RpcError};
 use serde::{Deserialize, Serialize};
@@ -17,14 +17,16 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::announcements::{normalize_domain, rfc3339};
+use crate::dialback::{
+    AnnounceAnswer, AnnounceConnections, DomainAnswer, IncomingAnswer, IncomingConnection,
+    RequestedConnection, Token, CONNECTED,
+};
 use crate::metrics::Metrics;
 use crate::policy::DomainPolicy;
 use crate::pool::{dial, DataPool};
-use crate::public::TOKEN_LEN;
 use crate::relay;
 use crate::settings::{AnnouncementSetting, PrivateSettings};
 use crate::store::FileStore;
-use crate::ClientName;
 
 /// Longest pause between announcement attempts while the EPS network is not reachable.
 const MAX_RETRY: Duration = Duration::from_secs(10);
@@ -39,25 +41,6 @@ struct Wanted {
     /// Access rules for the public proxy to enforce.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     policy: Option<DomainPolicy>,
-}
-
-/// What a public proxy answered for one domain.
-#[derive(Debug, Clone, Deserialize)]
-struct DomainAnswer {
-    domain: String,
-    accepted: bool,
-    #[serde(default)]
-    expires_at: Option<String>,
-    #[serde(default)]
-    error: Option<RpcError>,
-    /// The rules the public proxy enforces (echoed back; absent from an older public proxy).
-    #[serde(default)]
-    policy: Option<Value>,
-}
-
-#[derive(Debug, Deserialize)]
-struct AnnounceAnswer {
-    connections: Vec<DomainAnswer>,
 }
 
 pub struct Private {
@@ -161,22 +144,24 @@ impl Private {
         proxy: &str,
         list: &[Wanted],
     ) -> Result<Vec<DomainAnswer>, CallError> {
-        let connections: Vec<Value> = list
+        let connections = list
             .iter()
-            .map(|w| {
-                let mut c = json!({"domain": w.domain, "expires_at": w.expires_at.map(rfc3339)});
-                if let Some(p) = &w.policy {
-                    c["policy"] = json!(p);
-                }
-                c
+            .map(|w| RequestedConnection {
+                domain: w.domain.clone(),
+                expires_at: w.expires_at,
+                policy: w
+                    .policy
+                    .as_ref()
+                    .map(|p| serde_json::to_value(p).expect("rules")),
             })
             .collect();
+        let request = AnnounceConnections {
+            connections,
+            client: None,
+        };
         let answer: AnnounceAnswer = self
             .eps
-            .call(
-                &format!("{proxy}.announceConnections"),
-                &json!({ "connections": connections }),
-            )
+            .call(&format!("{proxy}.announceConnections"), &request)
             .await?;
         let mut accepted = self.accepted.write().expect("lock");
         let mut refused = self.refused.write().expect("lock");
@@ -196,10 +181,7 @@ impl Private {
                 } else {
                     unconfirmed.remove(&a.domain);
                 }
-                let expires_at = a.expires_at.as_deref().and_then(|t| {
-                    OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()
-                });
-                accepted.insert(a.domain.clone(), (proxy.to_string(), expires_at));
+                accepted.insert(a.domain.clone(), (proxy.to_string(), a.expires_at));
             } else {
                 accepted.remove(&a.domain);
                 refused.insert(a.domain.clone());
@@ -274,29 +256,21 @@ impl Private {
         Ok(n)
     }
 
-    async fn incoming(&self, p: IncomingParams) -> Outcome {
+    async fn incoming(&self, p: IncomingConnection<'static>) -> Outcome {
         self.metrics.accept("incoming");
-        let outcome = self.dial_back(p).await;
-        if let Err(e) = &outcome {
-            self.metrics.refuse(match e.code {
-                jsonrpc::FORBIDDEN => "not_announced",
-                jsonrpc::PEER_UNREACHABLE => "dial_failed",
-                jsonrpc::SERVICE_UNAVAILABLE => "relay_limit",
-                _ => "invalid_params",
-            });
+        match self.dial_back(p).await {
+            Ok(()) => Ok(jsonrpc::to_raw(&IncomingAnswer { status: CONNECTED })),
+            Err(refused) => {
+                self.metrics.refuse(refused.label());
+                Err(refused.into())
+            }
         }
-        outcome
     }
 
     /// Checks an `incomingConnection`, dials both ends, sends the token and starts the relay.
-    async fn dial_back(&self, p: IncomingParams) -> Outcome {
-        let Some(caller) = p.client else {
-            return Err(RpcError::invalid_params(
-                "no _client: incomingConnection must come through the EPS server",
-            ));
-        };
-        let domain = normalize_domain(&p.domain)
-            .ok_or_else(|| RpcError::invalid_params("invalid domain"))?;
+    async fn dial_back(&self, p: IncomingConnection<'static>) -> Result<(), DialBackRefused> {
+        let caller = p.client.ok_or(DialBackRefused::NoCaller)?;
+        let domain = normalize_domain(&p.domain).ok_or(DialBackRefused::InvalidDomain)?;
         let now = OffsetDateTime::now_utc();
         let accepted = self
             .accepted
@@ -311,32 +285,22 @@ impl Private {
             && (self.refused.read().expect("lock").contains(&domain)
                 || !self.announces_to(&domain, &caller.name, now))
         {
-            return Err(RpcError::new(
-                jsonrpc::FORBIDDEN,
-                format!("{domain} is not announced to {}", caller.name),
-            ));
+            return Err(DialBackRefused::NotAnnounced {
+                domain,
+                caller: caller.name,
+            });
         }
-        let token = base64::engine::general_purpose::STANDARD
-            .decode(p.token.as_bytes())
-            .ok()
-            .filter(|t| t.len() == TOKEN_LEN)
-            .ok_or_else(|| RpcError::invalid_params("token must be 32 bytes in base64"))?;
-        let permit = self.relays.clone().try_acquire_owned().map_err(|_| {
-            RpcError::new(
-                jsonrpc::SERVICE_UNAVAILABLE,
-                "too many relays; raise private.max_relays",
-            )
-        })?;
+        let token = Token::from_base64(&p.token).ok_or(DialBackRefused::BadToken)?;
+        let permit = self
+            .relays
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| DialBackRefused::RelayLimit)?;
         // Checked before dialing: a call that cannot be served costs no connection.
         let header = if self.settings.proxy_protocol {
             Some(
-                proxy_header(p.client_address.as_deref(), p.server_address.as_deref()).ok_or_else(
-                    || {
-                        RpcError::invalid_params(
-                            "client_address and server_address are needed for the PROXY header",
-                        )
-                    },
-                )?,
+                proxy_header(p.client_address, p.server_address)
+                    .ok_or(DialBackRefused::NoAddresses)?,
             )
         } else {
             None
@@ -344,38 +308,35 @@ impl Private {
         let timeout = self.settings.connect_timeout;
         let internal = &self.settings.internal_endpoint;
         let (public, server) = tokio::join!(self.pool.get(&p.endpoint), dial(internal, timeout));
-        let public_error = |e: std::io::Error| {
-            RpcError::new(
-                jsonrpc::PEER_UNREACHABLE,
-                format!("public endpoint {}: {e}", p.endpoint),
-            )
+        let public_error = |source| DialBackRefused::Unreachable {
+            what: "public endpoint",
+            address: p.endpoint.to_string(),
+            source,
+        };
+        let internal_error = |source| DialBackRefused::Unreachable {
+            what: "internal endpoint",
+            address: internal.clone(),
+            source,
         };
         let mut public = public.map_err(public_error)?;
-        let mut server = server.map_err(|e| {
-            RpcError::new(
-                jsonrpc::PEER_UNREACHABLE,
-                format!("internal endpoint {internal}: {e}"),
-            )
-        })?;
+        let mut server = server.map_err(internal_error)?;
         if let Some(header) = header {
-            server.write_all(&header).await.map_err(|e| {
-                RpcError::new(
-                    jsonrpc::PEER_UNREACHABLE,
-                    format!("internal endpoint {internal}: {e}"),
-                )
-            })?;
+            server.write_all(&header).await.map_err(internal_error)?;
         }
-        public.send_token(&token).await.map_err(public_error)?;
+        public
+            .send_token(token.as_bytes())
+            .await
+            .map_err(public_error)?;
         let idle = self.settings.idle_timeout;
         let metrics = self.metrics.clone();
-        let endpoint = p.endpoint;
+        let endpoint = p.endpoint.into_owned();
         metrics.relayed.inc();
         metrics.active_relays.inc();
         self.tracker.spawn(async move {
             let started = std::time::Instant::now();
             // Checked here, not before answering: the relay starts the moment the public side
             // answers the token.
-            let public = match public.answered(&token).await {
+            let public = match public.answered(token.as_bytes()).await {
                 Ok(s) => Some(s),
                 Err(e) => {
                     tracing::info!(%endpoint, %domain, error = %e, "dial-back failed");
@@ -403,7 +364,7 @@ impl Private {
             );
             drop(permit);
         });
-        Ok(jsonrpc::to_raw(&json!({"status": "connected"})))
+        Ok(())
     }
 
     async fn add(&self, p: AddParams) -> Outcome {
@@ -489,10 +450,8 @@ fn wanted(a: &AnnouncementSetting, default_proxy: &str) -> Result<Wanted, String
 
 /// A PROXY protocol v2 header naming the original client and the address it connected to.
 /// Mixed families are both written as IPv6 (IPv4-mapped).
-fn proxy_header(client: Option<&str>, server: Option<&str>) -> Option<Vec<u8>> {
-    use std::net::SocketAddr;
-    let src: SocketAddr = client?.parse().ok()?;
-    let dst: SocketAddr = server?.parse().ok()?;
+fn proxy_header(client: Option<SocketAddr>, server: Option<SocketAddr>) -> Option<Vec<u8>> {
+    let (src, dst) = (client?, server?);
     let (src, dst) = match (src, dst) {
         (SocketAddr::V4(_), SocketAddr::V4(_)) | (SocketAddr::V6(_), SocketAddr::V6(_)) => {
             (src, dst)
@@ -508,26 +467,11 @@ fn proxy_header(client: Option<&str>, server: Option<&str>) -> Option<Vec<u8>> {
     .ok()
 }
 
-fn v6(a: std::net::SocketAddr) -> std::net::SocketAddr {
+fn v6(a: SocketAddr) -> SocketAddr {
     match a {
-        std::net::SocketAddr::V4(v4) => {
-            std::net::SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port())
-        }
+        SocketAddr::V4(v4) => SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port()),
         v6 => v6,
     }
-}
-
-#[derive(Deserialize)]
-struct IncomingParams {
-    domain: String,
-    token: String,
-    endpoint: String,
-    #[serde(default)]
-    client_address: Option<String>,
-    #[serde(default)]
-    server_address: Option<String>,
-    #[serde(rename = "_client", default)]
-    client: Option<ClientName>,
 }
 
 #[derive(Deserialize)]
@@ -539,6 +483,54 @@ struct AddParams {
     expires_at: Option<OffsetDateTime>,
     #[serde(default)]
     policy: Option<DomainPolicy>,
+}
+
+/// Why an `incomingConnection` was not served: a metrics label and a JSON-RPC error each.
+#[derive(Debug, thiserror::Error)]
+enum DialBackRefused {
+    #[error("no _client: incomingConnection must come through the EPS server")]
+    NoCaller,
+    #[error("invalid domain")]
+    InvalidDomain,
+    #[error("{domain} is not announced to {caller}")]
+    NotAnnounced { domain: String, caller: String },
+    #[error("token must be 32 bytes in base64")]
+    BadToken,
+    #[error("too many relays; raise private.max_relays")]
+    RelayLimit,
+    #[error("client_address and server_address are needed for the PROXY header")]
+    NoAddresses,
+    #[error("{what} {address}: {source}")]
+    Unreachable {
+        what: &'static str,
+        address: String,
+        source: std::io::Error,
+    },
+}
+
+impl DialBackRefused {
+    fn label(&self) -> &'static str {
+        match self {
+            Self::NotAnnounced { .. } => "not_announced",
+            Self::Unreachable { .. } => "dial_failed",
+            Self::RelayLimit => "relay_limit",
+            Self::NoCaller | Self::InvalidDomain | Self::BadToken | Self::NoAddresses => {
+                "invalid_params"
+            }
+        }
+    }
+}
+
+impl From<DialBackRefused> for RpcError {
+    fn from(r: DialBackRefused) -> Self {
+        let code = match &r {
+            DialBackRefused::NotAnnounced { .. } => jsonrpc::FORBIDDEN,
+            DialBackRefused::Unreachable { .. } => jsonrpc::PEER_UNREACHABLE,
+            DialBackRefused::RelayLimit => jsonrpc::SERVICE_UNAVAILABLE,
+            _ => jsonrpc::INVALID_PARAMS,
+        };
+        RpcError::new(code, r.to_string())
+    }
 }
 
 /// The private proxy's JSON-RPC methods.
@@ -563,7 +555,8 @@ mod tests {
 
     #[test]
     fn proxy_header_names_the_client() {
-        let h = proxy_header(Some("203.0.113.7:5000"), Some("127.0.0.1:4433")).unwrap();
+        let addr = |s: &str| Some(s.parse().unwrap());
+        let h = proxy_header(addr("203.0.113.7:5000"), addr("127.0.0.1:4433")).unwrap();
         let parsed = ppp::v2::Header::try_from(&h[..]).unwrap();
         match parsed.addresses {
             ppp::v2::Addresses::IPv4(a) => {
@@ -573,11 +566,11 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        let mixed = proxy_header(Some("[2001:db8::1]:1"), Some("127.0.0.1:2")).unwrap();
+        let mixed = proxy_header(addr("[2001:db8::1]:1"), addr("127.0.0.1:2")).unwrap();
         assert!(matches!(
             ppp::v2::Header::try_from(&mixed[..]).unwrap().addresses,
             ppp::v2::Addresses::IPv6(_)
         ));
-        assert!(proxy_header(None, Some("127.0.0.1:2")).is_none());
+        assert!(proxy_header(None, addr("127.0.0.1:2")).is_none());
     }
 }

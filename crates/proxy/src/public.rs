@@ -7,27 +7,26 @@
 //! presents the token. No disk, no directory read and no DNS on that path; a refused client
 //! costs no token and no EPS call.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use base64::Engine as _;
 use eps_core::http::{Handler, Peer, RpcClient};
 use eps_core::jsonrpc::{self, Outcome, Request, RpcError};
-use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
-use time::OffsetDateTime;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use serde_json::Value;
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{oneshot, Semaphore};
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admission::{self, Admission};
-use crate::announcements::{rfc3339, Refusal};
+use crate::announcements::Refusal;
+use crate::dialback::{
+    self, AnnounceAnswer, AnnounceConnections, DomainAnswer, IncomingConnection, Token, TokenError,
+};
 use crate::limiter::{GuessLimiter, IdleSlots};
 use crate::listener::accept_loop;
 use crate::metrics::{short_addr, Metrics};
@@ -36,25 +35,16 @@ use crate::policy::{self, DomainPolicy};
 use crate::registry::{AnnounceRequest, Registry, Route};
 use crate::relay;
 use crate::settings::{DomainLimits, PublicLimits, PublicSettings};
-use crate::ClientParams;
 
-/// Token length in bytes, drawn from the OS CSPRNG.
-pub const TOKEN_LEN: usize = 32;
-type Token = [u8; TOKEN_LEN];
 /// How often (seconds) expired announcements are removed from memory and store.
 const PRUNE_INTERVAL_SECS: u32 = 60;
-
-/// A client waiting for its dial-back.
-struct Pending {
-    tx: oneshot::Sender<TcpStream>,
-}
 
 pub struct Public {
     metrics: Arc<Metrics>,
     limits: PublicLimits,
     endpoint: String,
     registry: Registry,
-    pending: Mutex<HashMap<Token, Pending>>,
+    pending: dialback::Pending<TcpStream>,
     pending_refused: AtomicU64,
     guesses: GuessLimiter,
     idle_data: IdleSlots,
@@ -62,23 +52,6 @@ pub struct Public {
     /// Bounds on the rules announcements may set.
     domain_limits: DomainLimits,
     eps: RpcClient,
-}
-
-/// Removes a client's pending entry when its task ends, however it ends.
-struct PendingGuard<'a> {
-    public: &'a Public,
-    token: Token,
-}
-
-impl Drop for PendingGuard<'_> {
-    fn drop(&mut self) {
-        self.public
-            .pending
-            .lock()
-            .expect("pending lock")
-            .remove(&self.token);
-        self.public.metrics.pending.dec();
-    }
 }
 
 impl Public {
@@ -89,11 +62,11 @@ impl Public {
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
+            pending: dialback::Pending::new(s.limits.max_pending, metrics.pending.clone()),
             metrics,
             limits: s.limits.clone(),
             endpoint: s.internal_endpoint.clone(),
             registry,
-            pending: Mutex::new(HashMap::new()),
             pending_refused: AtomicU64::new(0),
             guesses: GuessLimiter::new(s.limits.max_token_failures, s.limits.token_failure_window),
             // Silent connections may take at most half of the internal port, so that dial-backs
@@ -235,45 +208,33 @@ impl Public {
                     return;
                 }
             };
-        let mut token: Token = [0; TOKEN_LEN];
-        if let Err(e) = getrandom::fill(&mut token) {
-            tracing::error!(error = %e, "OS random generator failed");
-            return;
-        }
-        let (tx, rx) = oneshot::channel();
-        {
-            let mut pending = self.pending.lock().expect("pending lock");
-            if pending.len() >= self.limits.max_pending {
-                drop(pending);
-                self.metrics.refuse("pending_full");
-                // One line for the first refusal and then every 1000th, not one per client.
-                let n = self.pending_refused.fetch_add(1, Ordering::Relaxed);
-                if n % 1000 == 0 {
-                    tracing::warn!(client = %short_addr(addr), %sni, max_pending = self.limits.max_pending, refused_so_far = n + 1, "pending set full; refusing clients");
-                }
+        let token = match Token::draw() {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!(error = %e, "OS random generator failed");
                 return;
             }
-            pending.insert(token, Pending { tx });
-        }
-        self.metrics.pending.inc();
-        let guard = PendingGuard {
-            public: &self,
-            token,
+        };
+        let Ok((guard, rx)) = self.pending.insert(token) else {
+            self.metrics.refuse("pending_full");
+            // One line for the first refusal and then every 1000th, not one per client.
+            let n = self.pending_refused.fetch_add(1, Ordering::Relaxed);
+            if n % 1000 == 0 {
+                tracing::warn!(client = %short_addr(addr), %sni, max_pending = self.limits.max_pending, refused_so_far = n + 1, "pending set full; refusing clients");
+            }
+            return;
         };
         // Behind a load balancer, the address the client connected to is the balancer's.
-        let server_address = who
-            .destination
-            .or_else(|| client.local_addr().ok())
-            .map(|a| a.to_string())
-            .unwrap_or_default();
-        let token_text = base64::engine::general_purpose::STANDARD.encode(token);
+        let server_address = who.destination.or_else(|| client.local_addr().ok());
+        let token_text = token.to_base64();
         // Serialized straight from borrowed fields: no JSON tree on the per-connection path.
         let params = jsonrpc::to_raw(&IncomingConnection {
-            domain: &sni,
-            token: &token_text,
-            endpoint: &self.endpoint,
-            client_address: addr,
-            server_address: &server_address,
+            domain: sni.as_str().into(),
+            token: token_text.as_str().into(),
+            endpoint: self.endpoint.as_str().into(),
+            client_address: Some(addr),
+            server_address,
+            client: None,
         });
         let method = format!("{operator}.incomingConnection");
         // The request runs on its own task: the dial-back usually arrives before the answer,
@@ -285,7 +246,7 @@ impl Public {
             if let Err(e) = me.eps.call_raw(&method, &params).await {
                 me.metrics.refuse("dial_back_failed");
                 tracing::info!(client = %short_addr(addr), %domain, error = %e, "dial-back request failed; client closed");
-                me.pending.lock().expect("pending lock").remove(&token);
+                me.pending.cancel(&token);
             }
         });
         let data = tokio::time::timeout(self.limits.accept_timeout, rx).await;
@@ -348,65 +309,52 @@ impl Public {
         // silently (bounded per source network, in all, and in time) until a client's token goes
         // out on it. Past those bounds a connection gets token_timeout for its first byte, as
         // any dial-back does; it is never closed unread, since its token may be on the way.
-        let mut token: Token = [0; TOKEN_LEN];
-        let first = {
+        let read = {
             let slot = self.idle_data.enter(addr.ip());
-            let wait = if slot.is_some() {
+            let first_byte_within = if slot.is_some() {
                 self.limits.data_idle_timeout
             } else {
                 self.limits.token_timeout
             };
             tokio::select! {
-                r = tokio::time::timeout(wait, data.read(&mut token)) => r.map_err(|_| slot.is_some()),
+                r = dialback::read_token(&mut data, first_byte_within, self.limits.token_timeout) => r.map_err(|e| (e, slot.is_some())),
                 // Nothing waits on a silent connection; a shutdown closes it at once.
                 _ = stop.cancelled() => return,
             }
         };
-        // From its first byte on, the whole token must arrive within token_timeout.
-        let rest = match first {
-            Err(true) => {
+        let token = match read {
+            Ok(t) => t,
+            Err((TokenError::Silent, true)) => {
                 self.metrics.refuse("data_idle_timeout");
                 tracing::debug!(%addr, "data connection silent for data_idle_timeout");
                 return;
             }
-            Err(false) => {
+            Err((TokenError::Silent, false)) => {
                 self.metrics.refuse("token_timeout");
                 tracing::debug!(%addr, "no token within token_timeout (too many silent data connections to wait longer)");
                 return;
             }
             // A pooled connection its private proxy retired unused: not a refusal.
-            Ok(Ok(0)) => {
+            Err((TokenError::ClosedUnused, _)) => {
                 tracing::debug!(%addr, "data connection closed unused");
                 return;
             }
-            Ok(Ok(n)) => {
-                tokio::time::timeout(self.limits.token_timeout, data.read_exact(&mut token[n..]))
-                    .await
-                    .map(|r| r.map(|_| ()))
-            }
-            Ok(Err(e)) => Ok(Err(e)),
-        };
-        match rest {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
+            Err((TokenError::Truncated(e), _)) => {
                 self.metrics.refuse("token_truncated");
                 tracing::debug!(%addr, error = %e, "data connection closed before its token");
                 return;
             }
-            Err(_) => {
+            Err((TokenError::Slow, _)) => {
                 self.metrics.refuse("token_timeout");
                 tracing::debug!(%addr, "no whole token within token_timeout");
                 return;
             }
-        }
-        let entry = self.pending.lock().expect("pending lock").remove(&token);
-        match entry {
-            Some(p) => {
-                let _ = p.tx.send(data);
-            }
+        };
+        match self.pending.complete(&token, data) {
+            Ok(()) => {}
             // A marked guesser's wrong tokens cost no log line; its valid ones are served above
             // like anybody's (it may share its address with a private proxy).
-            None => {
+            Err(_unclaimed) => {
                 let now = std::time::Instant::now();
                 let marked = self.guesses.is_blocked(addr.ip(), now);
                 let newly = self.guesses.failure(addr.ip(), now);
@@ -424,7 +372,7 @@ impl Public {
         }
     }
 
-    async fn announce(&self, params: AnnounceParams) -> Outcome {
+    async fn announce(&self, params: AnnounceConnections) -> Outcome {
         let Some(client) = params.client else {
             return Err(RpcError::invalid_params(
                 "no _client: announcements must come through the EPS server",
@@ -466,9 +414,9 @@ impl Public {
                 )
             })?
             .into_iter();
-        let results: Vec<Value> = early
+        let results: Vec<DomainAnswer> = early
             .into_iter()
-            .zip(&domains)
+            .zip(domains)
             .map(|(refused, domain)| {
                 let o = match refused {
                     Some(r) => Err(r),
@@ -477,24 +425,31 @@ impl Public {
                     }),
                 };
                 match o {
-                    Ok(a) => {
-                        let mut v = json!({"domain": a.domain, "accepted": true,
-                                           "expires_at": rfc3339(a.expires_at)});
+                    Ok(a) => DomainAnswer {
+                        domain: a.domain,
+                        accepted: true,
+                        expires_at: Some(a.expires_at),
+                        error: None,
                         // The rules are echoed: a private proxy that sent rules and gets none
                         // back knows they are not enforced (an older public proxy ignores them).
-                        if let Some(p) = &a.policy {
-                            v["policy"] = json!(p);
-                        }
-                        v
-                    }
-                    Err(r) => json!({"domain": domain, "accepted": false, "error": r}),
+                        policy: a.policy.map(|p| serde_json::to_value(&*p).expect("rules")),
+                    },
+                    Err(r) => DomainAnswer {
+                        domain,
+                        accepted: false,
+                        expires_at: None,
+                        error: Some(r.into()),
+                        policy: None,
+                    },
                 }
             })
             .collect();
         for r in &results {
-            tracing::info!(operator = %client.name, domain = %r["domain"], accepted = %r["accepted"], "announcement");
+            tracing::info!(operator = %client.name, domain = %r.domain, accepted = r.accepted, "announcement");
         }
-        Ok(jsonrpc::to_raw(&json!({ "connections": results })))
+        Ok(jsonrpc::to_raw(&AnnounceAnswer {
+            connections: results,
+        }))
     }
 
     /// An announcement's rules, decoded and checked against this proxy's bounds.
@@ -512,34 +467,6 @@ impl Public {
         // `Announcement` serializes as `{domain, operator, expires_at}`.
         Ok(jsonrpc::to_raw(&self.registry.live()))
     }
-}
-
-/// The params of `incomingConnection`; `client_address` and `server_address` let the private
-/// side write a PROXY protocol header.
-#[derive(Serialize)]
-struct IncomingConnection<'a> {
-    domain: &'a str,
-    token: &'a str,
-    endpoint: &'a str,
-    client_address: SocketAddr,
-    server_address: &'a str,
-}
-
-#[derive(Deserialize)]
-struct AnnounceParams {
-    connections: Vec<RequestedConnection>,
-    #[serde(rename = "_client", default)]
-    client: Option<ClientParams>,
-}
-
-#[derive(Deserialize)]
-struct RequestedConnection {
-    domain: String,
-    #[serde(default, with = "time::serde::rfc3339::option")]
-    expires_at: Option<OffsetDateTime>,
-    /// Decoded per domain, so that one domain's bad rules do not refuse the others.
-    #[serde(default)]
-    policy: Option<Value>,
 }
 
 /// The public proxy's JSON-RPC methods, as delivered by its EPS server.
