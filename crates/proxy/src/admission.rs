@@ -76,12 +76,12 @@ impl Admission {
 }
 
 /// Reads the PROXY header a trusted load balancer (`peer`) sends first, by `deadline`; a refusal
-/// reason (a metrics label) and its detail otherwise.
+/// why not otherwise.
 pub async fn read_proxy_header(
     stream: &mut TcpStream,
     peer: SocketAddr,
     deadline: Instant,
-) -> Result<Client, (&'static str, String)> {
+) -> Result<Client, ReadRefused> {
     let mut buf = Vec::with_capacity(256);
     loop {
         // `parse` refuses a header longer than MAX_BYTES, so the buffer never holds more than
@@ -90,14 +90,9 @@ pub async fn read_proxy_header(
         buf.reserve(room);
         let mut limited = (&mut *stream).take(room as u64);
         match tokio::time::timeout_at(deadline, limited.read_buf(&mut buf)).await {
-            Err(_) => {
-                return Err((
-                    "client_hello_timeout",
-                    "PROXY header not complete within client_hello_timeout".into(),
-                ))
-            }
-            Ok(Err(e)) => return Err(("read_error", format!("read failed: {e}"))),
-            Ok(Ok(0)) => return Err(("truncated", "end of stream inside the PROXY header".into())),
+            Err(_) => return Err(ReadRefused::Timeout(PROXY_HEADER)),
+            Ok(Err(e)) => return Err(ReadRefused::Read(e)),
+            Ok(Ok(0)) => return Err(ReadRefused::Truncated(PROXY_HEADER)),
             Ok(Ok(_)) => {}
         }
         match proxy_header::parse(&buf) {
@@ -110,23 +105,22 @@ pub async fn read_proxy_header(
                 });
             }
             Ok(proxy_header::Parse::Incomplete) if buf.len() > proxy_header::MAX_BYTES => {
-                return Err(("bad_proxy_header", "PROXY header too long".into()))
+                return Err(ReadRefused::BadProxyHeader("too long".into()))
             }
             Ok(proxy_header::Parse::Incomplete) => continue,
-            Err(e) => return Err(("bad_proxy_header", format!("from a trusted source: {e}"))),
+            Err(e) => return Err(ReadRefused::BadProxyHeader(e.to_string())),
         }
     }
 }
 
 /// Reads until the ClientHello (of at most `max` bytes) is complete, starting with the bytes in `buf` (what followed
-/// a PROXY header), by `deadline`; returns every byte of it and the SNI, or a refusal reason
-/// (a metrics label) and its detail.
+/// a PROXY header), by `deadline`; returns every byte of it and the SNI, or why not.
 pub async fn read_client_hello(
     client: &mut TcpStream,
     mut buf: Vec<u8>,
     deadline: Instant,
     max: usize,
-) -> Result<(Vec<u8>, String), (&'static str, String)> {
+) -> Result<(Vec<u8>, String), ReadRefused> {
     if !buf.is_empty() {
         if let Some(done) = parse_client_hello(&buf, max) {
             return done.map(|sni| (buf, sni));
@@ -138,19 +132,14 @@ pub async fn read_client_hello(
     loop {
         let room = (max + 1).saturating_sub(buf.len()).min(4096);
         if room == 0 {
-            return Err(("too_large", format!("ClientHello over {max} bytes")));
+            return Err(ReadRefused::TooLarge(max));
         }
         buf.reserve(room);
         let mut limited = (&mut *client).take(room as u64);
         match tokio::time::timeout_at(deadline, limited.read_buf(&mut buf)).await {
-            Err(_) => {
-                return Err((
-                    "client_hello_timeout",
-                    "ClientHello not complete within client_hello_timeout".into(),
-                ))
-            }
-            Ok(Err(e)) => return Err(("read_error", format!("read failed: {e}"))),
-            Ok(Ok(0)) => return Err(("truncated", "end of stream inside the ClientHello".into())),
+            Err(_) => return Err(ReadRefused::Timeout(CLIENT_HELLO)),
+            Ok(Err(e)) => return Err(ReadRefused::Read(e)),
+            Ok(Ok(0)) => return Err(ReadRefused::Truncated(CLIENT_HELLO)),
             Ok(Ok(_)) => {}
         };
         if let Some(done) = parse_client_hello(&buf, max) {
@@ -160,31 +149,56 @@ pub async fn read_client_hello(
 }
 
 /// The SNI of the ClientHello in `buf`, a refusal, or `None` while it is incomplete.
-fn parse_client_hello(buf: &[u8], max: usize) -> Option<Result<String, (&'static str, String)>> {
+fn parse_client_hello(buf: &[u8], max: usize) -> Option<Result<String, ReadRefused>> {
     match clienthello::parse_client_hello(buf, max) {
         Ok(Parse::Complete { sni, .. }) => Some(Ok(sni)),
-        Ok(Parse::Incomplete) if buf.len() > max => {
-            Some(Err(("too_large", format!("ClientHello over {max} bytes"))))
-        }
+        Ok(Parse::Incomplete) if buf.len() > max => Some(Err(ReadRefused::TooLarge(max))),
         Ok(Parse::Incomplete) => None,
         // A PROXY header from a source not trusted to send one.
-        Err(ClientHelloError::NotTls) if proxy_header::looks_like_header(buf) => Some(Err((
-            "untrusted_proxy_header",
-            "a PROXY header from a source outside proxy_protocol.trusted".into(),
-        ))),
-        Err(e) => Some(Err((hello_error_reason(&e), e.to_string()))),
+        Err(ClientHelloError::NotTls) if proxy_header::looks_like_header(buf) => {
+            Some(Err(ReadRefused::UntrustedProxyHeader))
+        }
+        Err(e) => Some(Err(ReadRefused::Hello(e))),
     }
 }
 
-/// The metrics label of a ClientHello refusal.
-fn hello_error_reason(e: &ClientHelloError) -> &'static str {
-    match e {
-        ClientHelloError::NotTls => "not_tls",
-        ClientHelloError::NotClientHello => "not_client_hello",
-        ClientHelloError::TooLarge(_) => "too_large",
-        ClientHelloError::Malformed(_) => "malformed",
-        ClientHelloError::NoSni => "no_sni",
-        ClientHelloError::InvalidSni(_) => "invalid_sni",
+const PROXY_HEADER: &str = "PROXY header";
+const CLIENT_HELLO: &str = "ClientHello";
+
+/// Why a client was closed while its PROXY header or ClientHello was read.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadRefused {
+    #[error("{0} not complete within client_hello_timeout")]
+    Timeout(&'static str),
+    #[error("read failed: {0}")]
+    Read(std::io::Error),
+    #[error("end of stream inside the {0}")]
+    Truncated(&'static str),
+    #[error("PROXY header from a trusted source: {0}")]
+    BadProxyHeader(String),
+    #[error("a PROXY header from a source outside proxy_protocol.trusted")]
+    UntrustedProxyHeader,
+    #[error("ClientHello over {0} bytes")]
+    TooLarge(usize),
+    #[error(transparent)]
+    Hello(ClientHelloError),
+}
+
+impl crate::metrics::Reason for ReadRefused {
+    fn label(&self) -> &'static str {
+        match self {
+            Self::Timeout(_) => "client_hello_timeout",
+            Self::Read(_) => "read_error",
+            Self::Truncated(_) => "truncated",
+            Self::BadProxyHeader(_) => "bad_proxy_header",
+            Self::UntrustedProxyHeader => "untrusted_proxy_header",
+            Self::TooLarge(_) | Self::Hello(ClientHelloError::TooLarge(_)) => "too_large",
+            Self::Hello(ClientHelloError::NotTls) => "not_tls",
+            Self::Hello(ClientHelloError::NotClientHello) => "not_client_hello",
+            Self::Hello(ClientHelloError::Malformed(_)) => "malformed",
+            Self::Hello(ClientHelloError::NoSni) => "no_sni",
+            Self::Hello(ClientHelloError::InvalidSni(_)) => "invalid_sni",
+        }
     }
 }
 

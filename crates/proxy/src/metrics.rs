@@ -33,6 +33,11 @@ pub struct OutcomeLabel {
     pub outcome: &'static str,
 }
 
+/// A typed refusal: its `reason` label in `eps_proxy_connections_refused_total`.
+pub trait Reason {
+    fn label(&self) -> &'static str;
+}
+
 /// Everything the proxies count. Cheap to update: atomics, no locks on the hot path beyond the
 /// label family's read lock.
 pub struct Metrics {
@@ -149,8 +154,13 @@ impl Metrics {
         self.data_pool.get_or_create(&ResultLabel { result }).inc();
     }
 
-    pub fn refuse(&self, reason: &'static str) {
-        self.refused.get_or_create(&ReasonLabel { reason }).inc();
+    /// Counts a refusal under its reason's label.
+    pub fn refuse(&self, reason: &impl Reason) {
+        self.refused
+            .get_or_create(&ReasonLabel {
+                reason: reason.label(),
+            })
+            .inc();
     }
 
     pub fn accept(&self, listener: &'static str) {

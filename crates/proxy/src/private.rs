@@ -261,7 +261,7 @@ impl Private {
         match self.dial_back(p).await {
             Ok(()) => Ok(jsonrpc::to_raw(&IncomingAnswer { status: CONNECTED })),
             Err(refused) => {
-                self.metrics.refuse(refused.label());
+                self.metrics.refuse(&refused);
                 Err(refused.into())
             }
         }
@@ -508,7 +508,7 @@ enum DialBackRefused {
     },
 }
 
-impl DialBackRefused {
+impl crate::metrics::Reason for DialBackRefused {
     fn label(&self) -> &'static str {
         match self {
             Self::NotAnnounced { .. } => "not_announced",

@@ -22,19 +22,68 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::admission::{self, Admission};
+use crate::admission::{self, Admission, ReadRefused};
 use crate::announcements::Refusal;
 use crate::dialback::{
     self, AnnounceAnswer, AnnounceConnections, DomainAnswer, IncomingConnection, Token, TokenError,
 };
 use crate::limiter::{GuessLimiter, IdleSlots};
 use crate::listener::accept_loop;
-use crate::metrics::{short_addr, Metrics};
-use crate::policy::gate::Refused;
+use crate::metrics::{short_addr, Metrics, Reason};
+use crate::policy::gate::Refused as PolicyRefused;
 use crate::policy::{self, DomainPolicy};
 use crate::registry::{AnnounceRequest, Registry, Route};
 use crate::relay;
 use crate::settings::{DomainLimits, PublicLimits, PublicSettings};
+
+/// Why the public proxy closed a client or a data connection (beyond the reading and policy
+/// refusals, which have their own types): the `reason` label of each.
+#[derive(Debug, Clone, Copy)]
+enum Refused {
+    /// `public.limits.max_connections` clients are being served.
+    ConnectionLimit,
+    /// `public.limits.max_internal_connections` data connections are open.
+    InternalConnectionLimit,
+    /// No live announcement for the SNI.
+    UnknownSni,
+    /// `public.limits.max_pending` clients wait for their dial-back.
+    PendingFull,
+    /// The `incomingConnection` call failed.
+    DialBackFailed,
+    /// No data connection presented the token within `accept_timeout`.
+    NoDialBack,
+    /// The data connection failed before the relay started.
+    DataConnectionFailed,
+    /// A pre-dialed data connection stayed silent for `data_idle_timeout`.
+    DataIdleTimeout,
+    /// No whole token within `token_timeout`.
+    TokenTimeout,
+    /// The data connection closed inside its token.
+    TokenTruncated,
+    /// A wrong token from an address marked for guessing (not logged).
+    TokenRateLimited,
+    /// An unknown, used or expired token.
+    BadToken,
+}
+
+impl Reason for Refused {
+    fn label(&self) -> &'static str {
+        match self {
+            Self::ConnectionLimit => "connection_limit",
+            Self::InternalConnectionLimit => "internal_connection_limit",
+            Self::UnknownSni => "unknown_sni",
+            Self::PendingFull => "pending_full",
+            Self::DialBackFailed => "dial_back_failed",
+            Self::NoDialBack => "no_dial_back",
+            Self::DataConnectionFailed => "data_connection_failed",
+            Self::DataIdleTimeout => "data_idle_timeout",
+            Self::TokenTimeout => "token_timeout",
+            Self::TokenTruncated => "token_truncated",
+            Self::TokenRateLimited => "token_rate_limited",
+            Self::BadToken => "bad_token",
+        }
+    }
+}
 
 /// How often (seconds) expired announcements are removed from memory and store.
 const PRUNE_INTERVAL_SECS: u32 = 60;
@@ -99,7 +148,7 @@ impl Public {
             clients,
             shutdown.clone(),
             tracker.clone(),
-            move || m.refuse("connection_limit"),
+            move || m.refuse(&Refused::ConnectionLimit),
             move |s, addr| {
                 let me = me.clone();
                 async move { me.handle_client(s, addr).await }
@@ -112,7 +161,7 @@ impl Public {
             data,
             shutdown.clone(),
             tracker,
-            move || m.refuse("internal_connection_limit"),
+            move || m.refuse(&Refused::InternalConnectionLimit),
             move |s, addr| {
                 let (me, stop) = (me.clone(), stop.clone());
                 async move { me.handle_data(s, addr, stop).await }
@@ -154,8 +203,8 @@ impl Public {
         let who = if self.admission.trusts(peer.ip()) {
             match admission::read_proxy_header(&mut client, peer, deadline).await {
                 Ok(c) => c,
-                Err((reason, detail)) => {
-                    self.refused(reason, peer, &detail);
+                Err(refused) => {
+                    self.refused(&refused, peer);
                     return;
                 }
             }
@@ -181,9 +230,9 @@ impl Public {
             .await
         {
             Ok(r) => r,
-            Err((reason, detail)) => {
-                self.metrics.refuse(reason);
-                tracing::debug!(client = %short_addr(addr), reason, %detail, "client closed before routing");
+            Err(refused) => {
+                self.metrics.refuse(&refused);
+                tracing::debug!(client = %short_addr(addr), reason = refused.label(), detail = %refused, "client closed before routing");
                 return;
             }
         };
@@ -192,7 +241,7 @@ impl Public {
             .client_hello_seconds
             .observe((hello_done - started).as_secs_f64());
         let Some(Route { operator, policy }) = self.registry.lookup(&sni) else {
-            self.metrics.refuse("unknown_sni");
+            self.metrics.refuse(&Refused::UnknownSni);
             tracing::debug!(client = %short_addr(addr), %sni, "no live announcement for this name");
             return;
         };
@@ -216,7 +265,7 @@ impl Public {
             }
         };
         let Ok((guard, rx)) = self.pending.insert(token) else {
-            self.metrics.refuse("pending_full");
+            self.metrics.refuse(&Refused::PendingFull);
             // One line for the first refusal and then every 1000th, not one per client.
             let n = self.pending_refused.fetch_add(1, Ordering::Relaxed);
             if n % 1000 == 0 {
@@ -244,7 +293,7 @@ impl Public {
         tokio::spawn(async move {
             // The answer carries nothing the public side needs: it is not decoded.
             if let Err(e) = me.eps.call_raw(&method, &params).await {
-                me.metrics.refuse("dial_back_failed");
+                me.metrics.refuse(&Refused::DialBackFailed);
                 tracing::info!(client = %short_addr(addr), %domain, error = %e, "dial-back request failed; client closed");
                 me.pending.cancel(&token);
             }
@@ -255,7 +304,7 @@ impl Public {
             Ok(Ok(data)) => data,
             Ok(Err(_)) => return,
             Err(_) => {
-                self.metrics.refuse("no_dial_back");
+                self.metrics.refuse(&Refused::NoDialBack);
                 tracing::info!(client = %short_addr(addr), %sni, %operator, "no dial-back within accept_timeout; client closed");
                 return;
             }
@@ -264,7 +313,7 @@ impl Public {
             .dial_back_seconds
             .observe(hello_done.elapsed().as_secs_f64());
         if let Err(e) = data.write_all(&buf).await {
-            self.metrics.refuse("data_connection_failed");
+            self.metrics.refuse(&Refused::DataConnectionFailed);
             tracing::debug!(client = %short_addr(addr), error = %e, "data connection failed before relaying");
             return;
         }
@@ -288,16 +337,17 @@ impl Public {
     }
 
     /// Counts and (sampled) logs a client refused before routing.
-    fn refused(&self, reason: &'static str, client: SocketAddr, detail: &str) {
-        self.metrics.refuse(reason);
+    fn refused(&self, refused: &ReadRefused, client: SocketAddr) {
+        self.metrics.refuse(refused);
+        let reason = refused.label();
         if let Some(not_logged) = self.admission.log_refusal(reason) {
-            tracing::debug!(client = %short_addr(client), reason, %detail, not_logged, "client refused");
+            tracing::debug!(client = %short_addr(client), reason, detail = %refused, not_logged, "client refused");
         }
     }
 
-    fn refused_by_policy(&self, r: Refused, client: SocketAddr, domain: Option<&str>) {
-        let reason = r.reason();
-        self.metrics.refuse(reason);
+    fn refused_by_policy(&self, r: PolicyRefused, client: SocketAddr, domain: Option<&str>) {
+        self.metrics.refuse(&r);
+        let reason = r.label();
         if let Some(not_logged) = self.admission.log_refusal(reason) {
             tracing::debug!(client = %short_addr(client), reason, domain = domain.unwrap_or(""), not_logged, "client refused by the access policy");
         }
@@ -325,12 +375,12 @@ impl Public {
         let token = match read {
             Ok(t) => t,
             Err((TokenError::Silent, true)) => {
-                self.metrics.refuse("data_idle_timeout");
+                self.metrics.refuse(&Refused::DataIdleTimeout);
                 tracing::debug!(%addr, "data connection silent for data_idle_timeout");
                 return;
             }
             Err((TokenError::Silent, false)) => {
-                self.metrics.refuse("token_timeout");
+                self.metrics.refuse(&Refused::TokenTimeout);
                 tracing::debug!(%addr, "no token within token_timeout (too many silent data connections to wait longer)");
                 return;
             }
@@ -340,12 +390,12 @@ impl Public {
                 return;
             }
             Err((TokenError::Truncated(e), _)) => {
-                self.metrics.refuse("token_truncated");
+                self.metrics.refuse(&Refused::TokenTruncated);
                 tracing::debug!(%addr, error = %e, "data connection closed before its token");
                 return;
             }
             Err((TokenError::Slow, _)) => {
-                self.metrics.refuse("token_timeout");
+                self.metrics.refuse(&Refused::TokenTimeout);
                 tracing::debug!(%addr, "no whole token within token_timeout");
                 return;
             }
@@ -359,9 +409,9 @@ impl Public {
                 let marked = self.guesses.is_blocked(addr.ip(), now);
                 let newly = self.guesses.failure(addr.ip(), now);
                 if marked {
-                    self.metrics.refuse("token_rate_limited");
+                    self.metrics.refuse(&Refused::TokenRateLimited);
                 } else {
-                    self.metrics.refuse("bad_token");
+                    self.metrics.refuse(&Refused::BadToken);
                     if newly {
                         tracing::warn!(addr = %addr.ip(), window_s = self.limits.token_failure_window.as_secs_f64(), "too many wrong tokens from this address; its wrong tokens are refused without a log line for a while (valid ones are still served)");
                     } else {

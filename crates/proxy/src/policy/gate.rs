@@ -44,9 +44,8 @@ pub enum Refused {
     DomainRateLimited,
 }
 
-impl Refused {
-    /// The metrics label.
-    pub fn reason(self) -> &'static str {
+impl crate::metrics::Reason for Refused {
+    fn label(&self) -> &'static str {
         match self {
             Self::Denied => "denied",
             Self::AddressBusy => "address_busy",
