@@ -10,6 +10,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use eps_core::logging::LogArgs;
+use proxy::run::RunError;
 
 #[derive(Parser)]
 #[command(
@@ -53,13 +54,36 @@ enum Role {
     Private,
 }
 
+impl From<Role> for proxy::settings::Role {
+    fn from(r: Role) -> Self {
+        match r {
+            Role::Public => Self::Public,
+            Role::Private => Self::Private,
+        }
+    }
+}
+
+/// Exit code for bad settings, before any port is bound (EX_USAGE).
+const EXIT_BAD_SETTINGS: u8 = 64;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     cli.log.init();
-    match cli.command {
-        Command::Run { role } => proxy::run::main(matches!(role, Role::Public)),
+    let outcome = match cli.command {
+        Command::Run { role } => proxy::run::main(role.into()),
         Command::Settings {
             command: SettingsCommand::Check { role },
-        } => proxy::run::check(matches!(role, Role::Public)),
+        } => proxy::run::check(role.into()).map(|yaml| print!("{yaml}")),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(RunError::BadSettings(e)) => {
+            eprintln!("proxy: bad settings: {e}");
+            ExitCode::from(EXIT_BAD_SETTINGS)
+        }
+        Err(e) => {
+            tracing::error!("proxy failed: {e}");
+            ExitCode::FAILURE
+        }
     }
 }

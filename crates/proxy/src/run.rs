@@ -1,6 +1,5 @@
 //! Wiring for `proxy run public|private`: settings, TLS, listeners, tasks, signals.
 
-use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,44 +16,39 @@ use crate::metrics::Metrics;
 use crate::private::{Private, PrivateRpc};
 use crate::public::{Public, PublicRpc};
 use crate::registry::Registry;
-use crate::settings::{DatastoreSettings, Settings};
+use crate::settings::{
+    DatastoreSettings, PrivateSettings, PublicSettings, Role, RoleSettings, Settings,
+};
 use crate::store::FileStore;
 
-/// Exit code for bad settings, before any port is bound.
-const EXIT_BAD_SETTINGS: u8 = 64;
+/// Why a proxy did not run, or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The settings are unusable; nothing was bound.
+    #[error("bad settings: {0}")]
+    BadSettings(String),
+    /// The system failed it (a port taken, Redis unreachable at start, ...).
+    #[error("{0:#}")]
+    Failed(anyhow::Error),
+}
 
-fn load(public: bool) -> Result<Settings, ExitCode> {
-    let settings: Settings = eps_core::settings::load_from_env("PROXY_SETTINGS").map_err(|e| {
-        eprintln!("proxy: bad settings: {e}");
-        ExitCode::from(EXIT_BAD_SETTINGS)
-    })?;
-    settings.validate(public).map_err(|e| {
-        eprintln!("proxy: bad settings: {e}");
-        ExitCode::from(EXIT_BAD_SETTINGS)
-    })?;
+/// Loads PROXY_SETTINGS and checks them for `role`.
+fn load(role: Role) -> Result<Settings, RunError> {
+    let settings: Settings = eps_core::settings::load_from_env("PROXY_SETTINGS")
+        .map_err(|e| RunError::BadSettings(e.to_string()))?;
+    settings.validate(role).map_err(RunError::BadSettings)?;
     Ok(settings)
 }
 
-/// `proxy settings check ROLE`: validates and prints the merged settings, secrets masked.
-pub fn check(public: bool) -> ExitCode {
-    match load(public) {
-        Ok(s) => {
-            print!(
-                "{}",
-                serde_yaml_ng::to_string(&s).expect("settings serialize")
-            );
-            ExitCode::SUCCESS
-        }
-        Err(code) => code,
-    }
+/// `proxy settings check ROLE`: the merged settings as YAML (secrets masked), if they are good.
+pub fn check(role: Role) -> Result<String, RunError> {
+    let s = load(role)?;
+    Ok(serde_yaml_ng::to_string(&s).expect("settings serialize"))
 }
 
 /// Loads settings for the role and runs it until SIGINT or SIGTERM.
-pub fn main(public: bool) -> ExitCode {
-    let settings = match load(public) {
-        Ok(s) => s,
-        Err(code) => return code,
-    };
+pub fn main(role: Role) -> Result<(), RunError> {
+    let settings = load(role)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -63,10 +57,13 @@ pub fn main(public: bool) -> ExitCode {
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
         let run = async {
-            if public {
-                run_public(&settings, tracker.clone(), shutdown.clone()).await
-            } else {
-                run_private(&settings, tracker.clone(), shutdown.clone()).await
+            match settings.validate(role).map_err(bad)? {
+                RoleSettings::Public(p) => {
+                    run_public(&settings, p, tracker.clone(), shutdown.clone()).await
+                }
+                RoleSettings::Private(p) => {
+                    run_private(&settings, p, tracker.clone(), shutdown.clone()).await
+                }
             }
         };
         tokio::pin!(run);
@@ -86,17 +83,10 @@ pub fn main(public: bool) -> ExitCode {
         }
         Ok(())
     });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) if e.is::<BadSettings>() => {
-            eprintln!("proxy: bad settings: {e:#}");
-            ExitCode::from(EXIT_BAD_SETTINGS)
-        }
-        Err(e) => {
-            tracing::error!("proxy failed: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    result.map_err(|e| match e.downcast::<BadSettings>() {
+        Ok(BadSettings(text)) => RunError::BadSettings(text),
+        Err(e) => RunError::Failed(e),
+    })
 }
 
 /// Stops accepting and lets relays finish, up to the grace period or a second signal.
@@ -152,10 +142,10 @@ async fn bind(addr: std::net::SocketAddr, what: &str) -> anyhow::Result<TcpListe
 
 async fn run_public(
     s: &Settings,
+    p: &PublicSettings,
     tracker: TaskTracker,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let p = s.public.as_ref().expect("validated");
     let c = common(s)?;
     let registry = Registry::open(&s.datastore).map_err(|e| bad(format!("datastore: {e}")))?;
     let mut prometheus = prometheus_client::registry::Registry::default();
@@ -190,10 +180,10 @@ async fn run_public(
 
 async fn run_private(
     s: &Settings,
+    p: &PrivateSettings,
     tracker: TaskTracker,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let p = s.private.as_ref().expect("validated");
     let c = common(s)?;
     let DatastoreSettings::File { path } = &s.datastore else {
         return Err(bad(
@@ -240,12 +230,17 @@ async fn reload_on_hangup(private: Option<Arc<Private>>, shutdown: CancellationT
             _ = hup.recv() => {}
             _ = shutdown.cancelled() => return,
         }
-        let fresh = eps_core::settings::load_from_env::<Settings>("PROXY_SETTINGS")
-            .map_err(|e| e.to_string())
-            .and_then(|s| s.validate(private.is_none()).map(|()| s));
-        let outcome = match (&private, fresh) {
-            (_, Err(e)) => Err(e),
-            (Some(p), Ok(s)) => p.reload(s.private.as_ref().expect("validated")),
+        let role = if private.is_some() {
+            Role::Private
+        } else {
+            Role::Public
+        };
+        let outcome = match (&private, load(role)) {
+            (_, Err(e)) => Err(e.to_string()),
+            (Some(p), Ok(s)) => match s.validate(role) {
+                Ok(RoleSettings::Private(fresh)) => p.reload(fresh),
+                _ => unreachable!("checked for the private role"),
+            },
             (None, Ok(_)) => Ok(0),
         };
         match outcome {

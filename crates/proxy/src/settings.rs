@@ -391,9 +391,34 @@ fn default_max_relays() -> usize {
     DEFAULT_MAX_RELAYS
 }
 
+/// Which proxy runs: `proxy run public|private`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Listens for TLS clients and routes them by SNI.
+    Public,
+    /// Announces domains and dials back to relay clients to the internal server.
+    Private,
+}
+
+/// The section of the settings the role runs with, checked.
+#[derive(Debug, Clone, Copy)]
+pub enum RoleSettings<'a> {
+    Public(&'a PublicSettings),
+    Private(&'a PrivateSettings),
+}
+
 impl Settings {
-    /// Checks what serde cannot, for the role about to run.
-    pub fn validate(&self, public: bool) -> Result<(), String> {
+    /// Checks what serde cannot, for `role`, and gives that role's section.
+    pub fn validate(&self, role: Role) -> Result<RoleSettings<'_>, String> {
+        self.check(role)?;
+        Ok(match role {
+            Role::Public => RoleSettings::Public(self.public.as_ref().expect("checked")),
+            Role::Private => RoleSettings::Private(self.private.as_ref().expect("checked")),
+        })
+    }
+
+    fn check(&self, role: Role) -> Result<(), String> {
+        let public = role == Role::Public;
         if self.name.is_empty() {
             return Err("name must not be empty".into());
         }
