@@ -2,7 +2,6 @@
 //! (docs/architecture.md §3.1, §3.2 step 4).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -11,25 +10,22 @@ use eps_core::jsonrpc::{self, Outcome, Request, RpcError};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use time::OffsetDateTime;
-use tokio::io::AsyncWriteExt;
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::announcements::{normalize_domain, rfc3339};
-use crate::dialback::{
-    AnnounceAnswer, AnnounceConnections, DomainAnswer, IncomingAnswer, IncomingConnection,
-    RequestedConnection, Token, CONNECTED,
-};
+use crate::dialback::{AnnounceAnswer, AnnounceConnections, DomainAnswer, RequestedConnection};
 use crate::metrics::Metrics;
 use crate::policy::DomainPolicy;
-use crate::pool::{dial, DataPool};
-use crate::relay;
+use crate::pool::DataPool;
 use crate::settings::{AnnouncementSetting, PrivateSettings};
 use crate::store::FileStore;
 
 /// Longest pause between announcement attempts while the EPS network is not reachable.
 const MAX_RETRY: Duration = Duration::from_secs(10);
+
+mod incoming;
 
 /// A domain this proxy wants announced.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -256,117 +252,6 @@ impl Private {
         Ok(n)
     }
 
-    async fn incoming(&self, p: IncomingConnection<'static>) -> Outcome {
-        self.metrics.accept("incoming");
-        match self.dial_back(p).await {
-            Ok(()) => Ok(jsonrpc::to_raw(&IncomingAnswer { status: CONNECTED })),
-            Err(refused) => {
-                self.metrics.refuse(&refused);
-                Err(refused.into())
-            }
-        }
-    }
-
-    /// Checks an `incomingConnection`, dials both ends, sends the token and starts the relay.
-    async fn dial_back(&self, p: IncomingConnection<'static>) -> Result<(), DialBackRefused> {
-        let caller = p.client.ok_or(DialBackRefused::NoCaller)?;
-        let domain = normalize_domain(&p.domain).ok_or(DialBackRefused::InvalidDomain)?;
-        let now = OffsetDateTime::now_utc();
-        let accepted = self
-            .accepted
-            .read()
-            .expect("lock")
-            .get(&domain)
-            .is_some_and(|(proxy, exp)| *proxy == caller.name && exp.is_none_or(|t| t > now));
-        // Also a domain this proxy announces to the caller but whose answer has not arrived yet:
-        // right after a start, another instance of this operator may have announced it, and the
-        // public side already sends its clients here. Not one the caller refused.
-        if !accepted
-            && (self.refused.read().expect("lock").contains(&domain)
-                || !self.announces_to(&domain, &caller.name, now))
-        {
-            return Err(DialBackRefused::NotAnnounced {
-                domain,
-                caller: caller.name,
-            });
-        }
-        let token = Token::from_base64(&p.token).ok_or(DialBackRefused::BadToken)?;
-        let permit = self
-            .relays
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| DialBackRefused::RelayLimit)?;
-        // Checked before dialing: a call that cannot be served costs no connection.
-        let header = if self.settings.proxy_protocol {
-            Some(
-                proxy_header(p.client_address, p.server_address)
-                    .ok_or(DialBackRefused::NoAddresses)?,
-            )
-        } else {
-            None
-        };
-        let timeout = self.settings.connect_timeout;
-        let internal = &self.settings.internal_endpoint;
-        let (public, server) = tokio::join!(self.pool.get(&p.endpoint), dial(internal, timeout));
-        let public_error = |source| DialBackRefused::Unreachable {
-            what: "public endpoint",
-            address: p.endpoint.to_string(),
-            source,
-        };
-        let internal_error = |source| DialBackRefused::Unreachable {
-            what: "internal endpoint",
-            address: internal.clone(),
-            source,
-        };
-        let mut public = public.map_err(public_error)?;
-        let mut server = server.map_err(internal_error)?;
-        if let Some(header) = header {
-            server.write_all(&header).await.map_err(internal_error)?;
-        }
-        public
-            .send_token(token.as_bytes())
-            .await
-            .map_err(public_error)?;
-        let idle = self.settings.idle_timeout;
-        let metrics = self.metrics.clone();
-        let endpoint = p.endpoint.into_owned();
-        metrics.relayed.inc();
-        metrics.active_relays.inc();
-        self.tracker.spawn(async move {
-            let started = std::time::Instant::now();
-            // Checked here, not before answering: the relay starts the moment the public side
-            // answers the token.
-            let public = match public.answered(token.as_bytes()).await {
-                Ok(s) => Some(s),
-                Err(e) => {
-                    tracing::info!(%endpoint, %domain, error = %e, "dial-back failed");
-                    None
-                }
-            };
-            let t = match public {
-                Some(public) => relay::relay(public, server, idle).await,
-                None => relay::Totals {
-                    a_to_b: 0,
-                    b_to_a: 0,
-                    ended: relay::Ended::Error,
-                },
-            };
-            metrics.active_relays.dec();
-            // a is the public side, b the internal server: a → b is client to server.
-            metrics.relay_ended(t.a_to_b, t.b_to_a, t.ended.as_str());
-            tracing::info!(
-                %domain,
-                duration_ms = started.elapsed().as_millis() as u64,
-                bytes_up = t.a_to_b,
-                bytes_down = t.b_to_a,
-                outcome = t.ended.as_str(),
-                "connection relayed"
-            );
-            drop(permit);
-        });
-        Ok(())
-    }
-
     async fn add(&self, p: AddParams) -> Outcome {
         let w = wanted(
             &AnnouncementSetting {
@@ -448,32 +333,6 @@ fn wanted(a: &AnnouncementSetting, default_proxy: &str) -> Result<Wanted, String
     })
 }
 
-/// A PROXY protocol v2 header naming the original client and the address it connected to.
-/// Mixed families are both written as IPv6 (IPv4-mapped).
-fn proxy_header(client: Option<SocketAddr>, server: Option<SocketAddr>) -> Option<Vec<u8>> {
-    let (src, dst) = (client?, server?);
-    let (src, dst) = match (src, dst) {
-        (SocketAddr::V4(_), SocketAddr::V4(_)) | (SocketAddr::V6(_), SocketAddr::V6(_)) => {
-            (src, dst)
-        }
-        _ => (v6(src), v6(dst)),
-    };
-    ppp::v2::Builder::with_addresses(
-        ppp::v2::Version::Two | ppp::v2::Command::Proxy,
-        ppp::v2::Protocol::Stream,
-        (src, dst),
-    )
-    .build()
-    .ok()
-}
-
-fn v6(a: SocketAddr) -> SocketAddr {
-    match a {
-        SocketAddr::V4(v4) => SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port()),
-        v6 => v6,
-    }
-}
-
 #[derive(Deserialize)]
 struct AddParams {
     domain: String,
@@ -483,54 +342,6 @@ struct AddParams {
     expires_at: Option<OffsetDateTime>,
     #[serde(default)]
     policy: Option<DomainPolicy>,
-}
-
-/// Why an `incomingConnection` was not served: a metrics label and a JSON-RPC error each.
-#[derive(Debug, thiserror::Error)]
-enum DialBackRefused {
-    #[error("no _client: incomingConnection must come through the EPS server")]
-    NoCaller,
-    #[error("invalid domain")]
-    InvalidDomain,
-    #[error("{domain} is not announced to {caller}")]
-    NotAnnounced { domain: String, caller: String },
-    #[error("token must be 32 bytes in base64")]
-    BadToken,
-    #[error("too many relays; raise private.max_relays")]
-    RelayLimit,
-    #[error("client_address and server_address are needed for the PROXY header")]
-    NoAddresses,
-    #[error("{what} {address}: {source}")]
-    Unreachable {
-        what: &'static str,
-        address: String,
-        source: std::io::Error,
-    },
-}
-
-impl crate::metrics::Reason for DialBackRefused {
-    fn label(&self) -> &'static str {
-        match self {
-            Self::NotAnnounced { .. } => "not_announced",
-            Self::Unreachable { .. } => "dial_failed",
-            Self::RelayLimit => "relay_limit",
-            Self::NoCaller | Self::InvalidDomain | Self::BadToken | Self::NoAddresses => {
-                "invalid_params"
-            }
-        }
-    }
-}
-
-impl From<DialBackRefused> for RpcError {
-    fn from(r: DialBackRefused) -> Self {
-        let code = match &r {
-            DialBackRefused::NotAnnounced { .. } => jsonrpc::FORBIDDEN,
-            DialBackRefused::Unreachable { .. } => jsonrpc::PEER_UNREACHABLE,
-            DialBackRefused::RelayLimit => jsonrpc::SERVICE_UNAVAILABLE,
-            _ => jsonrpc::INVALID_PARAMS,
-        };
-        RpcError::new(code, r.to_string())
-    }
 }
 
 /// The private proxy's JSON-RPC methods.
@@ -546,31 +357,5 @@ impl Handler for PrivateRpc {
                 "the private proxy has no method {other:?}"
             ))),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn proxy_header_names_the_client() {
-        let addr = |s: &str| Some(s.parse().unwrap());
-        let h = proxy_header(addr("203.0.113.7:5000"), addr("127.0.0.1:4433")).unwrap();
-        let parsed = ppp::v2::Header::try_from(&h[..]).unwrap();
-        match parsed.addresses {
-            ppp::v2::Addresses::IPv4(a) => {
-                assert_eq!(a.source_address.to_string(), "203.0.113.7");
-                assert_eq!(a.source_port, 5000);
-                assert_eq!(a.destination_port, 4433);
-            }
-            other => panic!("{other:?}"),
-        }
-        let mixed = proxy_header(addr("[2001:db8::1]:1"), addr("127.0.0.1:2")).unwrap();
-        assert!(matches!(
-            ppp::v2::Header::try_from(&mixed[..]).unwrap().addresses,
-            ppp::v2::Addresses::IPv6(_)
-        ));
-        assert!(proxy_header(None, addr("127.0.0.1:2")).is_none());
     }
 }
