@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use eps_core::backoff::Backoff;
 use eps_core::http::RpcClient;
 use eps_core::jsonrpc;
 use eps_core::net::shutdown_signal;
@@ -295,7 +296,7 @@ fn serve_ops(
 
 /// Logs, at info, that the EPS server is awaited until it answers `_ping`.
 async fn wait_for_eps(eps: RpcClient, shutdown: CancellationToken) {
-    let mut wait = Duration::from_millis(250);
+    let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(5));
     loop {
         match eps
             .call::<_, serde_json::Value>(jsonrpc::PING, &serde_json::json!({}))
@@ -308,9 +309,8 @@ async fn wait_for_eps(eps: RpcClient, shutdown: CancellationToken) {
             Err(e) => tracing::info!(eps = %eps.url(), error = %e, "waiting for the EPS server"),
         }
         tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
+            _ = tokio::time::sleep(backoff.fail()) => {}
             _ = shutdown.cancelled() => return,
         }
-        wait = (wait * 2).min(Duration::from_secs(5));
     }
 }

@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use eps_core::backoff::Backoff;
 use eps_core::http::{CallError, Handler, Peer, RpcClient};
 use eps_core::jsonrpc::{self, Outcome, Request, RpcError};
 use serde::{Deserialize, Serialize};
@@ -213,7 +214,7 @@ impl Private {
     /// failure.
     pub async fn announcer(self: Arc<Self>, shutdown: CancellationToken) {
         tokio::spawn(self.pool.clone().sweep(shutdown.clone()));
-        let mut retry = Duration::from_millis(250);
+        let mut retry = Backoff::new(Duration::from_millis(250), MAX_RETRY);
         let mut was_ok = false;
         loop {
             let ok = self.announce_all().await;
@@ -225,11 +226,10 @@ impl Private {
             }
             was_ok = ok;
             let wait = if ok {
-                retry = Duration::from_millis(250);
+                retry.reset();
                 self.settings.reannounce_interval
             } else {
-                retry = (retry * 2).min(MAX_RETRY);
-                retry
+                retry.fail()
             };
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}

@@ -1,11 +1,5 @@
-//! The public proxy's announcements: an in-memory [`Table`] that the per-connection path reads,
-//! backed by a durable store.
-//!
-//! - `file`: one instance; the table is written whole, atomically, before a change is answered.
-//! - `redis`: several instances share one hash. A change is made by an atomic script (the 409
-//!   check and the write in one step) that also publishes it; every instance follows the
-//!   channel and reloads the whole hash after each (re)connect. Routing never waits on Redis:
-//!   when it is down, clients are routed from memory and announcements are refused.
+//! The Redis backend of the announcements: one hash shared by every public proxy, changed by
+//! atomic scripts that also publish each change on a channel every instance follows.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -17,16 +11,16 @@ use time::OffsetDateTime;
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use crate::announcements::{self, conflict, Announcement, Refusal, Table};
+use super::StoreUnavailable;
+use crate::announcements::{conflict, Announcement, Refusal, Table};
 use crate::policy::DomainPolicy;
-use crate::settings::{DatastoreSettings, RedisSettings};
-use crate::store::FileStore;
+use crate::settings::RedisSettings;
 
 /// Deadline of one Redis command; past it the announcement is refused, not delayed.
 const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest pause between attempts to reach Redis: short, since an instance that has not
 /// re-subscribed does not route announcements made meanwhile.
-const MAX_REDIS_BACKOFF: Duration = Duration::from_millis(500);
+pub(super) const MAX_REDIS_BACKOFF: Duration = Duration::from_millis(500);
 
 /// Stores `value` under `domain` unless a live announcement of another operator holds it,
 /// and publishes the change. KEYS[1] hash; ARGV: domain, operator, value, now (unix), channel.
@@ -59,15 +53,6 @@ end
 return n
 "#;
 
-/// Why a change could not be made durable.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreUnavailable {
-    #[error("{0}")]
-    File(#[from] crate::store::StoreError),
-    #[error("Redis at {address} unavailable: {reason}")]
-    Redis { address: String, reason: String },
-}
-
 /// One hash value in Redis. `expires_unix` lets the scripts compare without parsing dates.
 #[derive(Serialize, Deserialize)]
 struct Stored {
@@ -79,30 +64,9 @@ struct Stored {
     policy: Option<Arc<DomainPolicy>>,
 }
 
-/// Where a client for a domain goes, and the rules its announcement set.
-#[derive(Debug, Clone)]
-pub struct Route {
-    pub operator: String,
-    pub policy: Option<Arc<DomainPolicy>>,
-}
-
-/// One domain an operator asks to announce.
-#[derive(Debug, Clone)]
-pub struct AnnounceRequest {
-    pub domain: String,
-    pub expires_at: Option<OffsetDateTime>,
-    /// Access rules, already checked against the public operator's bounds.
-    pub policy: Option<Arc<DomainPolicy>>,
-}
-
-enum Backend {
-    File(FileStore),
-    Redis(Box<RedisBackend>),
-}
-
-struct RedisBackend {
+pub(super) struct RedisBackend {
     client: redis::Client,
-    address: String,
+    pub(super) address: String,
     key: String,
     channel: String,
     conn: tokio::sync::RwLock<Option<ConnectionManager>>,
@@ -110,169 +74,8 @@ struct RedisBackend {
     prune: redis::Script,
 }
 
-pub struct Registry {
-    table: RwLock<Table>,
-    backend: Backend,
-    /// Serializes file writes so the file always holds the latest table.
-    write_lock: tokio::sync::Mutex<()>,
-}
-
-impl Registry {
-    /// Opens the store; a file store is read at once, Redis is reached by [`Registry::follow`].
-    pub fn open(settings: &DatastoreSettings) -> Result<Self, String> {
-        let (table, backend) = match settings {
-            DatastoreSettings::File { path } => {
-                let store = FileStore::open(path).map_err(|e| e.to_string())?;
-                let mut list: Vec<Announcement> = store.load().map_err(|e| e.to_string())?;
-                let now = OffsetDateTime::now_utc();
-                list.retain(|a| a.expires_at > now);
-                tracing::info!(announcements = list.len(), path = %path.display(), "loaded announcements");
-                (Table::from_list(list), Backend::File(store))
-            }
-            DatastoreSettings::Redis(r) => (
-                Table::default(),
-                Backend::Redis(Box::new(RedisBackend::new(r)?)),
-            ),
-        };
-        Ok(Self {
-            table: RwLock::new(table),
-            backend,
-            write_lock: tokio::sync::Mutex::new(()),
-        })
-    }
-
-    /// The operator holding a live announcement of exactly `domain`, and its rules.
-    pub fn lookup(&self, domain: &str) -> Option<Route> {
-        let now = OffsetDateTime::now_utc();
-        let table = self.table.read().expect("table lock");
-        table.lookup(domain, now).map(|a| Route {
-            operator: a.operator.clone(),
-            policy: a.policy.clone(),
-        })
-    }
-
-    /// Number of live announcements.
-    pub fn live_count(&self) -> usize {
-        let now = OffsetDateTime::now_utc();
-        let table = self.table.read().expect("table lock");
-        table.live_count(now)
-    }
-
-    /// Live announcements, sorted by domain.
-    pub fn live(&self) -> Vec<Announcement> {
-        let table = self.table.read().expect("table lock");
-        table.live(OffsetDateTime::now_utc())
-    }
-
-    /// Applies the rules to each requested domain and makes the accepted ones durable before
-    /// returning. Nothing is accepted when the store is unavailable.
-    pub async fn announce(
-        &self,
-        operator: &str,
-        allowed: &[String],
-        requests: &[AnnounceRequest],
-    ) -> Result<Vec<Result<Announcement, Refusal>>, StoreUnavailable> {
-        let now = OffsetDateTime::now_utc();
-        let checked: Vec<_> = requests
-            .iter()
-            .map(|r| {
-                let policy = r.policy.clone();
-                announcements::validate(operator, allowed, &r.domain, r.expires_at, policy, now)
-            })
-            .collect();
-        match &self.backend {
-            Backend::File(store) => {
-                let _w = self.write_lock.lock().await;
-                let (before, results, all) = {
-                    let mut t = self.table.write().expect("table lock");
-                    let before = t.clone();
-                    let results: Vec<_> = checked
-                        .into_iter()
-                        .map(|c| c.and_then(|a| t.claim(a, now)))
-                        .collect();
-                    (before, results, t.all())
-                };
-                if let Err(e) = store.save(&all).await {
-                    // Not durable, so not accepted.
-                    *self.table.write().expect("table lock") = before;
-                    return Err(e.into());
-                }
-                Ok(results)
-            }
-            Backend::Redis(r) => {
-                let mut results = Vec::with_capacity(checked.len());
-                for c in checked {
-                    results.push(match c {
-                        Ok(a) => r.claim(&a, now).await?.map(|()| {
-                            self.table
-                                .write()
-                                .expect("table lock")
-                                .set(&a.domain, Some(a.clone()));
-                            a
-                        }),
-                        Err(refusal) => Err(refusal),
-                    });
-                }
-                Ok(results)
-            }
-        }
-    }
-
-    /// Removes expired announcements from memory and from the store.
-    pub async fn prune(&self) {
-        let now = OffsetDateTime::now_utc();
-        match &self.backend {
-            Backend::File(store) => {
-                let _w = self.write_lock.lock().await;
-                let (removed, all) = {
-                    let mut t = self.table.write().expect("table lock");
-                    (t.prune(now), t.all())
-                };
-                if removed > 0 {
-                    tracing::info!(removed, "expired announcements removed");
-                    if let Err(e) = store.save(&all).await {
-                        tracing::error!("{e}");
-                    }
-                }
-            }
-            Backend::Redis(r) => {
-                self.table.write().expect("table lock").prune(now);
-                match r.prune(now).await {
-                    Ok(0) => {}
-                    Ok(n) => {
-                        tracing::info!(removed = n, "expired announcements removed from Redis")
-                    }
-                    Err(e) => tracing::info!("expired announcements not pruned: {e}"),
-                }
-            }
-        }
-    }
-
-    /// Follows the shared store until `shutdown` (Redis only; a file store has nothing to
-    /// follow).
-    pub async fn follow(&self, shutdown: CancellationToken) {
-        let Backend::Redis(r) = &self.backend else {
-            return;
-        };
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            match r.follow(&self.table, &shutdown).await {
-                Ok(()) => return,
-                Err(e) => {
-                    tracing::info!(redis = %r.address, error = %e, retry_in_ms = backoff.as_millis() as u64, "waiting for Redis; routing from memory");
-                }
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(backoff) => {}
-                _ = shutdown.cancelled() => return,
-            }
-            backoff = (backoff * 2).min(MAX_REDIS_BACKOFF);
-        }
-    }
-}
-
 impl RedisBackend {
-    fn new(s: &RedisSettings) -> Result<Self, String> {
+    pub(super) fn new(s: &RedisSettings) -> Result<Self, String> {
         use redis::IntoConnectionInfo;
         let address = s.addresses.first().cloned().unwrap_or_default();
         let (host, port) = address
@@ -314,7 +117,7 @@ impl RedisBackend {
             .ok_or_else(|| self.unavailable("not connected yet"))
     }
 
-    async fn claim(
+    pub(super) async fn claim(
         &self,
         a: &Announcement,
         now: OffsetDateTime,
@@ -338,7 +141,7 @@ impl RedisBackend {
         })
     }
 
-    async fn prune(&self, now: OffsetDateTime) -> Result<i64, StoreUnavailable> {
+    pub(super) async fn prune(&self, now: OffsetDateTime) -> Result<i64, StoreUnavailable> {
         let mut conn = self.conn().await?;
         let mut call = self.prune.key(&self.key);
         call.arg(now.unix_timestamp()).arg(&self.channel);
@@ -350,7 +153,7 @@ impl RedisBackend {
 
     /// Subscribes, reloads the whole hash, then applies published changes until the
     /// subscription breaks (an error) or `shutdown` (Ok).
-    async fn follow(
+    pub(super) async fn follow(
         &self,
         table: &RwLock<Table>,
         shutdown: &CancellationToken,
