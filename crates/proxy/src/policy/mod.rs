@@ -1,4 +1,4 @@
-//! Access policy at the SNI step (DESIGN §3.1 step 5): who may connect through the public port,
+//! Access policy at the SNI step (docs/architecture.md §13): who may connect through the public port,
 //! decided before a token is drawn or an EPS call is made.
 //!
 //! A client passes, in this order: the PROXY header when it comes from a trusted load balancer
@@ -99,7 +99,7 @@ pub fn admits(allow: &[Cidr], deny: &[Cidr], ip: IpAddr) -> bool {
     !in_ranges(deny, ip) && (allow.is_empty() || in_ranges(allow, ip))
 }
 
-/// The access rules an announcement may carry for its domain (DESIGN §3.1 step 5), enforced by
+/// The access rules an announcement may carry for its domain (docs/architecture.md §13), enforced by
 /// the public proxy before a token is drawn. Every field is optional; an announcement without
 /// rules is routed as before.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
