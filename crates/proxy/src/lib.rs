@@ -5,16 +5,22 @@
 //! - [`announcements`]: announcement rules (suffixes, conflicts, expiry) over plain data.
 //! - `dialback` (private): the dial-back protocol both roles speak: the token, the
 //!   `announceConnections` / `incomingConnection` messages, the pending table, reading a token.
-//! - [`public`]: `proxy run public`: the SNI router, pending tokens, the internal port.
+//! - [`public`]: `proxy run public`: the SNI router and the internal port (`public/mod.rs`),
+//!   the announcement methods (`public/rpc.rs`).
 //! - [`policy`]: who may connect at the SNI step: address ranges, per-address and per-domain
-//!   caps and rates, announcements' rules and their bounds, PROXY protocol headers.
-//! - `admission`: the public port's PROXY header read and policy checks, refusals logged sampled.
-//! - [`private`]: `proxy run private`: the announcer and the dial-back.
-//! - [`registry`]: the public side's in-memory announcements and their file or Redis store.
-//! - [`metrics`]: Prometheus counters of both proxies.
+//!   caps and rates (`policy/gate.rs`, bounded state in `policy/store.rs`), announcements'
+//!   rules and their bounds, PROXY protocol headers (`policy/proxy_header.rs`).
+//! - `admission` (private): reading a client's PROXY header and ClientHello under one deadline,
+//!   typed read refusals, refusal log lines sampled per reason.
+//! - [`private`]: `proxy run private`: the announcer (`private/mod.rs`) and the dial-back
+//!   (`private/incoming.rs`).
+//! - [`registry`]: the public side's in-memory announcements and their file store
+//!   (`registry/mod.rs`) or Redis backend (`registry/redis.rs`).
+//! - [`metrics`]: Prometheus counters of both proxies; refusals by typed reason ([`metrics::Reason`]).
 //! - [`relay`]: byte relaying with half-close and an idle timeout.
 //! - [`store`]: the embedded, atomically replaced announcement file.
-//! - [`settings`]: the `PROXY_SETTINGS` schema and its defaults.
+//! - [`settings`]: the `PROXY_SETTINGS` schema and its defaults (access policy:
+//!   `settings/policy.rs`), the role and its checked section.
 //! - [`run`]: wires settings, listeners and tasks for either role.
 //! - `limiter` (private): the wrong-token limiter and the per-address caps on silent data
 //!   connections of the internal port.
