@@ -2,7 +2,7 @@
 //! connects. Every map is bounded:
 //!
 //! - per-address rates: at most `per_address.max_tracked` addresses, least recently used
-//!   forgotten first ([`BoundedStore`]);
+//!   forgotten first (`BoundedStore`);
 //! - per-address and per-domain counts: only keys with a connection open, so at most
 //!   `limits.max_connections` entries;
 //! - per-domain rates: one per live announced domain that has a rate, dropped by [`Gate::tidy`]
@@ -62,7 +62,7 @@ struct Counts<K> {
     open: Mutex<HashMap<K, u32>>,
 }
 
-/// One connection's place in a [`Counts`]; given back when dropped.
+/// One connection's place in a `Counts`; given back when dropped.
 pub struct Slot<'a, K: Hash + Eq> {
     counts: &'a Counts<K>,
     key: K,

@@ -11,7 +11,7 @@
 //!   such rules against the public operator's bounds, as plain data and functions.
 //! - [`gate`]: the runtime state: per-address and per-domain counts and rates, and the guards
 //!   that give a place back when a connection ends.
-//! - [`store`]: the bounded, least-recently-used map that keeps governor's per-address rate
+//! - `store`: the bounded, least-recently-used map that keeps governor's per-address rate
 //!   states.
 //! - [`proxy_header`]: parsing a PROXY protocol v1 or v2 header.
 
