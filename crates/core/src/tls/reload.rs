@@ -329,10 +329,7 @@ impl ClientCertVerifier for ClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0
-            .current()
-            .clients
-            .verify_tls12_signature(message, cert, dss)
+        signatures::tls12(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -341,14 +338,11 @@ impl ClientCertVerifier for ClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0
-            .current()
-            .clients
-            .verify_tls13_signature(message, cert, dss)
+        signatures::tls13(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.current().clients.supported_verify_schemes()
+        signatures::schemes()
     }
 }
 
@@ -380,10 +374,7 @@ impl ServerCertVerifier for ServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0
-            .current()
-            .servers
-            .verify_tls12_signature(message, cert, dss)
+        signatures::tls12(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -392,14 +383,45 @@ impl ServerCertVerifier for ServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0
-            .current()
-            .servers
-            .verify_tls13_signature(message, cert, dss)
+        signatures::tls13(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.current().servers.supported_verify_schemes()
+        signatures::schemes()
+    }
+}
+
+/// Handshake signatures are checked against the certificate the handshake already verified:
+/// the same for client and server certificates, and independent of the CA set.
+mod signatures {
+    use std::sync::LazyLock;
+
+    use rustls::client::danger::HandshakeSignatureValid;
+    use rustls::crypto::WebPkiSupportedAlgorithms;
+    use rustls::pki_types::CertificateDer;
+    use rustls::{DigitallySignedStruct, SignatureScheme};
+
+    static ALGORITHMS: LazyLock<WebPkiSupportedAlgorithms> =
+        LazyLock::new(|| super::provider().signature_verification_algorithms);
+
+    pub fn tls12(
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &ALGORITHMS)
+    }
+
+    pub fn tls13(
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &ALGORITHMS)
+    }
+
+    pub fn schemes() -> Vec<SignatureScheme> {
+        ALGORITHMS.supported_schemes()
     }
 }
 
