@@ -239,7 +239,7 @@ async fn reload_on_hangup(private: Option<Arc<Private>>, shutdown: CancellationT
         let outcome = match (&private, load(role)) {
             (_, Err(e)) => Err(e.to_string()),
             (Some(p), Ok(s)) => match s.validate(role) {
-                Ok(RoleSettings::Private(fresh)) => p.reload(fresh),
+                Ok(RoleSettings::Private(fresh)) => p.reload(fresh).map_err(|e| e.to_string()),
                 _ => unreachable!("checked for the private role"),
             },
             (None, Ok(_)) => Ok(0),

@@ -70,8 +70,8 @@ impl Private {
         eps: RpcClient,
         metrics: Arc<Metrics>,
         tracker: TaskTracker,
-    ) -> Result<Self, String> {
-        let added: Vec<Wanted> = store.load().map_err(|e| e.to_string())?;
+    ) -> Result<Self, BadAnnouncement> {
+        let added: Vec<Wanted> = store.load()?;
         let configured = s
             .announcements
             .iter()
@@ -240,7 +240,7 @@ impl Private {
     }
 
     /// Takes the announcements of re-read settings and announces at once.
-    pub fn reload(&self, s: &PrivateSettings) -> Result<usize, String> {
+    pub fn reload(&self, s: &PrivateSettings) -> Result<usize, BadAnnouncement> {
         let configured = s
             .announcements
             .iter()
@@ -262,7 +262,7 @@ impl Private {
             },
             &self.settings.public_proxy,
         )
-        .map_err(RpcError::invalid_params)?;
+        .map_err(|e| RpcError::invalid_params(e.to_string()))?;
         let _s = self.store_lock.lock().await;
         let snapshot = {
             let mut added = self.added.lock().expect("lock");
@@ -319,11 +319,25 @@ impl Private {
     }
 }
 
-fn wanted(a: &AnnouncementSetting, default_proxy: &str) -> Result<Wanted, String> {
-    let domain = normalize_domain(&a.domain)
-        .ok_or_else(|| format!("{:?} is not a valid domain", a.domain))?;
+/// Why an announcement (from settings, the store or `announceConnection`) is not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum BadAnnouncement {
+    #[error("{0:?} is not a valid domain")]
+    Domain(String),
+    #[error("{domain}: {reason}")]
+    Rules { domain: String, reason: String },
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+}
+
+fn wanted(a: &AnnouncementSetting, default_proxy: &str) -> Result<Wanted, BadAnnouncement> {
+    let domain =
+        normalize_domain(&a.domain).ok_or_else(|| BadAnnouncement::Domain(a.domain.clone()))?;
     if let Some(p) = &a.policy {
-        p.check_shape().map_err(|e| format!("{domain}: {e}"))?;
+        p.check_shape().map_err(|reason| BadAnnouncement::Rules {
+            domain: domain.clone(),
+            reason,
+        })?;
     }
     Ok(Wanted {
         domain,

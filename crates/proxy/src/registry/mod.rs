@@ -22,6 +22,17 @@ use crate::store::FileStore;
 
 mod redis;
 
+/// Why the store could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    File(#[from] crate::store::StoreError),
+    #[error("datastore.settings.addresses: {0:?} is not host:port")]
+    Address(String),
+    #[error("Redis: {0}")]
+    Redis(#[from] ::redis::RedisError),
+}
+
 /// Why a change could not be made durable.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreUnavailable {
@@ -61,11 +72,11 @@ pub struct Registry {
 
 impl Registry {
     /// Opens the store; a file store is read at once, Redis is reached by [`Registry::follow`].
-    pub fn open(settings: &DatastoreSettings) -> Result<Self, String> {
+    pub fn open(settings: &DatastoreSettings) -> Result<Self, OpenError> {
         let (table, backend) = match settings {
             DatastoreSettings::File { path } => {
-                let store = FileStore::open(path).map_err(|e| e.to_string())?;
-                let mut list: Vec<Announcement> = store.load().map_err(|e| e.to_string())?;
+                let store = FileStore::open(path)?;
+                let mut list: Vec<Announcement> = store.load()?;
                 let now = OffsetDateTime::now_utc();
                 list.retain(|a| a.expires_at > now);
                 tracing::info!(announcements = list.len(), path = %path.display(), "loaded announcements");

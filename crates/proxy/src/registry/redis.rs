@@ -11,7 +11,7 @@ use time::OffsetDateTime;
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use super::StoreUnavailable;
+use super::{OpenError, StoreUnavailable};
 use crate::announcements::{conflict, Announcement, Refusal, Table};
 use crate::policy::DomainPolicy;
 use crate::settings::RedisSettings;
@@ -75,22 +75,21 @@ pub(super) struct RedisBackend {
 }
 
 impl RedisBackend {
-    pub(super) fn new(s: &RedisSettings) -> Result<Self, String> {
+    pub(super) fn new(s: &RedisSettings) -> Result<Self, OpenError> {
         use redis::IntoConnectionInfo;
         let address = s.addresses.first().cloned().unwrap_or_default();
         let (host, port) = address
             .rsplit_once(':')
             .and_then(|(h, p)| Some((h.trim_matches(['[', ']']), p.parse::<u16>().ok()?)))
-            .ok_or_else(|| format!("datastore.settings.addresses: {address:?} is not host:port"))?;
+            .ok_or_else(|| OpenError::Address(address.clone()))?;
         let mut redis_info = redis::RedisConnectionInfo::default().set_db(s.database);
         if let Some(p) = &s.password {
             redis_info = redis_info.set_password(p.expose());
         }
         let info = redis::ConnectionAddr::Tcp(host.to_string(), port)
-            .into_connection_info()
-            .map_err(|e| e.to_string())?
+            .into_connection_info()?
             .set_redis_settings(redis_info);
-        let client = redis::Client::open(info).map_err(|e| format!("datastore: {e}"))?;
+        let client = redis::Client::open(info)?;
         Ok(Self {
             client,
             address,
