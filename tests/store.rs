@@ -207,6 +207,45 @@ async fn two_instances_serve_one_announcement() {
     );
 }
 
+/// With Redis, a wildcard announced at A routes at B, and the claim script keeps another
+/// operator's exact name out of it (409, decided in Redis, not in either instance's memory).
+#[tokio::test(flavor = "multi_thread")]
+async fn wildcards_are_shared_and_guarded_in_redis() {
+    let c = Cluster::start("store-wildcard").await;
+    let t = &c.t;
+    let wildcard = "*.internal-server.local";
+    call(
+        &t.private_rpc(),
+        "announceConnection",
+        json!({"domain": wildcard}),
+    )
+    .await
+    .expect("announcing the wildcard");
+    let routed = wait_until(PROPAGATION_LIMIT * 5, || {
+        c.b_works_for("w.internal-server.local")
+    })
+    .await;
+    assert!(routed, "instance B does not route a name under {wildcard}");
+    let _other_eps = t.start_other_eps().await;
+    let r = call(
+        &t.other_eps_client(),
+        "public-proxy-1.announceConnections",
+        json!({"connections": [{"domain": "w.internal-server.local"}]}),
+    )
+    .await
+    .expect("announceConnections from private-proxy-2");
+    let c0 = &r["connections"][0];
+    assert_eq!(c0["error"]["code"], jsonrpc::CONFLICT, "{r}");
+    assert!(
+        c0["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("covered by"),
+        "{r}"
+    );
+    assert!(c.b_works_for("w.internal-server.local").await);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn announcements_propagate_within_a_second() {
     const TOTAL: usize = 200;

@@ -680,6 +680,66 @@ async fn hammer(
     took
 }
 
+/// `*.internal-server.local` routes every name one label below it (the internal server's
+/// certificate is the same wildcard), an exact announcement keeps its own name, a name two
+/// labels below is not routed, and another operator cannot take a name out of the wildcard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wildcard_announcements() {
+    let t = Tunnel::started("wildcard").await;
+    let private = t.private_rpc();
+    let wildcard = "*.internal-server.local";
+    let r = call(&private, "announceConnection", json!({"domain": wildcard}))
+        .await
+        .expect("announcing the wildcard");
+    assert_eq!(r["domain"], wildcard, "{r}");
+    for name in [
+        "a.internal-server.local",
+        "b-2.internal-server.local",
+        DOMAIN,
+    ] {
+        assert!(
+            t.works_for(name).await,
+            "{name} is not routed by {wildcard}"
+        );
+    }
+    let listed = announcements(&t.public_rpc(), "public").await;
+    assert!(has(&listed, wildcard, "operator", PRIVATE), "{listed}");
+
+    // One label only: a.b.internal-server.local has no announcement.
+    let mut tcp = TcpStream::connect(t.public_addr).await.unwrap();
+    let hello = rustls_hello(t.client_config(), "a.b.internal-server.local");
+    tcp.write_all(&hello).await.unwrap();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(ATTEMPT_TIMEOUT, tcp.read(&mut buf))
+        .await
+        .expect("closed in time")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "a name two labels below the wildcard got an answer");
+
+    // private-proxy-2 may announce under the same suffix, but not a name the wildcard covers,
+    // nor the wildcard itself.
+    let _other_eps = t.start_other_eps().await;
+    let r = call(
+        &t.other_eps_client(),
+        "public-proxy-1.announceConnections",
+        json!({"connections": [{"domain": "y.internal-server.local"}, {"domain": wildcard}]}),
+    )
+    .await
+    .expect("announceConnections from private-proxy-2");
+    for c in r["connections"].as_array().unwrap() {
+        assert_eq!(c["accepted"], false, "{r}");
+        assert_eq!(c["error"]["code"], jsonrpc::CONFLICT, "{r}");
+    }
+    assert!(
+        r["connections"][0]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("covered by *.internal-server.local"),
+        "{r}"
+    );
+    assert!(t.works_for("y.internal-server.local").await);
+}
+
 /// What `client` (the `side` proxy) lists in getAnnouncements.
 async fn announcements(client: &RpcClient, side: &str) -> Value {
     call(client, "getAnnouncements", json!({}))

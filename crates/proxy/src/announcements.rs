@@ -8,6 +8,7 @@ use eps_core::jsonrpc;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
+use crate::hostname;
 use crate::policy::DomainPolicy;
 use crate::settings::{DEFAULT_ANNOUNCEMENT_TTL, MAX_ANNOUNCEMENT_TTL};
 
@@ -52,23 +53,15 @@ impl Refusal {
     }
 }
 
-/// Lowercases a host name and checks its syntax; `None` when it is not a DNS name.
+/// An announced domain (a host name, or a wildcard `*.parent`), trimmed and lowercased;
+/// `None` when it is neither (the one rule: [`crate::hostname`]).
 pub fn normalize_domain(domain: &str) -> Option<String> {
-    let d = domain.trim().to_ascii_lowercase();
-    let ok = !d.is_empty()
-        && d.len() <= 253
-        && !d.starts_with('.')
-        && !d.ends_with('.')
-        && !d.contains("..")
-        && d.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
-        && d.split('.').all(|l| !l.is_empty() && l.len() <= 63)
-        && d.parse::<std::net::IpAddr>().is_err();
-    ok.then_some(d)
+    hostname::announced_name(domain).ok()
 }
 
 /// True when `domain` falls under one of the `allowed` suffixes. A suffix with a leading dot
-/// (`.example.com`) allows names below it; one without also allows the name itself.
+/// (`.example.com`) allows names below it; one without also allows the name itself. A wildcard
+/// `*.P` is allowed where every name it covers is (the test on its text says exactly that).
 pub fn allowed(domain: &str, allowed: &[String]) -> bool {
     allowed.iter().any(|s| {
         let s = s.trim().to_ascii_lowercase();
@@ -83,29 +76,56 @@ pub fn allowed(domain: &str, allowed: &[String]) -> bool {
     })
 }
 
-/// The announcements a public proxy holds, keyed by domain.
+/// The announcements a public proxy holds: exact names, and wildcards by the parent they
+/// cover, so that routing a name takes at most two hash lookups and no allocation.
 #[derive(Debug, Default, Clone)]
 pub struct Table {
-    by_domain: HashMap<String, Announcement>,
+    exact: HashMap<String, Announcement>,
+    /// `*.P` under key `P`.
+    wildcards: HashMap<String, Announcement>,
 }
 
 impl Table {
     pub fn from_list(list: Vec<Announcement>) -> Self {
-        Self {
-            by_domain: list.into_iter().map(|a| (a.domain.clone(), a)).collect(),
+        let mut t = Self::default();
+        for a in list {
+            t.set(&a.domain.clone(), Some(a));
+        }
+        t
+    }
+
+    /// The map and key an announced name is kept under.
+    fn slot<'d>(&mut self, domain: &'d str) -> (&mut HashMap<String, Announcement>, &'d str) {
+        match hostname::wildcard_parent(domain) {
+            Some(parent) => (&mut self.wildcards, parent),
+            None => (&mut self.exact, domain),
         }
     }
 
-    /// The live announcement of exactly this (normalized) name.
-    pub fn lookup(&self, domain: &str, now: OffsetDateTime) -> Option<&Announcement> {
-        self.by_domain.get(domain).filter(|a| a.expires_at > now)
+    fn entries(&self) -> impl Iterator<Item = &Announcement> {
+        self.exact.values().chain(self.wildcards.values())
+    }
+
+    /// The live announcement that routes host name `name`: its own, else the live wildcard
+    /// over its parent (an exact name beats a wildcard; a wildcard covers one label).
+    pub fn lookup(&self, name: &str, now: OffsetDateTime) -> Option<&Announcement> {
+        let live = |a: &&Announcement| a.expires_at > now;
+        self.exact
+            .get(name)
+            .filter(live)
+            .or_else(|| self.wildcards.get(hostname::parent(name)?).filter(live))
+    }
+
+    /// The live announcement of exactly this announced name (a host name or `*.P`).
+    fn held(&mut self, domain: &str, now: OffsetDateTime) -> Option<&Announcement> {
+        let (map, key) = self.slot(domain);
+        map.get(key).filter(|a| a.expires_at > now)
     }
 
     /// Live announcements, sorted by domain.
     pub fn live(&self, now: OffsetDateTime) -> Vec<Announcement> {
         let mut v: Vec<_> = self
-            .by_domain
-            .values()
+            .entries()
             .filter(|a| a.expires_at > now)
             .cloned()
             .collect();
@@ -115,34 +135,32 @@ impl Table {
 
     /// Number of live announcements.
     pub fn live_count(&self, now: OffsetDateTime) -> usize {
-        self.by_domain
-            .values()
-            .filter(|a| a.expires_at > now)
-            .count()
+        self.entries().filter(|a| a.expires_at > now).count()
     }
 
     /// Every stored announcement, expired ones included (for persisting).
     pub fn all(&self) -> Vec<Announcement> {
-        let mut v: Vec<_> = self.by_domain.values().cloned().collect();
+        let mut v: Vec<_> = self.entries().cloned().collect();
         v.sort_by(|a, b| a.domain.cmp(&b.domain));
         v
     }
 
     /// Removes expired announcements; returns how many.
     pub fn prune(&mut self, now: OffsetDateTime) -> usize {
-        let before = self.by_domain.len();
-        self.by_domain.retain(|_, a| a.expires_at > now);
-        before - self.by_domain.len()
+        let before = self.len();
+        self.exact.retain(|_, a| a.expires_at > now);
+        self.wildcards.retain(|_, a| a.expires_at > now);
+        before - self.len()
     }
 
     /// Number of stored announcements.
     pub fn len(&self) -> usize {
-        self.by_domain.len()
+        self.exact.len() + self.wildcards.len()
     }
 
     /// True when nothing is stored.
     pub fn is_empty(&self) -> bool {
-        self.by_domain.is_empty()
+        self.len() == 0
     }
 
     /// Applies the rules to one requested domain from `operator`, whose directory settings
@@ -161,25 +179,48 @@ impl Table {
         self.claim(a, now)
     }
 
-    /// Stores `a` unless another operator holds the domain (409).
+    /// Stores `a` unless another operator holds the same name, or (for an exact name) a live
+    /// wildcard over it (409).
     pub fn claim(&mut self, a: Announcement, now: OffsetDateTime) -> Result<Announcement, Refusal> {
-        if let Some(held) = self.lookup(&a.domain, now) {
-            if held.operator != a.operator {
-                return Err(conflict(&a.domain));
+        if self
+            .held(&a.domain, now)
+            .is_some_and(|held| held.operator != a.operator)
+        {
+            return Err(conflict(&a.domain));
+        }
+        if hostname::wildcard_parent(&a.domain).is_none() {
+            let covering = hostname::parent(&a.domain).and_then(|p| {
+                self.wildcards
+                    .get(p)
+                    .filter(|w| w.expires_at > now && w.operator != a.operator)
+            });
+            if let Some(w) = covering {
+                return Err(covered(&a.domain, &w.domain));
             }
         }
-        self.by_domain.insert(a.domain.clone(), a.clone());
+        self.set(&a.domain.clone(), Some(a.clone()));
         Ok(a)
     }
 
     /// Replaces (or with `None` removes) the announcement of `domain`, as another instance
     /// decided it.
     pub fn set(&mut self, domain: &str, a: Option<Announcement>) {
+        let (map, key) = self.slot(domain);
         match a {
-            Some(a) => self.by_domain.insert(domain.to_string(), a),
-            None => self.by_domain.remove(domain),
+            Some(a) => map.insert(key.to_string(), a),
+            None => map.remove(key),
         };
     }
+}
+
+/// The 409 refusal for an exact name under another operator's live wildcard: the wildcard's
+/// holder keeps every name it covers. (A wildcard over names other operators hold already is
+/// accepted; those keep their names, since an exact name beats a wildcard.)
+pub fn covered(domain: &str, wildcard: &str) -> Refusal {
+    Refusal::new(
+        jsonrpc::CONFLICT,
+        format!("{domain} is covered by {wildcard}, held by another operator"),
+    )
 }
 
 /// The 409 refusal for a domain held by another operator.
@@ -315,12 +356,80 @@ mod tests {
     }
 
     #[test]
+    fn a_wildcard_covers_one_label_and_exact_names_win() {
+        let mut t = Table::default();
+        let now = t0();
+        let s = suffixes();
+        t.announce("p", &s, "*.apps.internal-server.local", None, now)
+            .unwrap();
+        let route = |t: &Table, name| t.lookup(name, now).map(|a| a.operator.clone());
+        assert_eq!(
+            route(&t, "a.apps.internal-server.local").as_deref(),
+            Some("p")
+        );
+        assert_eq!(route(&t, "apps.internal-server.local"), None);
+        assert_eq!(route(&t, "a.b.apps.internal-server.local"), None);
+        // The wildcard's holder may add exact names under it; an exact name wins.
+        t.announce("p", &s, "x.apps.internal-server.local", None, now)
+            .unwrap();
+        assert_eq!(
+            t.lookup("x.apps.internal-server.local", now)
+                .unwrap()
+                .domain,
+            "x.apps.internal-server.local"
+        );
+        // Another operator may not take a name out of it (409), nor the wildcard itself.
+        for name in [
+            "y.apps.internal-server.local",
+            "*.apps.internal-server.local",
+        ] {
+            let e = t.announce("q", &s, name, None, now).unwrap_err();
+            assert_eq!(e.code, jsonrpc::CONFLICT, "{name}");
+        }
+        // A name outside what the wildcard covers is free.
+        t.announce("q", &s, "apps.internal-server.local", None, now)
+            .unwrap();
+        t.announce("q", &s, "*.b.apps.internal-server.local", None, now)
+            .unwrap();
+        // A wildcard over another operator's exact names is accepted; they keep their names.
+        t.announce("q", &s, "z.other.internal-server.local", None, now)
+            .unwrap();
+        t.announce("p", &s, "*.other.internal-server.local", None, now)
+            .unwrap();
+        assert_eq!(
+            route(&t, "z.other.internal-server.local").as_deref(),
+            Some("q")
+        );
+        assert_eq!(
+            route(&t, "w.other.internal-server.local").as_deref(),
+            Some("p")
+        );
+        // Once the wildcard expires, its names are free.
+        let later = now + DEFAULT_ANNOUNCEMENT_TTL + Duration::from_secs(1);
+        t.announce("q", &s, "y.apps.internal-server.local", None, later)
+            .unwrap();
+        assert_eq!(t.live(now).len(), 7);
+        assert_eq!(Table::from_list(t.all()).live(now), t.live(now));
+    }
+
+    #[test]
+    fn allowed_suffixes_apply_to_wildcards_by_what_they_cover() {
+        assert!(allowed("*.apps.internal-server.local", &suffixes()));
+        assert!(allowed("*.internal-server.local", &suffixes()));
+        assert!(!allowed("*.example.com", &suffixes()));
+        assert!(allowed("*.example.com", &["example.com".into()]));
+    }
+
+    #[test]
     fn bad_names_are_refused() {
         for d in [
             "",
             "1.2.3.4",
             "a..internal-server.local",
             "a b.internal-server.local",
+            "a.internal-server.1",
+            "*.local",
+            "a.*.internal-server.local",
         ] {
             assert!(normalize_domain(d).is_none(), "{d}");
         }

@@ -11,7 +11,6 @@
 //! headers and no allocation, so calling after every read stays cheap.
 
 use std::borrow::Cow;
-use std::net::IpAddr;
 
 use tls_parser::{SNIType, TlsExtension};
 
@@ -29,10 +28,6 @@ const RECORD_HEADER: usize = 5;
 const HANDSHAKE_HEADER: usize = 4;
 /// Longest record payload accepted: 2^14 plus the 2048 bytes of expansion TLS allows.
 const MAX_RECORD_PAYLOAD: usize = 16384 + 2048;
-/// Longest DNS name in text form, without the trailing dot.
-const MAX_HOST_NAME: usize = 253;
-/// Longest DNS label.
-const MAX_LABEL: usize = 63;
 
 /// What the bytes read so far amount to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -266,40 +261,10 @@ fn parse_server_name(frame: &[u8]) -> Result<Vec<&[u8]>, ClientHelloError> {
         .collect())
 }
 
-/// Checks a host name as a DNS name and returns it in lowercase.
+/// Checks a host name ([`crate::hostname`]: the same rule announcements follow) and returns it
+/// in lowercase.
 fn check_host_name(name: &[u8]) -> Result<String, ClientHelloError> {
-    let invalid =
-        |why: &str| ClientHelloError::InvalidSni(format!("{why}: \"{}\"", name.escape_ascii()));
-    if name.is_empty() {
-        return Err(invalid("empty"));
-    }
-    if name.len() > MAX_HOST_NAME {
-        return Err(invalid("longer than 253 bytes"));
-    }
-    if !name
-        .iter()
-        .all(|b| b.is_ascii_alphanumeric() || *b == b'.' || *b == b'-')
-    {
-        return Err(invalid("characters outside [A-Za-z0-9.-]"));
-    }
-    if name.ends_with(b".") {
-        return Err(invalid("trailing dot"));
-    }
-    if name
-        .split(|b| *b == b'.')
-        .any(|label| label.is_empty() || label.len() > MAX_LABEL)
-    {
-        return Err(invalid("empty label or label over 63 bytes"));
-    }
-    let name = String::from_utf8_lossy(name).to_ascii_lowercase();
-    // A numeric last label makes the name an IPv4 address to URL parsers ("127.1" included).
-    let last = name.rsplit('.').next().unwrap_or_default();
-    if name.parse::<IpAddr>().is_ok() || last.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(ClientHelloError::InvalidSni(format!(
-            "an IP address, not a host name: \"{name}\""
-        )));
-    }
-    Ok(name)
+    crate::hostname::host_name(name).map_err(|e| ClientHelloError::InvalidSni(e.to_string()))
 }
 
 fn malformed(what: impl Into<String>) -> ClientHelloError {

@@ -2,6 +2,7 @@
 //!
 //! # Layout
 //! - [`clienthello`]: the ClientHello reader: bytes in, SNI out, no I/O.
+//! - [`hostname`]: the one rule for host names (SNI and announcements) and wildcards `*.parent`.
 //! - [`announcements`]: announcement rules (suffixes, conflicts, expiry) over plain data.
 //! - `dialback` (private): the dial-back protocol both roles speak: the token, the
 //!   `announceConnections` / `incomingConnection` messages, the pending table, reading a token.
@@ -33,6 +34,7 @@ mod admission;
 pub mod announcements;
 pub mod clienthello;
 mod dialback;
+pub mod hostname;
 mod limiter;
 mod listener;
 pub mod metrics;

@@ -8,12 +8,27 @@ use time::OffsetDateTime;
 use tokio::io::AsyncWriteExt;
 
 use super::Private;
-use crate::announcements::normalize_domain;
 use crate::dialback::{IncomingAnswer, IncomingConnection, Token, CONNECTED};
+use crate::hostname;
 use crate::pool::dial;
 use crate::relay;
 
 impl Private {
+    /// Whether this proxy has announced `name` to `caller`: accepted, or announced and not yet
+    /// answered (right after a start, another instance of this operator may have announced it,
+    /// and the public side already sends its clients here) but not refused.
+    fn serves(&self, name: &str, caller: &str, now: OffsetDateTime) -> bool {
+        let accepted = self
+            .accepted
+            .read()
+            .expect("lock")
+            .get(name)
+            .is_some_and(|(proxy, exp)| proxy == caller && exp.is_none_or(|t| t > now));
+        accepted
+            || (!self.refused.read().expect("lock").contains(name)
+                && self.announces_to(name, caller, now))
+    }
+
     pub(super) async fn incoming(&self, p: IncomingConnection<'static>) -> Outcome {
         self.metrics.accept("incoming");
         match self.dial_back(p).await {
@@ -28,21 +43,15 @@ impl Private {
     /// Checks an `incomingConnection`, dials both ends, sends the token and starts the relay.
     async fn dial_back(&self, p: IncomingConnection<'static>) -> Result<(), DialBackRefused> {
         let caller = p.client.ok_or(DialBackRefused::NoCaller)?;
-        let domain = normalize_domain(&p.domain).ok_or(DialBackRefused::InvalidDomain)?;
+        let domain =
+            hostname::host_name(p.domain.as_bytes()).map_err(|_| DialBackRefused::InvalidDomain)?;
         let now = OffsetDateTime::now_utc();
-        let accepted = self
-            .accepted
-            .read()
-            .expect("lock")
-            .get(&domain)
-            .is_some_and(|(proxy, exp)| *proxy == caller.name && exp.is_none_or(|t| t > now));
-        // Also a domain this proxy announces to the caller but whose answer has not arrived yet:
-        // right after a start, another instance of this operator may have announced it, and the
-        // public side already sends its clients here. Not one the caller refused.
-        if !accepted
-            && (self.refused.read().expect("lock").contains(&domain)
-                || !self.announces_to(&domain, &caller.name, now))
-        {
+        // The name is served under its own announcement or the wildcard over its parent.
+        let wildcard = hostname::parent(&domain).map(|p| format!("{}{p}", hostname::WILDCARD));
+        let served = std::iter::once(domain.as_str())
+            .chain(wildcard.as_deref())
+            .any(|name| self.serves(name, &caller.name, now));
+        if !served {
             return Err(DialBackRefused::NotAnnounced {
                 domain,
                 caller: caller.name,

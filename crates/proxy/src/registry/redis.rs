@@ -12,7 +12,8 @@ use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use super::{OpenError, StoreUnavailable};
-use crate::announcements::{conflict, Announcement, Refusal, Table};
+use crate::announcements::{conflict, covered, Announcement, Refusal, Table};
+use crate::hostname;
 use crate::policy::DomainPolicy;
 use crate::settings::RedisSettings;
 
@@ -22,16 +23,19 @@ const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
 /// re-subscribed does not route announcements made meanwhile.
 pub(super) const MAX_REDIS_BACKOFF: Duration = Duration::from_millis(500);
 
-/// Stores `value` under `domain` unless a live announcement of another operator holds it,
-/// and publishes the change. KEYS[1] hash; ARGV: domain, operator, value, now (unix), channel.
+/// Stores `value` under `domain` unless a live announcement of another operator holds it (0)
+/// or, for an exact name, a live wildcard of another operator covers it (2), and publishes the
+/// change. KEYS[1] hash; ARGV: domain, operator, value, now (unix), channel, the covering
+/// wildcard's name (`*.parent`, or empty for a wildcard).
 const CLAIM: &str = r#"
-local cur = redis.call('HGET', KEYS[1], ARGV[1])
-if cur then
+local function held_by_other(name)
+  local cur = redis.call('HGET', KEYS[1], name)
+  if not cur then return false end
   local ok, a = pcall(cjson.decode, cur)
-  if ok and a.operator ~= ARGV[2] and tonumber(a.expires_unix) > tonumber(ARGV[4]) then
-    return 0
-  end
+  return ok and a.operator ~= ARGV[2] and tonumber(a.expires_unix) > tonumber(ARGV[4])
 end
+if held_by_other(ARGV[1]) then return 0 end
+if ARGV[6] ~= '' and held_by_other(ARGV[6]) then return 2 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 redis.call('PUBLISH', ARGV[5], ARGV[1] .. '\n' .. ARGV[3])
 return 1
@@ -122,21 +126,28 @@ impl RedisBackend {
         now: OffsetDateTime,
     ) -> Result<Result<(), Refusal>, StoreUnavailable> {
         let value = encode(a);
+        let covering = match hostname::wildcard_parent(&a.domain) {
+            Some(_) => String::new(),
+            None => hostname::parent(&a.domain)
+                .map(|p| format!("{}{p}", hostname::WILDCARD))
+                .unwrap_or_default(),
+        };
         let mut conn = self.conn().await?;
         let mut call = self.claim.key(&self.key);
         call.arg(&a.domain)
             .arg(&a.operator)
             .arg(value)
             .arg(now.unix_timestamp())
-            .arg(&self.channel);
+            .arg(&self.channel)
+            .arg(&covering);
         let done: i64 = tokio::time::timeout(REDIS_TIMEOUT, call.invoke_async(&mut conn))
             .await
             .map_err(|_| self.unavailable("timed out"))?
             .map_err(|e| self.unavailable(e))?;
-        Ok(if done == 1 {
-            Ok(())
-        } else {
-            Err(conflict(&a.domain))
+        Ok(match done {
+            1 => Ok(()),
+            2 => Err(covered(&a.domain, &covering)),
+            _ => Err(conflict(&a.domain)),
         })
     }
 
