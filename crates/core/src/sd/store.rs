@@ -62,18 +62,7 @@ impl ChainFile {
             File::open(dir).and_then(|d| d.sync_all()).map_err(err)?;
         }
         let bytes = std::fs::read(path).map_err(err)?;
-        let mut records = Vec::new();
-        let mut good = 0usize;
-        for line in bytes.split_inclusive(|&b| b == b'\n') {
-            if line.last() != Some(&b'\n') {
-                break;
-            }
-            match serde_json::from_slice::<SignedRecord>(line) {
-                Ok(r) => records.push(r),
-                Err(_) => break,
-            }
-            good += line.len();
-        }
+        let (records, good) = parse(&bytes);
         let torn_bytes = (bytes.len() - good) as u64;
         if torn_bytes > 0 {
             tracing::warn!(
@@ -125,4 +114,41 @@ impl ChainFile {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// Reads the chain file at `path` without changing anything: no file is created and a
+    /// torn tail is only counted. A missing file is an empty chain.
+    pub fn read(path: &Path) -> Result<Loaded, StoreError> {
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => {
+                return Err(StoreError {
+                    path: path.to_path_buf(),
+                    reason: e.to_string(),
+                })
+            }
+        };
+        let (records, good) = parse(&bytes);
+        Ok(Loaded {
+            records,
+            torn_bytes: (bytes.len() - good) as u64,
+        })
+    }
+}
+
+/// The records of whole, readable lines up to the first that is not, and the bytes they take.
+fn parse(bytes: &[u8]) -> (Vec<SignedRecord>, usize) {
+    let mut records = Vec::new();
+    let mut good = 0usize;
+    for line in bytes.split_inclusive(|&b| b == b'\n') {
+        if line.last() != Some(&b'\n') {
+            break;
+        }
+        match serde_json::from_slice::<SignedRecord>(line) {
+            Ok(r) => records.push(r),
+            Err(_) => break,
+        }
+        good += line.len();
+    }
+    (records, good)
 }
