@@ -175,3 +175,45 @@ impl FollowSettings {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::settings::DirectorySettings;
+
+    #[test]
+    fn an_sd_directory_reads_with_its_defaults_and_checks() {
+        let d: DirectorySettings = serde_yaml_ng::from_str(
+            "type: sd\nsettings:\n  url: http://127.0.0.1:1/jsonrpc\n  path: /x\n  trust:\n    ca_certificate: /ca\n    administrators: [ab]\n",
+        )
+        .unwrap();
+        let DirectorySettings::Sd(f) = d else {
+            panic!("an sd directory")
+        };
+        assert_eq!(
+            (f.wait, f.timeout),
+            (DEFAULT_FOLLOW_WAIT, DEFAULT_SD_TIMEOUT)
+        );
+        assert!(f.validate().is_ok());
+        let https = FollowSettings {
+            url: "https://sd/jsonrpc".into(),
+            ..*f
+        };
+        assert!(https.validate().unwrap_err().contains("tls"));
+        let unknown = serde_yaml_ng::from_str::<DirectorySettings>(
+            "type: sd\nsettings:\n  url: u\n  path: /x\n  trust: {ca_certificate: /ca, administrators: []}\n  pth: typo\n",
+        );
+        assert!(unknown.unwrap_err().to_string().contains("pth"));
+    }
+
+    #[test]
+    fn the_longest_wait_stays_below_the_request_deadline() {
+        let mut s: SdSettings = serde_yaml_ng::from_str(
+            "jsonrpc_server: {bind_address: 127.0.0.1:0}\npath: /c\ntrust: {ca_certificate: /ca, administrators: []}\n",
+        )
+        .unwrap();
+        assert!(s.validate().is_ok());
+        s.limits.max_wait = s.jsonrpc_server.limits.request_timeout;
+        assert!(s.validate().unwrap_err().contains("max_wait"));
+    }
+}
