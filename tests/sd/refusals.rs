@@ -1,9 +1,10 @@
 //! Records the directory server refuses, each with a code and a reason a program can read and
 //! a message a person can: an operator writing another operator's section or one of its own
 //! that only administrators write, a signer nobody pinned, a broken signature, data changed
-//! after signing, a certificate from another CA, a wrong parent and a replay. Nothing refused
-//! reaches the chain.
+//! after signing, a certificate from another CA, a record signed long ago, a wrong parent and a
+//! replay. Nothing refused reaches the chain.
 
+use eps_core::directory::Record;
 use eps_core::http::CallError;
 use eps_core::jsonrpc;
 use eps_core::sd::protocol::{self as p, GetRecords};
@@ -60,7 +61,22 @@ async fn records_without_the_right_signer_signature_or_parent_are_refused() {
         )
         .unwrap();
 
+    let an_hour_ago = (time::OffsetDateTime::now_utc() - time::Duration::hours(1))
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    let stale = Record {
+        created_at: Some(an_hour_ago),
+        ..record_of("alice", "groups", json!([]))
+    };
+
     let cases: Vec<(&str, Vec<SignedRecord>, i64, &str, &str)> = vec![
+        (
+            "signed an hour ago",
+            at_head(&net.admin, stale),
+            p::INVALID_RECORD,
+            "clock_skew",
+            "from the directory server's clock",
+        ),
         (
             "bob writes alice's channels",
             at_head(&bob_key, record_of("alice", "channels", moved.clone())),

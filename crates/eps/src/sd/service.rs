@@ -112,13 +112,13 @@ impl DirectoryService {
                 self.limits.max_records_per_submit
             )));
         }
-        if let Err(e) = self.clock_check(&s.records) {
-            self.metrics.submitted(e.refusal.kind());
-            tracing::info!(error = %e, "submission refused");
-            return Err(p::refused(&e));
-        }
         let mut chain = self.chain.write().await;
-        let checked = match chain.check(&s.records, &self.trust) {
+        // The chain's own reasons first (a replayed old record is a replay, not a clock
+        // matter), then the clock.
+        let checked = match chain
+            .check(&s.records, &self.trust)
+            .and_then(|c| self.clock_check(&s.records).map(|()| c))
+        {
             Ok(c) => c,
             Err(e) => {
                 self.metrics.submitted(e.refusal.kind());
