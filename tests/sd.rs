@@ -16,7 +16,7 @@
 //! - `refusals`: records the directory server refuses, and why.
 //! - `rotation`: an operator rotates its certificate with its own key.
 //! - `durability`: kill -9 after an acknowledgement; routing while the directory server is
-//!   down, and catching up.
+//!   down, and catching up; a copy altered on disk.
 //! - `tamper`: a follower refuses records a directory server altered.
 //! - `latency`: the `submit_to_call_latency` measurement.
 

@@ -1,6 +1,7 @@
 //! The chain outlives its processes: the directory server killed with -9 right after an
-//! acknowledgement still has the record, a torn tail is cut off, and EPS servers route from
-//! their own verified copies while the directory server is down, then catch up.
+//! acknowledgement still has the record, a torn tail is cut off, EPS servers route from their
+//! own verified copies while the directory server is down, then catch up, and a copy altered
+//! on disk is set aside and fetched again.
 
 use std::io::Write as _;
 
@@ -136,4 +137,47 @@ async fn eps_servers_route_while_the_directory_server_is_down_and_catch_up() {
             "{name} did not catch up to {length} records: {log}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_eps_server_sets_aside_a_copy_altered_on_disk_and_fetches_the_chain_again() {
+    let mut net = SdNet::new("copy-altered").await;
+    net.start_three().await;
+    let bob_client = net.client_of("bob");
+    assert!(
+        until_calls(&bob_client, "alice", PROCESS_WAIT).await,
+        "bob calls alice"
+    );
+
+    // Someone edits bob's copy: alice's groups become "partners" (bob's own group), a change
+    // no administrator signed.
+    let bob = net.node_mut("bob");
+    bob.proc.kill();
+    let copy = net.dir.join("bob-copy/directory.jsonl");
+    let text = std::fs::read_to_string(&copy).expect("bob's copy");
+    let altered = text.replacen(r#""data":["friends"]"#, r#""data":["partners"]"#, 1);
+    assert_ne!(altered, text, "the copy holds alice's groups");
+    std::fs::write(&copy, altered).expect("alter the copy");
+
+    let bob = net.node_mut("bob");
+    bob.proc.restart();
+    bob.proc.wait_for_log(EPS_READY, PROCESS_WAIT).await;
+    let log = bob.proc.run_log();
+    assert!(
+        log.contains("does not verify, starting from an empty one"),
+        "{log}"
+    );
+    assert!(log.contains("hash does not match"), "{log}");
+    assert!(
+        copy.with_extension("refused").exists(),
+        "the altered copy is kept aside"
+    );
+    // The chain fetched again from the directory server is the signed one.
+    assert!(
+        until_calls(&bob_client, "alice", PROCESS_WAIT).await,
+        "bob calls alice"
+    );
+    let out = eps(&net.node("bob").settings, &["directory", "show", "alice"]).await;
+    let entry: Value = serde_json::from_slice(&out.stdout).expect("alice's entry");
+    assert_eq!(entry["groups"], json!(["friends"]));
 }
