@@ -13,7 +13,8 @@
 //!   never a bare sleep for readiness) and [`wait_port`].
 //! - `support/process.rs`: [`bin_path`] and [`Proc`]: a child process logging to a file, killed on
 //!   drop, with stop (SIGTERM), kill (SIGKILL), restart and log assertions.
-//! - `support/pki.rs`: [`Pki`], certificates made by the project's own `eps_core::pki`.
+//! - `support/pki.rs`: [`Pki`], certificates made by the project's own `eps_core::pki`, and
+//!   signing keys for the signed directory.
 //! - `support/curl.rs`: [`curl`], the README's `curl` command against the tunnel.
 //! - `support/eps.rs`: [`EpsConfig`] (an EPS server's settings file), directory records and
 //!   [`start_eps`].
@@ -30,7 +31,8 @@
 //!   ([`get_to_end`]).
 //!
 //! Test targets (declared in `Cargo.toml`): `eps_network.rs`, EPS servers calling each other, with
-//! its fixture and test groups in `eps_network/`; `firewall.rs`, the private side behind a real
+//! its fixture and test groups in `eps_network/`; `sd.rs`, a directory server and EPS servers
+//! following it, with its fixture and test groups in `sd/`; `firewall.rs`, the private side behind a real
 //! firewall on its own host (needs root, `ip` and `nft`), with its fixture in `firewall/`.
 //!
 //! Environment: `EPS_TESTS_RUST_LOG` sets the children's `RUST_LOG` (default `info`, which the

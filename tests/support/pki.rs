@@ -1,5 +1,6 @@
 //! Certificates for tests, made by the project's own development PKI (`eps_core::pki`): a root CA
-//! per [`Pki`], one certificate per operator (CN = name, SANs localhost, 127.0.0.1, ::1).
+//! per [`Pki`], one certificate per operator (CN = name, SANs localhost, 127.0.0.1, ::1), and
+//! signing certificates for the signed directory on demand.
 //! Two `Pki`s in two folders are two unrelated CAs ("foreign" certificates).
 
 use std::collections::BTreeMap;
@@ -65,6 +66,25 @@ impl Pki {
         self.fingerprints
             .get(name)
             .unwrap_or_else(|| panic!("no operator certificate for {name} in this PKI"))
+    }
+
+    /// Issues (once) `name`'s signing certificate (`{name}-signing.crt`, `.key`) from this root
+    /// and returns its certificate and key files.
+    pub fn issue_signing(&self, name: &str) -> (PathBuf, PathBuf) {
+        pki::ensure_signers(&self.dir, &[name.to_string()], false)
+            .unwrap_or_else(|e| panic!("issuing {name}'s signing certificate: {e}"));
+        let stem = pki::signing_stem(name);
+        (
+            self.dir.join(format!("{stem}.crt")),
+            self.dir.join(format!("{stem}.key")),
+        )
+    }
+
+    /// `name`'s signing key (issued first if needed).
+    pub fn signing_key(&self, name: &str) -> eps_core::sd::SigningKey {
+        let (cert, key) = self.issue_signing(name);
+        eps_core::sd::SigningKey::load(&cert, &key)
+            .unwrap_or_else(|e| panic!("loading {name}'s signing key: {e}"))
     }
 
     /// `name`'s certificate and key, trusting this root; `verify_client` off.

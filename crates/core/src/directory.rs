@@ -138,39 +138,87 @@ pub struct Directory {
     entries: HashMap<String, Entry>,
 }
 
+/// The sections a record may replace.
+pub const SECTIONS: [&str; 5] = ["channels", "groups", "services", "settings", "certificates"];
+
+/// `key_usage` of a pinned certificate that peers may present in TLS (the default when absent).
+pub const KEY_USAGE_ENCRYPTION: &str = "encryption";
+/// `key_usage` of a pinned certificate that signs the operator's directory records
+/// (`eps_core::sd`); never accepted in TLS.
+pub const KEY_USAGE_SIGNING: &str = "signing";
+
+/// One section's data, parsed: what a record will put in place once it is known to fit.
+enum SectionData {
+    Channels(Vec<Channel>),
+    Groups(Vec<String>),
+    Services(Vec<Service>),
+    Settings(Vec<ServiceSettings>),
+    Certificates(Vec<Certificate>),
+}
+
+impl SectionData {
+    fn parse(section: &str, data: &Value) -> Result<Self, String> {
+        let e = |e: serde_json::Error| e.to_string();
+        Ok(match section {
+            "channels" => Self::Channels(Vec::deserialize(data).map_err(e)?),
+            "groups" => Self::Groups(Vec::deserialize(data).map_err(e)?),
+            "services" => Self::Services(Vec::deserialize(data).map_err(e)?),
+            "settings" => Self::Settings(Vec::deserialize(data).map_err(e)?),
+            "certificates" => {
+                let pins: Vec<Certificate> = Vec::deserialize(data).map_err(e)?;
+                if let Some(bad) = pins.iter().find_map(|c| {
+                    c.key_usage
+                        .as_deref()
+                        .filter(|u| ![KEY_USAGE_ENCRYPTION, KEY_USAGE_SIGNING].contains(u))
+                }) {
+                    return Err(format!(
+                        "key_usage {bad:?}: expected \"{KEY_USAGE_ENCRYPTION}\" or \"{KEY_USAGE_SIGNING}\""
+                    ));
+                }
+                Self::Certificates(pins)
+            }
+            other => {
+                return Err(format!(
+                    "unknown section {other:?}; expected channels, groups, services, settings or certificates"
+                ))
+            }
+        })
+    }
+}
+
 impl Directory {
     /// Folds records in order; a later record replaces the earlier one of the same section.
     pub fn from_records(records: &[Record]) -> Result<Self, DirectoryError> {
-        let mut entries: HashMap<String, Entry> = HashMap::new();
+        let mut d = Self::default();
         for (i, r) in records.iter().enumerate() {
-            let entry = entries.entry(r.name.clone()).or_insert_with(|| Entry {
-                name: r.name.clone(),
+            d.apply(&r.name, &r.section, &r.data)
+                .map_err(|reason| DirectoryError::Invalid {
+                    where_: format!("record {i} ({}, section {})", r.name, r.section),
+                    reason,
+                })?;
+        }
+        Ok(d)
+    }
+
+    /// Folds one record into the directory: `data` replaces `name`'s `section`. Nothing changes
+    /// when the section is unknown or the data does not fit it (the error says why).
+    pub fn apply(&mut self, name: &str, section: &str, data: &Value) -> Result<(), String> {
+        let parsed = SectionData::parse(section, data)?;
+        let entry = self
+            .entries
+            .entry(name.to_string())
+            .or_insert_with(|| Entry {
+                name: name.to_string(),
                 ..Entry::default()
             });
-            let invalid = |e: serde_json::Error| DirectoryError::Invalid {
-                where_: format!("record {i} ({}, section {})", r.name, r.section),
-                reason: e.to_string(),
-            };
-            let data = r.data.clone();
-            match r.section.as_str() {
-                "channels" => entry.channels = serde_json::from_value(data).map_err(invalid)?,
-                "groups" => entry.groups = serde_json::from_value(data).map_err(invalid)?,
-                "services" => entry.services = serde_json::from_value(data).map_err(invalid)?,
-                "settings" => entry.settings = serde_json::from_value(data).map_err(invalid)?,
-                "certificates" => {
-                    entry.certificates = serde_json::from_value(data).map_err(invalid)?
-                }
-                other => {
-                    return Err(DirectoryError::Invalid {
-                        where_: format!("record {i} ({})", r.name),
-                        reason: format!(
-                            "unknown section {other:?}; expected channels, groups, services, settings or certificates"
-                        ),
-                    })
-                }
-            }
+        match parsed {
+            SectionData::Channels(v) => entry.channels = v,
+            SectionData::Groups(v) => entry.groups = v,
+            SectionData::Services(v) => entry.services = v,
+            SectionData::Settings(v) => entry.settings = v,
+            SectionData::Certificates(v) => entry.certificates = v,
         }
-        Ok(Self { entries })
+        Ok(())
     }
 
     /// Reads every `*.json` file of `dir` in lexical order and folds their records.
@@ -275,14 +323,24 @@ impl Entry {
         self.channels.iter().any(|c| c.kind == REVERSE_STREAM)
     }
 
-    /// True when the certificate with this fingerprint may speak for the operator: either no
-    /// fingerprint is pinned, or this one is.
+    /// True when the certificate with this fingerprint may speak for the operator in TLS:
+    /// either no TLS certificate is pinned, or this one is. Signing pins do not count: a
+    /// signing certificate never opens a connection, and pinning one does not pin TLS.
     pub fn accepts_fingerprint(&self, fingerprint: &str) -> bool {
-        self.certificates.is_empty()
-            || self
-                .certificates
-                .iter()
-                .any(|c| c.fingerprint.eq_ignore_ascii_case(fingerprint))
+        let mut tls = self
+            .certificates
+            .iter()
+            .filter(|c| c.key_usage.as_deref() != Some(KEY_USAGE_SIGNING))
+            .peekable();
+        tls.peek().is_none() || tls.any(|c| c.fingerprint.eq_ignore_ascii_case(fingerprint))
+    }
+
+    /// True when this fingerprint is pinned as one of the operator's signing certificates.
+    pub fn pins_signing(&self, fingerprint: &str) -> bool {
+        self.certificates.iter().any(|c| {
+            c.key_usage.as_deref() == Some(KEY_USAGE_SIGNING)
+                && c.fingerprint.eq_ignore_ascii_case(fingerprint)
+        })
     }
 
     /// The settings this operator publishes for `service` (first match).
@@ -452,6 +510,40 @@ mod tests {
         });
         assert!(e.accepts_fingerprint("ab"));
         assert!(!e.accepts_fingerprint("cd"));
+        assert!(!e.pins_signing("ab"));
+    }
+
+    #[test]
+    fn signing_pins_are_not_tls_pins() {
+        let pin = |fp: &str, usage: &str| json!({"fingerprint": fp, "key_usage": usage});
+        let d = Directory::from_records(&[
+            rec("a", "certificates", json!([pin("51", "signing")])),
+            rec(
+                "b",
+                "certificates",
+                json!([pin("51", "signing"), pin("e1", "encryption")]),
+            ),
+        ])
+        .unwrap();
+        let (a, b) = (d.entry("a").unwrap(), d.entry("b").unwrap());
+        // Only a signing pin: TLS is as unpinned, and the signing certificate is no TLS pin.
+        assert!(a.accepts_fingerprint("anything") && a.pins_signing("51"));
+        assert!(!b.accepts_fingerprint("51") && b.accepts_fingerprint("E1"));
+        assert!(b.pins_signing("51") && !b.pins_signing("e1"));
+        let e = Directory::from_records(&[rec("a", "certificates", json!([pin("1", "signin")]))])
+            .unwrap_err();
+        assert!(e.to_string().contains("signin"), "{e}");
+    }
+
+    #[test]
+    fn a_record_that_does_not_fit_changes_nothing() {
+        let mut d = sample();
+        let before = d.entry("t").unwrap().clone();
+        assert!(d.apply("t", "channels", &json!({"not": "a list"})).is_err());
+        assert!(d.apply("t", "bogus", &json!([])).is_err());
+        assert!(d.apply("new", "bogus", &json!([])).is_err());
+        assert_eq!(d.entry("t"), Some(&before));
+        assert!(d.entry("new").is_none(), "no empty entry left behind");
     }
 
     #[test]

@@ -9,6 +9,9 @@
 //! - [`files`]: file stamps, to notice that TLS material or the directory changed.
 //! - [`directory`]: the service directory: records folded into one entry per operator, and the
 //!   permission check for a call.
+//! - [`sd`]: the signed directory: records in a hash chain, each signed by its writer, checked
+//!   (signature, signer's rights, parent) and folded into the directory; the chain file; the
+//!   directory server's JSON-RPC methods.
 //! - [`jsonrpc`]: JSON-RPC 2.0 types and error codes, plain functions over bytes.
 //! - [`http`]: the bounded HTTPS JSON-RPC server and the keep-alive client both sides of a local
 //!   link use.
@@ -27,5 +30,6 @@ pub mod logging;
 pub mod net;
 pub mod ops;
 pub mod pki;
+pub mod sd;
 pub mod settings;
 pub mod tls;

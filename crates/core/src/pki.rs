@@ -1,10 +1,13 @@
 //! The development PKI: a root CA, one certificate per operator (CN and DNS name = operator
-//! name, ECDSA P-256) and TLS server certificates such as the internal server's.
+//! name, ECDSA P-256), TLS server certificates such as the internal server's, and signing
+//! certificates for the signed directory (`{name}-signing.crt`: CN = name, key usage
+//! digitalSignature only, no extended key usage and no alternative names).
 //!
 //! Files already present are kept (so fingerprints pinned in the directory stay valid) unless
 //! `force` is set. Certificates also name `localhost`, 127.0.0.1 and ::1 so that local links
 //! can be called by address; identity is taken from the common name only.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
@@ -13,7 +16,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, SanType,
 };
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::tls;
 
@@ -23,6 +26,13 @@ pub const ROOT_CERT: &str = "root.crt";
 pub const ROOT_KEY: &str = "root.key";
 /// File name of the certificates record the PKI writes into the directory folder.
 pub const CERTIFICATES_RECORD_FILE: &str = "90-certificates.json";
+/// Suffix of a signing certificate's file stem: `alice-signing.crt`, `alice-signing.key`.
+pub const SIGNING_SUFFIX: &str = "-signing";
+
+/// The file stem of `name`'s signing certificate and key.
+pub fn signing_stem(name: &str) -> String {
+    format!("{name}{SIGNING_SUFFIX}")
+}
 
 /// Why the PKI could not be written.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +59,8 @@ pub struct Report {
     pub kept: Vec<PathBuf>,
     /// (operator, fingerprint) of every operator certificate, written or kept.
     pub fingerprints: Vec<(String, String)>,
+    /// (name, fingerprint) of every signing certificate, written or kept.
+    pub signing: Vec<(String, String)>,
 }
 
 fn io(path: &Path, e: impl std::fmt::Display) -> PkiError {
@@ -116,6 +128,7 @@ pub fn ensure(
             op,
             op,
             std::slice::from_ref(op),
+            false,
             force_leaves,
             &mut report,
         )?;
@@ -137,6 +150,7 @@ pub fn ensure(
             &s.stem,
             &cn,
             &s.dns_names,
+            false,
             force_leaves,
             &mut report,
         )?;
@@ -147,13 +161,16 @@ pub fn ensure(
     Ok(report)
 }
 
-/// Issues `{stem}.crt` / `{stem}.key` unless both exist and `force` is off.
+/// Issues `{stem}.crt` / `{stem}.key` unless both exist and `force` is off: a TLS certificate
+/// (server and client) for `dns_names`, or with `signing` a signing certificate.
+#[allow(clippy::too_many_arguments)]
 fn leaf(
     issuer: &Issuer<'_, KeyPair>,
     dir: &Path,
     stem: &str,
     common_name: &str,
     dns_names: &[String],
+    signing: bool,
     force: bool,
     report: &mut Report,
 ) -> Result<PathBuf, PkiError> {
@@ -164,24 +181,29 @@ fn leaf(
         return Ok(crt);
     }
     let key = KeyPair::generate().map_err(|e| gen(stem, e))?;
-    let mut names = dns_names.to_vec();
-    names.push("localhost".into());
-    let mut params = CertificateParams::new(names).map_err(|e| gen(stem, e))?;
-    params
-        .subject_alt_names
-        .push(SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)));
-    params
-        .subject_alt_names
-        .push(SanType::IpAddress(IpAddr::V6(Ipv6Addr::LOCALHOST)));
+    let mut params = if signing {
+        CertificateParams::new(Vec::<String>::new()).map_err(|e| gen(stem, e))?
+    } else {
+        let mut names = dns_names.to_vec();
+        names.push("localhost".into());
+        let mut params = CertificateParams::new(names).map_err(|e| gen(stem, e))?;
+        params
+            .subject_alt_names
+            .push(SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)));
+        params
+            .subject_alt_names
+            .push(SanType::IpAddress(IpAddr::V6(Ipv6Addr::LOCALHOST)));
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params
+    };
     params
         .distinguished_name
         .push(DnType::CommonName, common_name);
     params.is_ca = IsCa::ExplicitNoCa;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
     let cert = params.signed_by(&key, issuer).map_err(|e| gen(stem, e))?;
     write(&crt, cert.pem().as_bytes(), false)?;
     write(&key_path, key.serialize_pem().as_bytes(), true)?;
@@ -189,26 +211,84 @@ fn leaf(
     Ok(crt)
 }
 
-/// Writes `{"records": [...]}` with one `certificates` record per operator.
+/// Makes sure `certs_dir` holds a signing certificate and key (`{name}-signing.crt`, `.key`)
+/// for each of `names`, issued by the root CA already there ([`ensure`] first). With `force`,
+/// existing ones are made anew.
+pub fn ensure_signers(certs_dir: &Path, names: &[String], force: bool) -> Result<Report, PkiError> {
+    let root_crt = certs_dir.join(ROOT_CERT);
+    let root_key = certs_dir.join(ROOT_KEY);
+    let key_pem = std::fs::read_to_string(&root_key).map_err(|e| io(&root_key, e))?;
+    let key = KeyPair::from_pem(&key_pem).map_err(|e| gen("root key", e))?;
+    let pem = std::fs::read_to_string(&root_crt).map_err(|e| io(&root_crt, e))?;
+    let issuer = Issuer::from_ca_cert_pem(&pem, key).map_err(|e| gen("root", e))?;
+    let mut report = Report::default();
+    for name in names {
+        let stem = signing_stem(name);
+        let crt = leaf(
+            &issuer,
+            certs_dir,
+            &stem,
+            name,
+            &[],
+            true,
+            force,
+            &mut report,
+        )?;
+        let der = tls::load_certs(&crt).map_err(|e| io(&crt, e))?;
+        report
+            .signing
+            .push((name.clone(), tls::fingerprint(&der[0])));
+    }
+    Ok(report)
+}
+
+/// The `certificates` records of operators: for each name in `tls` or `signing`, its TLS
+/// pins (`key_usage: encryption`) and its signing pins (`key_usage: signing`), in one record.
+pub fn certificate_records(
+    tls: &[(String, String)],
+    signing: &[(String, String)],
+    created_at: &str,
+) -> Vec<Value> {
+    let mut pins: BTreeMap<&str, Vec<Value>> = BTreeMap::new();
+    for (list, usage) in [(tls, "encryption"), (signing, "signing")] {
+        for (name, fp) in list {
+            pins.entry(name)
+                .or_default()
+                .push(json!({"fingerprint": fp, "key_usage": usage}));
+        }
+    }
+    pins.into_iter()
+        .map(|(name, data)| {
+            json!({
+                "name": name,
+                "section": "certificates",
+                "data": data,
+                "created_at": created_at,
+            })
+        })
+        .collect()
+}
+
+/// Writes `{"records": [...]}` with one `certificates` record per operator (TLS pins).
 pub fn write_certificate_records(
     dir: &Path,
     fingerprints: &[(String, String)],
+) -> Result<PathBuf, PkiError> {
+    write_pins(dir, fingerprints, &[])
+}
+
+/// Writes `{"records": [...]}` with one `certificates` record per operator, holding its TLS
+/// and its signing pins.
+pub fn write_pins(
+    dir: &Path,
+    tls: &[(String, String)],
+    signing: &[(String, String)],
 ) -> Result<PathBuf, PkiError> {
     std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
     let now = time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default();
-    let records: Vec<_> = fingerprints
-        .iter()
-        .map(|(name, fp)| {
-            json!({
-                "name": name,
-                "section": "certificates",
-                "data": [{"fingerprint": fp, "key_usage": "encryption"}],
-                "created_at": now,
-            })
-        })
-        .collect();
+    let records = certificate_records(tls, signing, &now);
     let path = dir.join(CERTIFICATES_RECORD_FILE);
     let text = serde_json::to_string_pretty(&json!({ "records": records })).expect("json");
     write(&path, text.as_bytes(), false)?;
@@ -251,5 +331,32 @@ mod tests {
         assert_ne!(r1.fingerprints, r3.fingerprints);
         let dir = crate::directory::Directory::load_dir(d.path()).unwrap();
         assert_eq!(dir.entry("alice").unwrap().certificates.len(), 1);
+    }
+
+    #[test]
+    fn signing_certificates_sign_only_and_are_pinned_as_signing() {
+        let d = tempfile::tempdir().unwrap();
+        let ops = vec!["alice".to_string()];
+        let tls_report = ensure(d.path(), &ops, &[], None, false).unwrap();
+        let r = ensure_signers(d.path(), &["alice".into(), "admin".into()], false).unwrap();
+        assert_eq!(r.written.len(), 4);
+        let pem = std::fs::read_to_string(d.path().join("alice-signing.crt")).unwrap();
+        let der = tls::load_certs(&d.path().join("alice-signing.crt")).unwrap();
+        let (_, cert) = x509_parser::parse_x509_certificate(&der[0]).unwrap();
+        let usage = cert.key_usage().unwrap().unwrap().value;
+        assert!(usage.digital_signature() && !usage.key_cert_sign());
+        assert!(cert.extended_key_usage().unwrap().is_none(), "{pem}");
+        assert_eq!(tls::operator_name(&der[0]).as_deref(), Some("alice"));
+        let again = ensure_signers(d.path(), &["alice".into()], false).unwrap();
+        assert!(again.written.is_empty());
+        assert_eq!(again.signing[0], r.signing[0]);
+
+        write_pins(d.path(), &tls_report.fingerprints, &r.signing).unwrap();
+        let dir = crate::directory::Directory::load_dir(d.path()).unwrap();
+        let alice = dir.entry("alice").unwrap();
+        assert!(alice.pins_signing(&r.signing[0].1));
+        assert!(alice.accepts_fingerprint(&tls_report.fingerprints[0].1));
+        assert!(!alice.accepts_fingerprint(&r.signing[0].1));
+        assert!(dir.entry("admin").unwrap().pins_signing(&r.signing[1].1));
     }
 }

@@ -32,9 +32,8 @@ pub fn settings_check() -> ExitCode {
         Ok(s) => s,
         Err(code) => return code,
     };
-    let DirectorySettings::Files { path } = &s.directory;
-    if let Err(e) = Directory::load_dir(path) {
-        eprintln!("eps: bad directory: {e}");
+    if let Err(e) = load_directory(&s) {
+        eprintln!("eps: bad directory: {e:#}");
         return ExitCode::from(EXIT_BAD_SETTINGS);
     }
     print!(
@@ -44,17 +43,25 @@ pub fn settings_check() -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// The directory as the server would start with it: the record files, or the verified local
+/// copy of a directory server's chain.
+fn load_directory(s: &Settings) -> anyhow::Result<Directory> {
+    match &s.directory {
+        DirectorySettings::Files { path } => Ok(Directory::load_dir(path)?),
+        DirectorySettings::Sd(f) => Ok(crate::sd::follow::read_copy(f)?.directory().clone()),
+    }
+}
+
 /// `eps directory show [OPERATOR]`: prints the folded entry of one operator, or all.
 pub fn directory_show(operator: Option<String>) -> ExitCode {
     let s = match load() {
         Ok(s) => s,
         Err(code) => return code,
     };
-    let DirectorySettings::Files { path } = &s.directory;
-    let dir = match Directory::load_dir(path) {
+    let dir = match load_directory(&s) {
         Ok(d) => d,
         Err(e) => {
-            eprintln!("eps: bad directory: {e}");
+            eprintln!("eps: bad directory: {e:#}");
             return ExitCode::from(EXIT_BAD_SETTINGS);
         }
     };
@@ -62,10 +69,11 @@ pub fn directory_show(operator: Option<String>) -> ExitCode {
         Some(name) => match dir.entry(&name) {
             Some(e) => serde_json::to_value(e).expect("json"),
             None => {
-                eprintln!(
-                    "eps: {name:?} is not in the directory at {}",
-                    path.display()
-                );
+                let at = match &s.directory {
+                    DirectorySettings::Files { path } => path,
+                    DirectorySettings::Sd(f) => &f.path,
+                };
+                eprintln!("eps: {name:?} is not in the directory at {}", at.display());
                 return ExitCode::FAILURE;
             }
         },

@@ -11,6 +11,8 @@
 //!   accepted from such servers). It asks the broker for what it needs through `grpc::Node`.
 //! - `metrics`: Prometheus counters of calls.
 //! - `peers`: peer identity checks against the directory.
+//! - `sd`: the signed directory in processes: the directory server (`eps sd run`), following
+//!   it from an EPS server, and `eps sd sign|submit|entries|verify`.
 //! - `certs`: `eps certs`, the development PKI.
 //! - `cli`: `eps call`, `eps settings check`, `eps directory show`.
 //!
@@ -28,6 +30,7 @@ mod cli;
 mod grpc;
 mod metrics;
 mod peers;
+mod sd;
 mod server;
 mod settings;
 
@@ -79,6 +82,38 @@ enum Command {
         #[command(subcommand)]
         command: DirectoryCommand,
     },
+    /// The signed directory: run a directory server, sign and submit records.
+    Sd {
+        #[command(subcommand)]
+        command: SdCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum SdCommand {
+    /// Run a directory server with the settings in the directories named by SD_SETTINGS.
+    Run,
+    /// Sign the records of FILE... ({"records": [...]}, in the order given) as the next ones
+    /// of the chain, with the key in EPS_SETTINGS' directory.settings.signing, and print them.
+    Sign {
+        #[arg(required = true)]
+        files: Vec<std::path::PathBuf>,
+        /// The hash to chain them after (`null` starts a chain); default: the directory
+        /// server's head.
+        #[arg(long)]
+        parent: Option<String>,
+    },
+    /// Submit the records of FILE... (in the order given) to the directory server; unsigned
+    /// ones are signed first, e.g. `eps sd submit settings/dev/directory/*.json`.
+    Submit {
+        #[arg(required = true)]
+        files: Vec<std::path::PathBuf>,
+    },
+    /// Print the directory server's folded entry of NAME, or every entry.
+    Entries { name: Option<String> },
+    /// Verify the signed records of FILE (a chain file or {"records": [...]}) with the trust
+    /// settings of EPS_SETTINGS, and say how long it took.
+    Verify { file: std::path::PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -123,5 +158,12 @@ fn main() -> std::process::ExitCode {
         Command::Server {
             command: ServerCommand::Run,
         } => server::main(),
+        Command::Sd { command } => match command {
+            SdCommand::Run => sd::server::main(),
+            SdCommand::Sign { files, parent } => sd::cli::sign(&files, parent),
+            SdCommand::Submit { files } => sd::cli::submit(&files),
+            SdCommand::Entries { name } => sd::cli::entries(name),
+            SdCommand::Verify { file } => sd::cli::verify(&file),
+        },
     }
 }

@@ -1,4 +1,5 @@
-//! `eps server run`: loads settings and directory, binds the JSON-RPC and gRPC listeners and
+//! `eps server run`: loads settings and directory (record files, or the verified copy of a
+//! directory server's chain, brought up to date), binds the JSON-RPC and gRPC listeners and
 //! runs until SIGINT or SIGTERM.
 
 use std::process::ExitCode;
@@ -16,6 +17,7 @@ use crate::broker::{Broker, LocalHandler};
 use crate::grpc::{self, Peers};
 use crate::metrics::Metrics;
 use crate::peers::{DirectoryClientVerifier, SharedDirectory};
+use crate::sd::follow::Follower;
 use crate::settings::{DirectorySettings, Settings};
 
 use crate::cli::EXIT_BAD_SETTINGS;
@@ -48,6 +50,8 @@ pub fn main() -> ExitCode {
 /// Everything built from settings before any port is bound.
 struct Prepared {
     directory: SharedDirectory,
+    /// Set when the directory follows a directory server.
+    follower: Option<Follower>,
     jsonrpc_tls: Option<Arc<rustls::ServerConfig>>,
     /// None for a server without a gRPC port (reached over reverse streams).
     grpc_tls: Option<Arc<rustls::ServerConfig>>,
@@ -56,20 +60,17 @@ struct Prepared {
 }
 
 fn prepare(s: &Settings) -> anyhow::Result<Prepared> {
-    let DirectorySettings::Files { path } = &s.directory;
-    let dir = Directory::load_dir(path).context("directory")?;
-    match dir.entry(&s.name) {
-        None => {
-            tracing::warn!(name = %s.name, "this operator is not in the directory: peers cannot call it")
+    let (dir, follower) = match &s.directory {
+        DirectorySettings::Files { path } => {
+            (Directory::load_dir(path).context("directory")?, None)
         }
-        // Settings and directory disagree on how peers reach this server: say so at start.
-        Some(e) if s.grpc_server.is_none() && !e.reached_by_reverse_stream() => {
-            tracing::warn!(name = %s.name, "no grpc_server in the settings, but the directory has no reverse_stream channel for this operator: peers will try to dial it")
+        DirectorySettings::Sd(follow) => {
+            let f = Follower::open(follow)?;
+            (f.directory().clone(), Some(f))
         }
-        Some(e) if s.grpc_server.is_some() && e.grpc_address().is_none() => {
-            tracing::warn!(name = %s.name, "grpc_server is set, but the directory lists no grpc_server address for this operator: peers do not dial it")
-        }
-        Some(_) => {}
+    };
+    if follower.is_none() {
+        check_own_entry(s, &dir);
     }
     let directory = SharedDirectory::new(dir);
     let jsonrpc_tls = s
@@ -105,11 +106,29 @@ fn prepare(s: &Settings) -> anyhow::Result<Prepared> {
     .context("jsonrpc_client")?;
     Ok(Prepared {
         directory,
+        follower,
         jsonrpc_tls,
         grpc_tls,
         peer_tls,
         local,
     })
+}
+
+/// Warns when this operator is missing from the directory, or when settings and directory
+/// disagree on how peers reach it.
+fn check_own_entry(s: &Settings, dir: &Directory) {
+    match dir.entry(&s.name) {
+        None => {
+            tracing::warn!(name = %s.name, "this operator is not in the directory: peers cannot call it")
+        }
+        Some(e) if s.grpc_server.is_none() && !e.reached_by_reverse_stream() => {
+            tracing::warn!(name = %s.name, "no grpc_server in the settings, but the directory has no reverse_stream channel for this operator: peers will try to dial it")
+        }
+        Some(e) if s.grpc_server.is_some() && e.grpc_address().is_none() => {
+            tracing::warn!(name = %s.name, "grpc_server is set, but the directory lists no grpc_server address for this operator: peers do not dial it")
+        }
+        Some(_) => {}
+    }
 }
 
 fn check_own_name(name: &str, cert: &std::path::Path) -> anyhow::Result<()> {
@@ -125,7 +144,13 @@ fn check_own_name(name: &str, cert: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run(s: Settings, p: Prepared) -> anyhow::Result<()> {
+async fn run(s: Settings, mut p: Prepared) -> anyhow::Result<()> {
+    // A follower first brings its copy up to date (bounded by its timeout), so that a server
+    // started beside a running directory server routes by the current directory at once.
+    if let Some(f) = &mut p.follower {
+        f.catch_up(&p.directory).await;
+        check_own_entry(&s, &p.directory.load());
+    }
     let rpc_listener = TcpListener::bind(s.jsonrpc_server.bind_address)
         .await
         .with_context(|| format!("binding jsonrpc_server {}", s.jsonrpc_server.bind_address))?;
@@ -212,8 +237,14 @@ async fn run(s: Settings, p: Prepared) -> anyhow::Result<()> {
     }
     // Certificates, keys and CA files are re-read when they change and on SIGHUP.
     tokio::spawn(tls::watch(shutdown.clone()));
-    let DirectorySettings::Files { path } = &s.directory;
-    wait_for_shutdown(&p.directory, path).await;
+    if let Some(f) = p.follower {
+        tokio::spawn(f.run(p.directory.clone(), shutdown.clone()));
+    }
+    match &s.directory {
+        DirectorySettings::Files { path } => wait_for_shutdown(&p.directory, path).await,
+        // The follower applies new records as they are appended: nothing to re-read.
+        DirectorySettings::Sd(_) => eps_core::net::shutdown_signal().await,
+    }
     tracing::info!(
         grace_s = s.shutdown_grace_period.as_secs_f64(),
         "shutting down: finishing calls in flight"

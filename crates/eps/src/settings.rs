@@ -9,6 +9,8 @@ use eps_core::ops::MetricsSettings;
 use eps_core::tls::TlsSettings;
 use serde::{Deserialize, Serialize};
 
+use crate::sd::settings::FollowSettings;
+
 /// Default deadline of one call between EPS servers, delivery to the peer's service included.
 pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default deadline for opening a channel to a peer (TCP and TLS).
@@ -65,6 +67,8 @@ fn default_grace() -> Duration {
 pub enum DirectorySettings {
     /// A folder of `{"records": [...]}` JSON files, read in lexical order.
     Files { path: PathBuf },
+    /// Follow a directory server: signed records, each verified by this server.
+    Sd(Box<FollowSettings>),
 }
 
 /// The local service incoming calls are delivered to.
@@ -179,6 +183,9 @@ impl Settings {
                 "name: {:?} must be non-empty and contain no '.'",
                 self.name
             ));
+        }
+        if let DirectorySettings::Sd(follow) = &self.directory {
+            follow.validate()?;
         }
         if self.grpc_client.call_timeout.is_zero() {
             return Err("grpc_client.call_timeout must be above 0".into());
