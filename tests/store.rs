@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use eps_core::http::{CallError, RpcClient};
 use eps_core::jsonrpc;
 use eps_tests::keepalive::KeepAlive;
-use eps_tests::redis::Redis;
+use eps_tests::redis::{Redis, Sentinel};
 use eps_tests::tunnel::{
     https_request, Role, Tunnel, ATTEMPT_TIMEOUT, DOMAIN, PRIVATE, PROCESS_WAIT, PUBLIC,
     RPC_TIMEOUT, SUCCESS,
@@ -56,23 +56,29 @@ impl Cluster {
     /// Starts Redis, the five processes with instance A on Redis, and instance B; returns once a
     /// request goes through A and B follows Redis.
     async fn start(test: &str) -> Self {
-        let mut t = Tunnel::new(test);
+        let t = Tunnel::new(test);
         let redis = Redis::start(
             &t.dir.join("redis"),
             t.dir.join("redis.log"),
             Some(REDIS_PASSWORD),
         )
         .await;
+        let settings = json!({
+            "addresses": [redis.address()],
+            "database": 0,
+            "password": REDIS_PASSWORD,
+            "key": REDIS_KEY,
+        });
+        Self::start_with(t, redis, settings).await
+    }
+
+    /// [`start`](Self::start) with the Redis `redis` and these `datastore.settings`.
+    async fn start_with(mut t: Tunnel, redis: Redis, settings: Value) -> Self {
         // Later files win, and a `type` change replaces the whole datastore section.
         let a_dir = t.settings_dir(Role::PublicProxy).to_path_buf();
         t.dir.write_yaml(
             a_dir.join("zz-redis.yml"),
-            &json!({"datastore": {"type": "redis", "settings": {
-                "addresses": [redis.address()],
-                "database": 0,
-                "password": REDIS_PASSWORD,
-                "key": REDIS_KEY,
-            }}}),
+            &json!({"datastore": {"type": "redis", "settings": settings}}),
         );
         // Instance B: A's settings plus its own ports.
         let (b_public, b_internal, b_rpc) = (free_addr(), free_addr(), free_addr());
@@ -575,7 +581,141 @@ async fn redis_store_keeps_acknowledged_announcements_through_kill_9() {
     );
 }
 
+/// Redis with Sentinel: a primary, two replicas, three Sentinels; both public proxies find the
+/// primary through the Sentinels and acknowledge an announcement only once a replica has it
+/// (`min_replicas: 1`). Announcements flow at a steady rate while the primary is killed with -9;
+/// after the failover every acknowledged one is listed by both proxies, and the figures
+/// (acknowledged, lost, refused time) are printed.
+#[tokio::test(flavor = "multi_thread")]
+async fn sentinel_failover_loses_no_acknowledged_announcement() {
+    const NAME: &str = "eps-primary";
+    let t = Tunnel::new("store-sentinel");
+    let primary = Redis::start(
+        &t.dir.join("redis-primary"),
+        t.dir.join("redis-primary.log"),
+        Some(REDIS_PASSWORD),
+    )
+    .await;
+    let mut replicas = Vec::new();
+    for i in 0..2 {
+        replicas.push(
+            Redis::start_replica(
+                &t.dir.join(format!("redis-replica-{i}")),
+                t.dir.join(format!("redis-replica-{i}.log")),
+                Some(REDIS_PASSWORD),
+                primary.addr,
+            )
+            .await,
+        );
+    }
+    let mut sentinels = Vec::new();
+    for i in 0..3 {
+        sentinels.push(
+            Sentinel::start(
+                &t.dir.join(format!("sentinel-{i}")),
+                t.dir.join(format!("sentinel-{i}.log")),
+                NAME,
+                primary.addr,
+                Some(REDIS_PASSWORD),
+            )
+            .await,
+        );
+    }
+    // The replicas have synced before announcements are acknowledged with min_replicas 1.
+    let settings = json!({
+        "addresses": sentinels.iter().map(Sentinel::address).collect::<Vec<_>>(),
+        "sentinel": {"master_name": NAME},
+        "password": REDIS_PASSWORD,
+        "key": REDIS_KEY,
+        "min_replicas": 1,
+        "replica_timeout": 1.0,
+    });
+    let mut c = Cluster::start_with(t, primary, settings).await;
+    let private = c.t.private_rpc();
+
+    // Announce n0, n1, ... one after another; record which were acknowledged and when.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let log: Arc<Mutex<Vec<Sent>>> = Arc::default();
+    let flow = {
+        let (stop, log, private) = (stop.clone(), log.clone(), private.clone());
+        tokio::spawn(async move {
+            let mut n = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                let domain = format!("n{n}.internal-server.local");
+                let ok = call(&private, "announceConnection", json!({"domain": domain}))
+                    .await
+                    .is_ok();
+                log.lock().unwrap().push((Instant::now(), domain, ok));
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    let acked = |log: &Arc<Mutex<Vec<Sent>>>| log.lock().unwrap().iter().filter(|e| e.2).count();
+    assert!(
+        wait_until(RECOVERY, || async { acked(&log) >= 20 }).await,
+        "announcements are not acknowledged through Sentinel"
+    );
+    let killed_at = Instant::now();
+    c.redis.kill();
+    // Failover: acknowledgements resume at the new primary.
+    let before = acked(&log);
+    assert!(
+        wait_until(RECOVERY, || async { acked(&log) >= before + 20 }).await,
+        "announcements were not acknowledged again after the primary died"
+    );
+    stop.store(true, Ordering::Relaxed);
+    flow.await.unwrap();
+
+    let log = log.lock().unwrap().clone();
+    let acknowledged: Vec<&String> = log.iter().filter(|e| e.2).map(|e| &e.1).collect();
+    // Refused time: from the kill to the first acknowledgement after it.
+    let resumed = log
+        .iter()
+        .find(|e| e.2 && e.0 > killed_at)
+        .map(|e| e.0 - killed_at);
+    let mut lost = Vec::new();
+    for (name, client) in [("A", c.a_rpc()), ("B", c.b_rpc())] {
+        let listed_ok = wait_until(RECOVERY, || async {
+            let Ok(list) = call(&client, "getAnnouncements", json!({})).await else {
+                return false;
+            };
+            let have = domains(&list);
+            acknowledged.iter().all(|d| have.contains(d))
+        })
+        .await;
+        if !listed_ok {
+            let list = call(&client, "getAnnouncements", json!({})).await.unwrap();
+            let have = domains(&list);
+            lost.extend(
+                acknowledged
+                    .iter()
+                    .filter(|d| !have.contains(d))
+                    .map(|d| format!("{d} at {name}")),
+            );
+        }
+    }
+    println!(
+        "sentinel failover: {} announcements sent, {} acknowledged, {} lost, refused for {:?} after the kill",
+        log.len(),
+        acknowledged.len(),
+        lost.len(),
+        resumed
+    );
+    assert!(lost.is_empty(), "acknowledged but lost: {lost:?}");
+    // Routing works at both instances for a name acknowledged after the failover.
+    let t = &c.t;
+    let last = acknowledged.last().unwrap().as_str();
+    assert!(works_at(t, t.public_addr, last).await, "{last} at A");
+    assert!(c.b_works_for(last).await, "{last} at B");
+    drop(replicas);
+    drop(sentinels);
+}
+
 /// True when `GET /jsonrpc` for `sni` through the public port `addr` gets the demo's answer.
+/// One announcement sent: when it was answered, the domain, whether it was acknowledged.
+type Sent = (Instant, String, bool);
+
 async fn works_at(t: &Tunnel, addr: SocketAddr, sni: &str) -> bool {
     matches!(
         https_request(addr, t.client_config(), sni, "GET", "/jsonrpc", b"", ATTEMPT_TIMEOUT).await,

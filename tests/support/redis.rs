@@ -55,6 +55,33 @@ impl Redis {
     /// Starts `redis-server` with its files in `dir` (created), logging to `log`, requiring
     /// `password` when given, and waits until it accepts clients.
     pub async fn start(dir: &Path, log: impl Into<PathBuf>, password: Option<&str>) -> Self {
+        Self::start_with(dir, log, password, &[]).await
+    }
+
+    /// [`start`](Self::start) as a replica of `primary` (which requires `password` too).
+    pub async fn start_replica(
+        dir: &Path,
+        log: impl Into<PathBuf>,
+        password: Option<&str>,
+        primary: SocketAddr,
+    ) -> Self {
+        let mut extra = vec![
+            "--replicaof".to_string(),
+            primary.ip().to_string(),
+            primary.port().to_string(),
+        ];
+        if let Some(p) = password {
+            extra.extend(["--masterauth".to_string(), p.to_string()]);
+        }
+        Self::start_with(dir, log, password, &extra).await
+    }
+
+    async fn start_with(
+        dir: &Path,
+        log: impl Into<PathBuf>,
+        password: Option<&str>,
+        extra: &[String],
+    ) -> Self {
         std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
         let addr = free_addr();
         let mut args: Vec<String> = [
@@ -79,6 +106,7 @@ impl Redis {
         if let Some(p) = password {
             args.extend(["--requirepass".to_string(), p.to_string()]);
         }
+        args.extend(extra.iter().cloned());
         let proc = Proc::start(
             "redis",
             &redis_server_path(),
@@ -137,6 +165,62 @@ impl Redis {
         tokio::time::timeout(COMMAND_TIMEOUT, work)
             .await
             .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "Redis command"))?
+    }
+}
+
+/// What a Sentinel logs once it monitors its primary.
+const SENTINEL_READY: &str = "+monitor master";
+
+/// A running Redis Sentinel (`redis-server CONF --sentinel`) watching one primary.
+pub struct Sentinel {
+    proc: Proc,
+    pub addr: SocketAddr,
+}
+
+impl Sentinel {
+    /// Starts a Sentinel that monitors `primary` as `name` (quorum 2, a primary silent for 1 s
+    /// counts as down), with its configuration in `dir`, and waits until it monitors.
+    pub async fn start(
+        dir: &Path,
+        log: impl Into<PathBuf>,
+        name: &str,
+        primary: SocketAddr,
+        password: Option<&str>,
+    ) -> Self {
+        std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+        let addr = free_addr();
+        let mut conf = format!(
+            "port {}\nbind 127.0.0.1\ndir {}\nsentinel monitor {name} {} {} 2\n\
+             sentinel down-after-milliseconds {name} 1000\n\
+             sentinel failover-timeout {name} 5000\nsentinel parallel-syncs {name} 1\n",
+            addr.port(),
+            dir.display(),
+            primary.ip(),
+            primary.port(),
+        );
+        if let Some(p) = password {
+            conf.push_str(&format!("sentinel auth-pass {name} {p}\n"));
+        }
+        let file = dir.join("sentinel.conf");
+        std::fs::write(&file, conf).unwrap_or_else(|e| panic!("write {}: {e}", file.display()));
+        let mut proc = Proc::start(
+            "sentinel",
+            &redis_server_path(),
+            [file.display().to_string(), "--sentinel".to_string()],
+            std::iter::empty::<(&str, &str)>(),
+            log,
+        );
+        proc.wait_for_log(SENTINEL_READY, START_WAIT).await;
+        Self { proc, addr }
+    }
+
+    /// `host:port`, as `datastore.settings.addresses` takes it with `sentinel`.
+    pub fn address(&self) -> String {
+        self.addr.to_string()
+    }
+
+    pub fn proc(&self) -> &Proc {
+        &self.proc
     }
 }
 

@@ -5,7 +5,9 @@
 //! - `redis`: several instances share one hash. A change is made by an atomic script (the 409
 //!   check and the write in one step) that also publishes it; every instance follows the
 //!   channel and reloads the whole hash after each (re)connect. Routing never waits on Redis:
-//!   when it is down, clients are routed from memory and announcements are refused.
+//!   when it is down, clients are routed from memory and announcements are refused. Through
+//!   Sentinel, the primary is looked up at every (re)connect, and with `min_replicas` a change
+//!   is acknowledged only once replicas have it (`WAIT`).
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;

@@ -6,6 +6,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
+use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tokio_stream::StreamExt;
@@ -68,41 +69,98 @@ struct Stored {
     policy: Option<Arc<DomainPolicy>>,
 }
 
+/// How the primary is found.
+enum Primary {
+    /// One configured server.
+    Direct(redis::Client),
+    /// Whichever server the Sentinels name, asked again at each (re)connect.
+    Sentinel(tokio::sync::Mutex<SentinelClient>),
+}
+
 pub(super) struct RedisBackend {
-    client: redis::Client,
+    primary: Primary,
     pub(super) address: String,
     key: String,
     channel: String,
     conn: tokio::sync::RwLock<Option<ConnectionManager>>,
     claim: redis::Script,
     prune: redis::Script,
+    /// Replicas that must confirm a change before it is acknowledged (`WAIT`).
+    min_replicas: u32,
+    replica_timeout: Duration,
 }
 
 impl RedisBackend {
     pub(super) fn new(s: &RedisSettings) -> Result<Self, OpenError> {
         use redis::IntoConnectionInfo;
-        let address = s.addresses.first().cloned().unwrap_or_default();
-        let (host, port) = address
-            .rsplit_once(':')
-            .and_then(|(h, p)| Some((h.trim_matches(['[', ']']), p.parse::<u16>().ok()?)))
-            .ok_or_else(|| OpenError::Address(address.clone()))?;
         let mut redis_info = redis::RedisConnectionInfo::default().set_db(s.database);
         if let Some(p) = &s.password {
             redis_info = redis_info.set_password(p.expose());
         }
-        let info = redis::ConnectionAddr::Tcp(host.to_string(), port)
-            .into_connection_info()?
-            .set_redis_settings(redis_info);
-        let client = redis::Client::open(info)?;
+        let node = |address: &str| -> Result<redis::ConnectionInfo, OpenError> {
+            let (host, port) = address
+                .rsplit_once(':')
+                .and_then(|(h, p)| Some((h.trim_matches(['[', ']']), p.parse::<u16>().ok()?)))
+                .ok_or_else(|| OpenError::Address(address.to_string()))?;
+            Ok(redis::ConnectionAddr::Tcp(host.to_string(), port).into_connection_info()?)
+        };
+        let (primary, address) = match &s.sentinel {
+            None => {
+                let address = s.addresses.first().cloned().unwrap_or_default();
+                let info = node(&address)?.set_redis_settings(redis_info);
+                (Primary::Direct(redis::Client::open(info)?), address)
+            }
+            Some(sentinel) => {
+                let mut sentinel_info = redis::RedisConnectionInfo::default();
+                if let Some(p) = &sentinel.password {
+                    sentinel_info = sentinel_info.set_password(p.expose());
+                }
+                let sentinels = s
+                    .addresses
+                    .iter()
+                    .map(|a| Ok(node(a)?.set_redis_settings(sentinel_info.clone())))
+                    .collect::<Result<Vec<_>, OpenError>>()?;
+                let client = SentinelClient::build(
+                    sentinels,
+                    sentinel.master_name.clone(),
+                    Some(
+                        SentinelNodeConnectionInfo::default().set_redis_connection_info(redis_info),
+                    ),
+                    SentinelServerType::Master,
+                )?;
+                let address = format!(
+                    "primary {} via Sentinel {}",
+                    sentinel.master_name,
+                    s.addresses.join(",")
+                );
+                (Primary::Sentinel(tokio::sync::Mutex::new(client)), address)
+            }
+        };
         Ok(Self {
-            client,
+            primary,
             address,
             key: s.key.clone(),
             channel: format!("{}:changes", s.key),
             conn: tokio::sync::RwLock::new(None),
             claim: redis::Script::new(CLAIM),
             prune: redis::Script::new(PRUNE),
+            min_replicas: s.min_replicas,
+            replica_timeout: s.replica_timeout,
         })
+    }
+
+    /// A client of the primary: the configured server, or the one the Sentinels name now.
+    async fn primary(&self) -> Result<redis::Client, StoreUnavailable> {
+        match &self.primary {
+            Primary::Direct(c) => Ok(c.clone()),
+            Primary::Sentinel(s) => {
+                let mut s = s.lock().await;
+                tokio::time::timeout(REDIS_TIMEOUT * 2, s.async_get_client())
+                    .await
+                    .map_err(|_| self.unavailable("no Sentinel named the primary in time"))?
+                    .map_err(|e| self.unavailable(e))
+            }
+        }
     }
 
     fn unavailable(&self, reason: impl std::fmt::Display) -> StoreUnavailable {
@@ -144,11 +202,38 @@ impl RedisBackend {
             .await
             .map_err(|_| self.unavailable("timed out"))?
             .map_err(|e| self.unavailable(e))?;
+        if done == 1 && self.min_replicas > 0 {
+            self.replicated(&mut conn).await?;
+        }
         Ok(match done {
             1 => Ok(()),
             2 => Err(covered(&a.domain, &covering)),
             _ => Err(conflict(&a.domain)),
         })
+    }
+
+    /// Waits until `min_replicas` replicas have every write made so far on `conn` (`WAIT`).
+    async fn replicated(&self, conn: &mut ConnectionManager) -> Result<(), StoreUnavailable> {
+        let ms = u64::try_from(self.replica_timeout.as_millis()).unwrap_or(u64::MAX);
+        let acked: i64 = tokio::time::timeout(
+            REDIS_TIMEOUT + self.replica_timeout,
+            redis::cmd("WAIT")
+                .arg(self.min_replicas)
+                .arg(ms)
+                .query_async(conn),
+        )
+        .await
+        .map_err(|_| self.unavailable("WAIT timed out"))?
+        .map_err(|e| self.unavailable(e))?;
+        if acked < i64::from(self.min_replicas) {
+            return Err(self.unavailable(format!(
+                "the change reached the primary but {acked} of min_replicas {} replicas within \
+                 {:.1} s (refused, so that a failover cannot lose it; the private proxy tries again)",
+                self.min_replicas,
+                self.replica_timeout.as_secs_f64()
+            )));
+        }
+        Ok(())
     }
 
     pub(super) async fn prune(&self, now: OffsetDateTime) -> Result<i64, StoreUnavailable> {
@@ -168,22 +253,26 @@ impl RedisBackend {
         table: &RwLock<Table>,
         shutdown: &CancellationToken,
     ) -> Result<(), StoreUnavailable> {
-        if self.conn.read().await.is_none() {
+        let client = self.primary().await?;
+        // Through Sentinel, every (re)connect asks which server is the primary now: after a
+        // failover the old one is gone or a replica.
+        let reconnect = matches!(self.primary, Primary::Sentinel(_));
+        if reconnect || self.conn.read().await.is_none() {
             let config = redis::aio::ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(REDIS_TIMEOUT))
-                .set_response_timeout(Some(REDIS_TIMEOUT))
+                .set_response_timeout(Some(REDIS_TIMEOUT + self.replica_timeout))
                 .set_number_of_retries(1)
                 .set_max_delay(MAX_REDIS_BACKOFF);
             let conn = tokio::time::timeout(
                 REDIS_TIMEOUT * 2,
-                self.client.get_connection_manager_with_config(config),
+                client.get_connection_manager_with_config(config),
             )
             .await
             .map_err(|_| self.unavailable("connect timed out"))?
             .map_err(|e| self.unavailable(e))?;
             *self.conn.write().await = Some(conn);
         }
-        let mut pubsub = tokio::time::timeout(REDIS_TIMEOUT, self.client.get_async_pubsub())
+        let mut pubsub = tokio::time::timeout(REDIS_TIMEOUT, client.get_async_pubsub())
             .await
             .map_err(|_| self.unavailable("connect timed out"))?
             .map_err(|e| self.unavailable(e))?;
