@@ -2,7 +2,6 @@
 //! certificates, and signing certificates for the signed directory (`eps sd`).
 
 use std::path::PathBuf;
-use std::process::ExitCode;
 
 use eps_core::pki::{self, ServerCert};
 
@@ -35,12 +34,13 @@ pub struct Args {
     force: bool,
 }
 
-pub fn run(a: Args) -> ExitCode {
+pub fn run(a: Args) -> Result<(), crate::Failure> {
     let mut servers = Vec::new();
     for s in &a.servers {
         let Some((stem, names)) = s.split_once('=') else {
-            eprintln!("eps certs: --server {s:?}: expected STEM=DNS[,DNS...]");
-            return ExitCode::from(64);
+            return Err(crate::Failure::Usage(format!(
+                "eps certs: --server {s:?}: expected STEM=DNS[,DNS...]"
+            )));
         };
         servers.push(ServerCert {
             stem: stem.to_string(),
@@ -85,11 +85,8 @@ pub fn run(a: Args) -> ExitCode {
                     .join(pki::CERTIFICATES_RECORD_FILE)
                     .display()
             );
-            ExitCode::SUCCESS
+            Ok(())
         }
-        Err(e) => {
-            eprintln!("eps certs: {e}");
-            ExitCode::FAILURE
-        }
+        Err(e) => Err(crate::Failure::Failed(format!("eps certs: {e}"))),
     }
 }

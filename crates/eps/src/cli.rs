@@ -1,7 +1,6 @@
 //! The operator's commands beside the server: `eps call`, `eps settings check`,
 //! `eps directory show`. Each reads the same `EPS_SETTINGS` as the server.
 
-use std::process::ExitCode;
 use std::time::Duration;
 
 use eps_core::directory::Directory;
@@ -9,38 +8,26 @@ use eps_core::http::{CallError, RpcClient};
 use serde_json::value::RawValue;
 
 use crate::settings::{DirectorySettings, Settings};
+use crate::Failure;
 
-/// Exit code for bad settings or arguments, before any port is bound.
-pub const EXIT_BAD_SETTINGS: u8 = 64;
-
-/// Loads and validates `EPS_SETTINGS`, or says what is wrong and gives the exit code.
-pub fn load() -> Result<Settings, ExitCode> {
-    let s: Settings = eps_core::settings::load_from_env("EPS_SETTINGS").map_err(|e| {
-        eprintln!("eps: bad settings: {e}");
-        ExitCode::from(EXIT_BAD_SETTINGS)
-    })?;
-    s.validate().map_err(|e| {
-        eprintln!("eps: bad settings: {e}");
-        ExitCode::from(EXIT_BAD_SETTINGS)
-    })?;
+/// Loads and validates `EPS_SETTINGS`, or says what is wrong.
+pub fn load() -> Result<Settings, Failure> {
+    let s: Settings = eps_core::settings::load_from_env("EPS_SETTINGS")
+        .map_err(|e| Failure::Usage(format!("eps: bad settings: {e}")))?;
+    s.validate()
+        .map_err(|e| Failure::Usage(format!("eps: bad settings: {e}")))?;
     Ok(s)
 }
 
 /// `eps settings check`: validates and prints the merged settings, secrets masked.
-pub fn settings_check() -> ExitCode {
-    let s = match load() {
-        Ok(s) => s,
-        Err(code) => return code,
-    };
-    if let Err(e) = load_directory(&s) {
-        eprintln!("eps: bad directory: {e:#}");
-        return ExitCode::from(EXIT_BAD_SETTINGS);
-    }
+pub fn settings_check() -> Result<(), Failure> {
+    let s = load()?;
+    load_directory(&s).map_err(|e| Failure::Usage(format!("eps: bad directory: {e:#}")))?;
     print!(
         "{}",
         serde_yaml_ng::to_string(&s).expect("settings serialize")
     );
-    ExitCode::SUCCESS
+    Ok(())
 }
 
 /// The directory as the server would start with it: the record files, or the verified local
@@ -53,18 +40,10 @@ fn load_directory(s: &Settings) -> anyhow::Result<Directory> {
 }
 
 /// `eps directory show [OPERATOR]`: prints the folded entry of one operator, or all.
-pub fn directory_show(operator: Option<String>) -> ExitCode {
-    let s = match load() {
-        Ok(s) => s,
-        Err(code) => return code,
-    };
-    let dir = match load_directory(&s) {
-        Ok(d) => d,
-        Err(e) => {
-            eprintln!("eps: bad directory: {e:#}");
-            return ExitCode::from(EXIT_BAD_SETTINGS);
-        }
-    };
+pub fn directory_show(operator: Option<String>) -> Result<(), Failure> {
+    let s = load()?;
+    let dir =
+        load_directory(&s).map_err(|e| Failure::Usage(format!("eps: bad directory: {e:#}")))?;
     let out = match operator {
         Some(name) => match dir.entry(&name) {
             Some(e) => serde_json::to_value(e).expect("json"),
@@ -73,8 +52,10 @@ pub fn directory_show(operator: Option<String>) -> ExitCode {
                     DirectorySettings::Files { path } => path,
                     DirectorySettings::Sd(f) => &f.path,
                 };
-                eprintln!("eps: {name:?} is not in the directory at {}", at.display());
-                return ExitCode::FAILURE;
+                return Err(Failure::Failed(format!(
+                    "eps: {name:?} is not in the directory at {}",
+                    at.display()
+                )));
             }
         },
         None => {
@@ -84,23 +65,15 @@ pub fn directory_show(operator: Option<String>) -> ExitCode {
         }
     };
     println!("{}", serde_json::to_string_pretty(&out).expect("json"));
-    ExitCode::SUCCESS
+    Ok(())
 }
 
 /// `eps call OPERATOR.METHOD PARAMS`: one call through the local EPS server, as its local
 /// client would make it (with the server's own certificate).
-pub fn call(method: String, params: String, timeout: Duration) -> ExitCode {
-    let s = match load() {
-        Ok(s) => s,
-        Err(code) => return code,
-    };
-    let params = match RawValue::from_string(params) {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("eps call: PARAMS is not JSON: {e}");
-            return ExitCode::from(EXIT_BAD_SETTINGS);
-        }
-    };
+pub fn call(method: String, params: String, timeout: Duration) -> Result<(), Failure> {
+    let s = load()?;
+    let params = RawValue::from_string(params)
+        .map_err(|e| Failure::Usage(format!("eps call: PARAMS is not JSON: {e}")))?;
     let server = &s.jsonrpc_server;
     let host = if server.bind_address.ip().is_unspecified() {
         "127.0.0.1".to_string()
@@ -111,13 +84,8 @@ pub fn call(method: String, params: String, timeout: Duration) -> ExitCode {
         Some(_) => format!("https://{host}:{}/jsonrpc", server.bind_address.port()),
         None => format!("http://{host}:{}/jsonrpc", server.bind_address.port()),
     };
-    let client = match RpcClient::new(&url, server.tls.as_ref(), timeout) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("eps call: {e}");
-            return ExitCode::from(EXIT_BAD_SETTINGS);
-        }
-    };
+    let client = RpcClient::new(&url, server.tls.as_ref(), timeout)
+        .map_err(|e| Failure::Usage(format!("eps call: {e}")))?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -126,15 +94,12 @@ pub fn call(method: String, params: String, timeout: Duration) -> ExitCode {
         Ok(result) => {
             let v: serde_json::Value = serde_json::from_str(result.get()).expect("result is JSON");
             println!("{}", serde_json::to_string_pretty(&v).expect("json"));
-            ExitCode::SUCCESS
+            Ok(())
         }
-        Err(CallError::Rpc(e)) => {
-            eprintln!("eps call: error {}: {}", e.code, e.message);
-            ExitCode::FAILURE
-        }
-        Err(e) => {
-            eprintln!("eps call: {e}");
-            ExitCode::FAILURE
-        }
+        Err(CallError::Rpc(e)) => Err(Failure::Failed(format!(
+            "eps call: error {}: {}",
+            e.code, e.message
+        ))),
+        Err(e) => Err(Failure::Failed(format!("eps call: {e}"))),
     }
 }

@@ -135,10 +135,25 @@ enum ServerCommand {
     Run,
 }
 
+/// Why a command did not succeed; [`main`] turns it into the exit status.
+#[derive(Debug)]
+pub enum Failure {
+    /// Bad settings, arguments or input, found before anything was done: exit 64 (EX_USAGE).
+    Usage(String),
+    /// The command ran and failed: exit 1.
+    Failed(String),
+    /// A server failed and logged why: exit 1.
+    Logged,
+}
+
+/// Exit status for [`Failure::Usage`].
+const EXIT_USAGE: u8 = 64;
+
 fn main() -> std::process::ExitCode {
+    use std::process::ExitCode;
     let cli = Cli::parse();
     cli.log.init();
-    match cli.command {
+    let outcome = match cli.command {
         Command::Certs(args) => certs::run(args),
         Command::Call {
             method,
@@ -165,5 +180,17 @@ fn main() -> std::process::ExitCode {
             SdCommand::Entries { name } => sd::cli::entries(name),
             SdCommand::Verify { file } => sd::cli::verify(&file),
         },
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Usage(why)) => {
+            eprintln!("{why}");
+            ExitCode::from(EXIT_USAGE)
+        }
+        Err(Failure::Failed(why)) => {
+            eprintln!("{why}");
+            ExitCode::FAILURE
+        }
+        Err(Failure::Logged) => ExitCode::FAILURE,
     }
 }

@@ -2,7 +2,6 @@
 //! directory server's chain, brought up to date), binds the JSON-RPC and gRPC listeners and
 //! runs until SIGINT or SIGTERM.
 
-use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context as _;
@@ -20,31 +19,21 @@ use crate::peers::{DirectoryClientVerifier, SharedDirectory};
 use crate::sd::follow::Follower;
 use crate::settings::{DirectorySettings, Settings};
 
-use crate::cli::EXIT_BAD_SETTINGS;
+use crate::Failure;
 
-pub fn main() -> ExitCode {
-    let settings = match crate::cli::load() {
-        Ok(s) => s,
-        Err(code) => return code,
-    };
-    let prepared = match prepare(&settings) {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("eps: bad settings: {e:#}");
-            return ExitCode::from(EXIT_BAD_SETTINGS);
-        }
-    };
+/// `eps server run`: loads the settings and serves until SIGINT or SIGTERM.
+pub fn main() -> Result<(), Failure> {
+    let settings = crate::cli::load()?;
+    let prepared =
+        prepare(&settings).map_err(|e| Failure::Usage(format!("eps: bad settings: {e:#}")))?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
-    match rt.block_on(run(settings, prepared)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("eps server failed: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    rt.block_on(run(settings, prepared)).map_err(|e| {
+        tracing::error!("eps server failed: {e:#}");
+        Failure::Logged
+    })
 }
 
 /// Everything built from settings before any port is bound.

@@ -3,7 +3,6 @@
 //! administrator's settings folder may hold nothing else.
 
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::{bail, Context as _};
@@ -17,8 +16,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::settings::FollowSettings;
-use crate::cli::EXIT_BAD_SETTINGS;
 use crate::settings::DirectorySettings;
+use crate::Failure;
 
 /// Times `eps sd submit` signs again when others appended first.
 const SUBMIT_ATTEMPTS: usize = 5;
@@ -29,11 +28,8 @@ struct DirectoryOnly {
 }
 
 /// The `directory.settings` of `EPS_SETTINGS`, which must be of type `sd`.
-fn load() -> Result<FollowSettings, ExitCode> {
-    let bad = |e: String| {
-        eprintln!("eps sd: bad settings: {e}");
-        ExitCode::from(EXIT_BAD_SETTINGS)
-    };
+fn load() -> Result<FollowSettings, Failure> {
+    let bad = |e: String| Failure::Usage(format!("eps sd: bad settings: {e}"));
     let s: DirectoryOnly =
         eps_core::settings::load_from_env("EPS_SETTINGS").map_err(|e| bad(e.to_string()))?;
     match s.directory {
@@ -48,18 +44,16 @@ fn load() -> Result<FollowSettings, ExitCode> {
 }
 
 /// Runs a command body on a small runtime and turns its error into exit code 1.
-fn run(what: &str, body: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+fn run(
+    what: &str,
+    body: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> Result<(), Failure> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
-    match rt.block_on(body) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("eps sd {what}: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    rt.block_on(body)
+        .map_err(|e| Failure::Failed(format!("eps sd {what}: {e:#}")))
 }
 
 fn client(s: &FollowSettings) -> anyhow::Result<RpcClient> {
@@ -157,11 +151,8 @@ fn print(v: &impl serde::Serialize) {
 /// `eps sd sign FILE... [--parent HASH]`: signs the records of the files as the next ones of
 /// the chain (after the directory server's head, or `parent`; `null` starts a chain) and
 /// prints them.
-pub fn sign(files: &[PathBuf], parent: Option<String>) -> ExitCode {
-    let s = match load() {
-        Ok(s) => s,
-        Err(code) => return code,
-    };
+pub fn sign(files: &[PathBuf], parent: Option<String>) -> Result<(), Failure> {
+    let s = load()?;
     run("sign", async {
         let records = unsigned(read_all(files)?)?;
         let key = signing_key(&s)?;
@@ -179,11 +170,8 @@ pub fn sign(files: &[PathBuf], parent: Option<String>) -> ExitCode {
 /// `eps sd submit FILE...`: submits the records of the files. Unsigned ones are signed first
 /// with the settings' key after the server's head, and signed again if others appended
 /// meanwhile.
-pub fn submit(files: &[PathBuf]) -> ExitCode {
-    let s = match load() {
-        Ok(s) => s,
-        Err(code) => return code,
-    };
+pub fn submit(files: &[PathBuf]) -> Result<(), Failure> {
+    let s = load()?;
     run("submit", async {
         let values = read_all(files)?;
         let c = client(&s)?;
@@ -229,11 +217,8 @@ pub fn submit(files: &[PathBuf]) -> ExitCode {
 }
 
 /// `eps sd entries [NAME]`: the directory server's folded entry of NAME, or every entry.
-pub fn entries(name: Option<String>) -> ExitCode {
-    let s = match load() {
-        Ok(s) => s,
-        Err(code) => return code,
-    };
+pub fn entries(name: Option<String>) -> Result<(), Failure> {
+    let s = load()?;
     run("entries", async {
         let c = client(&s)?;
         match name {
@@ -251,11 +236,8 @@ pub fn entries(name: Option<String>) -> ExitCode {
 /// `eps sd verify FILE`: verifies the signed records of FILE (a chain file, or
 /// `{"records": [...]}`) with the settings' trust. When they do not start a chain, the records
 /// before them are fetched from the directory server and verified too.
-pub fn verify(file: &Path) -> ExitCode {
-    let s = match load() {
-        Ok(s) => s,
-        Err(code) => return code,
-    };
+pub fn verify(file: &Path) -> Result<(), Failure> {
+    let s = load()?;
     run("verify", async {
         let t0 = Instant::now();
         let records: Vec<SignedRecord> = match ChainFile::read(file) {

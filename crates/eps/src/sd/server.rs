@@ -1,7 +1,6 @@
 //! `eps sd run`: the directory server. Loads its settings (`SD_SETTINGS`), verifies the chain
 //! file from its first record, binds the JSON-RPC listener and serves until SIGINT or SIGTERM.
 
-use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context as _;
@@ -12,44 +11,27 @@ use tokio_util::sync::CancellationToken;
 
 use super::service::{DirectoryService, SdMetrics};
 use super::settings::SdSettings;
-use crate::cli::EXIT_BAD_SETTINGS;
+use crate::Failure;
 
-pub fn main() -> ExitCode {
-    let settings: SdSettings = match eps_core::settings::load_from_env("SD_SETTINGS")
+/// `eps sd run`: loads `SD_SETTINGS`, verifies the chain and serves until SIGINT or SIGTERM.
+pub fn main() -> Result<(), Failure> {
+    let settings: SdSettings = eps_core::settings::load_from_env("SD_SETTINGS")
         .map_err(|e| e.to_string())
         .and_then(|s: SdSettings| s.validate().map(|()| s))
-    {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("eps sd run: bad settings: {e}");
-            return ExitCode::from(EXIT_BAD_SETTINGS);
-        }
-    };
-    let (tls, trust) = match prepare(&settings) {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("eps sd run: bad settings: {e:#}");
-            return ExitCode::from(EXIT_BAD_SETTINGS);
-        }
-    };
-    let (chain, file) = match open_chain(&settings, &trust) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("eps sd run: {e:#}");
-            return ExitCode::FAILURE;
-        }
-    };
+        .map_err(|e| Failure::Usage(format!("eps sd run: bad settings: {e}")))?;
+    let (tls, trust) = prepare(&settings)
+        .map_err(|e| Failure::Usage(format!("eps sd run: bad settings: {e:#}")))?;
+    let (chain, file) =
+        open_chain(&settings, &trust).map_err(|e| Failure::Failed(format!("eps sd run: {e:#}")))?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
-    match rt.block_on(run(settings, tls, trust, chain, file)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
+    rt.block_on(run(settings, tls, trust, chain, file))
+        .map_err(|e| {
             tracing::error!("directory server failed: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+            Failure::Logged
+        })
 }
 
 type ServerTls = Option<Arc<rustls::ServerConfig>>;
