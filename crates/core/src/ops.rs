@@ -41,6 +41,12 @@ pub struct MetricsSettings {
 pub type ReadyCheck =
     Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;
 
+/// The readiness of a process that is ready once it listens (its listeners are bound and its
+/// state loaded before the operations listener starts).
+pub fn ready_when_listening() -> ReadyCheck {
+    Arc::new(|| Box::pin(async { Ok(()) }))
+}
+
 /// Serves the operations endpoints until `shutdown`.
 pub async fn serve(
     listener: TcpListener,

@@ -215,12 +215,10 @@ async fn run(s: Settings, mut p: Prepared) -> anyhow::Result<()> {
     ));
     if let Some(listener) = ops_listener {
         tracing::info!(addr = %listener.local_addr()?, "serving /metrics, /healthz and /readyz");
-        // Ready once listening: the listeners are bound and the directory is loaded.
-        let ready: ops::ReadyCheck = Arc::new(|| Box::pin(async { Ok(()) }));
         tokio::spawn(ops::serve(
             listener,
             Arc::new(prometheus),
-            ready,
+            ops::ready_when_listening(),
             shutdown.clone(),
         ));
     }

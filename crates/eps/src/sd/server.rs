@@ -112,11 +112,10 @@ async fn run(
     ));
     if let Some(listener) = ops_listener {
         tracing::info!(addr = %listener.local_addr()?, "serving /metrics, /healthz and /readyz");
-        let ready: ops::ReadyCheck = Arc::new(|| Box::pin(async { Ok(()) }));
         tokio::spawn(ops::serve(
             listener,
             Arc::new(prometheus),
-            ready,
+            ops::ready_when_listening(),
             shutdown.clone(),
         ));
     }
