@@ -250,6 +250,33 @@ async fn wildcards_are_shared_and_guarded_in_redis() {
         "{r}"
     );
     assert!(c.b_works_for("w.internal-server.local").await);
+
+    // A name private-proxy-2 held before a wildcard came over it stays its own: renewing it
+    // is accepted (the claim script checks the holder before the wildcard).
+    let other = t.other_eps_client();
+    let announce_other = |domain: &'static str| {
+        let other = &other;
+        async move {
+            call(
+                other,
+                "public-proxy-1.announceConnections",
+                json!({"connections": [{"domain": domain}]}),
+            )
+            .await
+            .expect("announceConnections from private-proxy-2")
+        }
+    };
+    let r = announce_other("k.sub.internal-server.local").await;
+    assert_eq!(r["connections"][0]["accepted"], true, "{r}");
+    call(
+        &t.private_rpc(),
+        "announceConnection",
+        json!({"domain": "*.sub.internal-server.local"}),
+    )
+    .await
+    .expect("a wildcard over another operator's name");
+    let r = announce_other("k.sub.internal-server.local").await;
+    assert_eq!(r["connections"][0]["accepted"], true, "renewal: {r}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

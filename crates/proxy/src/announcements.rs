@@ -117,9 +117,12 @@ impl Table {
     }
 
     /// The live announcement of exactly this announced name (a host name or `*.P`).
-    fn held(&mut self, domain: &str, now: OffsetDateTime) -> Option<&Announcement> {
-        let (map, key) = self.slot(domain);
-        map.get(key).filter(|a| a.expires_at > now)
+    pub fn held(&self, domain: &str, now: OffsetDateTime) -> Option<&Announcement> {
+        let entry = match hostname::wildcard_parent(domain) {
+            Some(parent) => self.wildcards.get(parent),
+            None => self.exact.get(domain),
+        };
+        entry.filter(|a| a.expires_at > now)
     }
 
     /// Live announcements, sorted by domain.
@@ -179,16 +182,17 @@ impl Table {
         self.claim(a, now)
     }
 
-    /// Stores `a` unless another operator holds the same name, or (for an exact name) a live
-    /// wildcard over it (409).
+    /// Stores `a` unless another operator holds the same name, or (for an exact name not held
+    /// by `a`'s operator yet) a live wildcard of another operator over it (409).
     pub fn claim(&mut self, a: Announcement, now: OffsetDateTime) -> Result<Announcement, Refusal> {
-        if self
-            .held(&a.domain, now)
-            .is_some_and(|held| held.operator != a.operator)
-        {
+        let holder = self.held(&a.domain, now).map(|held| held.operator.as_str());
+        if holder.is_some_and(|op| op != a.operator) {
             return Err(conflict(&a.domain));
         }
-        if hostname::wildcard_parent(&a.domain).is_none() {
+        // A name its operator holds already stays its own (renewals included), even under a
+        // wildcard announced after it.
+        let renewal = holder.is_some();
+        if !renewal && hostname::wildcard_parent(&a.domain).is_none() {
             let covering = hostname::parent(&a.domain).and_then(|p| {
                 self.wildcards
                     .get(p)

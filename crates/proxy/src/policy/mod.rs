@@ -35,6 +35,9 @@ use crate::settings::DomainLimits;
 /// Highest rate accepted anywhere (new connections per second): far above what one process
 /// accepts, and a period governor can still represent.
 pub const MAX_RATE: f64 = 1_000_000.0;
+/// Lowest rate accepted anywhere: one new connection every 1000 s. Below it the period would
+/// not fit a `Duration` (1e-300 per second once crashed the limiter on its first client).
+pub const MIN_RATE: f64 = 0.001;
 
 /// An address range, written `203.0.113.0/24` or `2001:db8::/32`; a bare address is its own
 /// range. Host bits are dropped (`10.1.2.3/8` is `10.0.0.0/8`).
@@ -134,9 +137,9 @@ impl DomainPolicy {
             return Err("policy.max_concurrent must be at least 1".into());
         }
         if let Some(r) = self.new_connections_per_second {
-            if !(r.is_finite() && r > 0.0 && r <= MAX_RATE) {
+            if !(r.is_finite() && (MIN_RATE..=MAX_RATE).contains(&r)) {
                 return Err(format!(
-                    "policy.new_connections_per_second must be above 0 and at most {MAX_RATE}, not {r}"
+                    "policy.new_connections_per_second must be from {MIN_RATE} to {MAX_RATE}, not {r}"
                 ));
             }
         }
@@ -179,8 +182,14 @@ impl Rate {
 
     /// governor's form: one connection every 1/`per_second` s, `burst` at once.
     pub fn quota(&self) -> governor::Quota {
-        let period =
-            Duration::from_secs_f64(1.0 / self.per_second.clamp(f64::MIN_POSITIVE, MAX_RATE));
+        // Total for any input: rates are checked at the edges, but a stored rule from an older
+        // version must not panic the router.
+        let rate = if self.per_second.is_finite() {
+            self.per_second.clamp(MIN_RATE, MAX_RATE)
+        } else {
+            MAX_RATE
+        };
+        let period = Duration::try_from_secs_f64(1.0 / rate).unwrap_or(Duration::from_secs(1000));
         governor::Quota::with_period(period.max(Duration::from_nanos(1)))
             .expect("a period above zero")
             .allow_burst(NonZeroU32::new(self.burst).unwrap_or(NonZeroU32::MIN))

@@ -180,7 +180,7 @@ impl Public {
                 if since_prune >= PRUNE_INTERVAL_SECS {
                     since_prune = 0;
                     me.registry.prune().await;
-                    me.admission.gate.tidy(|d| me.registry.lookup(d).is_some());
+                    me.admission.gate.tidy(|d| me.registry.holds(d));
                 }
                 me.metrics
                     .policy_tracked
@@ -239,7 +239,12 @@ impl Public {
         self.metrics
             .client_hello_seconds
             .observe((hello_done - started).as_secs_f64());
-        let Some(Route { operator, policy }) = self.registry.lookup(&sni) else {
+        let Some(Route {
+            announced,
+            operator,
+            policy,
+        }) = self.registry.lookup(&sni)
+        else {
             self.metrics.refuse(&Refused::UnknownSni);
             tracing::debug!(client = %short_addr(addr), %sni, "no live announcement for this name");
             return;
@@ -248,7 +253,7 @@ impl Public {
             match self
                 .admission
                 .gate
-                .admit_domain(&sni, policy.as_deref(), addr.ip())
+                .admit_domain(&announced, policy.as_deref(), addr.ip())
             {
                 Ok(pass) => pass,
                 Err(r) => {

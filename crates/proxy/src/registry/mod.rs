@@ -47,6 +47,9 @@ pub enum StoreUnavailable {
 /// Where a client for a domain goes, and the rules its announcement set.
 #[derive(Debug, Clone)]
 pub struct Route {
+    /// The announcement that matched: the name itself, or the wildcard over it. Per-domain
+    /// limits count per announcement.
+    pub announced: String,
     pub operator: String,
     pub policy: Option<Arc<DomainPolicy>>,
 }
@@ -101,9 +104,17 @@ impl Registry {
         let now = OffsetDateTime::now_utc();
         let table = self.table.read().expect("table lock");
         table.lookup(domain, now).map(|a| Route {
+            announced: a.domain.clone(),
             operator: a.operator.clone(),
             policy: a.policy.clone(),
         })
+    }
+
+    /// Whether the announced name (a host name or `*.P`) is live.
+    pub fn holds(&self, announced: &str) -> bool {
+        let now = OffsetDateTime::now_utc();
+        let table = self.table.read().expect("table lock");
+        table.held(announced, now).is_some()
     }
 
     /// Number of live announcements.

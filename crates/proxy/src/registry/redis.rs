@@ -25,7 +25,8 @@ const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
 pub(super) const MAX_REDIS_BACKOFF: Duration = Duration::from_millis(500);
 
 /// Stores `value` under `domain` unless a live announcement of another operator holds it (0)
-/// or, for an exact name, a live wildcard of another operator covers it (2), and publishes the
+/// or, for an exact name its operator does not hold yet, a live wildcard of another operator
+/// covers it (2), and publishes the
 /// change. KEYS[1] hash; ARGV: domain, operator, value, now (unix), channel, the covering
 /// wildcard's name (`*.parent`, or empty for a wildcard).
 const CLAIM: &str = r#"
@@ -35,8 +36,14 @@ local function held_by_other(name)
   local ok, a = pcall(cjson.decode, cur)
   return ok and a.operator ~= ARGV[2] and tonumber(a.expires_unix) > tonumber(ARGV[4])
 end
+local function held_by_same(name)
+  local cur = redis.call('HGET', KEYS[1], name)
+  if not cur then return false end
+  local ok, a = pcall(cjson.decode, cur)
+  return ok and a.operator == ARGV[2] and tonumber(a.expires_unix) > tonumber(ARGV[4])
+end
 if held_by_other(ARGV[1]) then return 0 end
-if ARGV[6] ~= '' and held_by_other(ARGV[6]) then return 2 end
+if ARGV[6] ~= '' and not held_by_same(ARGV[1]) and held_by_other(ARGV[6]) then return 2 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 redis.call('PUBLISH', ARGV[5], ARGV[1] .. '\n' .. ARGV[3])
 return 1

@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::policy::{Cidr, MAX_RATE};
+use crate::policy::{Cidr, MAX_RATE, MIN_RATE};
 
 /// Default cap on source addresses whose connection rate is tracked.
 pub const DEFAULT_MAX_TRACKED_ADDRESSES: usize = 65_536;
@@ -104,9 +104,10 @@ pub struct ProxyProtocolSettings {
 
 /// A rate setting: a number of new connections per second from 0 (off) to [`MAX_RATE`].
 fn check_rate(key: &str, rate: f64, burst: u32) -> Result<(), String> {
-    if !(rate.is_finite() && (0.0..=MAX_RATE).contains(&rate)) {
+    let ok = rate == 0.0 || (rate.is_finite() && (MIN_RATE..=MAX_RATE).contains(&rate));
+    if !ok {
         return Err(format!(
-            "{key} must be from 0 (no limit) to {MAX_RATE}, not {rate}"
+            "{key} must be 0 (no limit) or from {MIN_RATE} to {MAX_RATE}, not {rate}"
         ));
     }
     if rate == 0.0 && burst > 0 {
