@@ -60,7 +60,11 @@ pub struct RpcClient {
     url: http::Uri,
     next_id: Arc<AtomicU64>,
     timeout: Duration,
+    max_response_bytes: usize,
 }
+
+/// Largest response body a client reads by default: a server cannot make it hold more.
+pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
 
 impl RpcClient {
     /// A client for `url`. An `https` URL needs `tls` (the CA to trust and, for servers that
@@ -121,7 +125,14 @@ impl RpcClient {
             url: uri,
             next_id: Arc::new(AtomicU64::new(1)),
             timeout,
+            max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
         })
+    }
+
+    /// The same client, reading responses of at most `n` bytes (a larger one fails the call).
+    pub fn with_max_response_bytes(mut self, n: usize) -> Self {
+        self.max_response_bytes = n;
+        self
     }
 
     /// The URL this client calls.
@@ -179,13 +190,15 @@ impl RpcClient {
                 }
             })?;
             let status = resp.status();
-            let body = resp
-                .into_body()
+            let body = http_body_util::Limited::new(resp.into_body(), self.max_response_bytes)
                 .collect()
                 .await
                 .map_err(|e| CallError::Unreachable {
                     url: url(),
-                    reason: e.to_string(),
+                    reason: format!(
+                        "{e} (responses are read up to {} bytes)",
+                        self.max_response_bytes
+                    ),
                 })?
                 .to_bytes();
             match serde_json::from_slice::<Response>(&body) {

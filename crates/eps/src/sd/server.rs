@@ -9,7 +9,7 @@ use eps_core::sd::{Chain, ChainFile, Trust};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use super::service::{DirectoryService, SdMetrics};
+use super::service::{DirectoryService, SdMetrics, SdRpc};
 use super::settings::SdSettings;
 use crate::Failure;
 
@@ -107,7 +107,7 @@ async fn run(
         listener,
         tls,
         s.jsonrpc_server.limits.clone(),
-        service,
+        Arc::new(SdRpc(service)),
         shutdown.clone(),
     ));
     if let Some(listener) = ops_listener {

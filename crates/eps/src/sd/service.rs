@@ -300,14 +300,25 @@ fn params<T: DeserializeOwned>(req: &Request) -> Result<T, RpcError> {
     serde_json::from_str(text).map_err(|e| RpcError::invalid_params(format!("{}: {e}", req.method)))
 }
 
-impl Handler for DirectoryService {
+/// The directory server's JSON-RPC methods.
+pub struct SdRpc(pub Arc<DirectoryService>);
+
+impl Handler for SdRpc {
     async fn call(&self, req: Request, _peer: Peer) -> Outcome {
         match req.method.as_str() {
-            p::SUBMIT_RECORDS => self.submit(params(&req)?).await,
-            p::GET_RECORDS => self.get_records(params(&req)?).await,
-            p::GET_ENTRIES => self.entries().await,
-            p::GET_ENTRY => self.entry(params(&req)?).await,
-            p::GET_HEAD => self.head().await,
+            // On its own task: a caller that stops waiting (its deadline, a hang-up) must not
+            // stop a submission between its append to the file and its commit in memory (the
+            // file would hold records the chain does not, and the next start would refuse it).
+            p::SUBMIT_RECORDS => {
+                let (me, s) = (self.0.clone(), params(&req)?);
+                tokio::spawn(async move { me.submit(s).await })
+                    .await
+                    .unwrap_or_else(|e| Err(RpcError::internal(format!("submission failed: {e}"))))
+            }
+            p::GET_RECORDS => self.0.get_records(params(&req)?).await,
+            p::GET_ENTRIES => self.0.entries().await,
+            p::GET_ENTRY => self.0.entry(params(&req)?).await,
+            p::GET_HEAD => self.0.head().await,
             other => Err(RpcError::method_not_found(format!(
                 "the directory server has no method {other:?}; it has {}, {}, {}, {} and {}",
                 p::SUBMIT_RECORDS,
