@@ -63,7 +63,7 @@ pub mod tunnel;
 #[path = "support/wait.rs"]
 mod wait;
 
-pub use curl::curl;
+pub use curl::{curl, curl_get, CurlReply};
 pub use eps::{operator_records, record, start_eps, write_records, EpsConfig, EPS_READY};
 pub use files::TestDir;
 pub use hello::rustls_hello;
