@@ -272,21 +272,43 @@ fn cert_err(e: rcgen::Error) -> AcmeError {
 /// certificate naming it, with the acmeIdentifier extension holding the SHA-256 of the key
 /// authorization, and ALPN `acme-tls/1` only (RFC 8737 §3).
 fn challenge_config(domain: &str, digest: &[u8]) -> Result<Arc<ServerConfig>, AcmeError> {
-    let key = rcgen::KeyPair::generate().map_err(cert_err)?;
-    let mut params = rcgen::CertificateParams::new(vec![domain.to_string()]).map_err(cert_err)?;
-    params.custom_extensions = vec![rcgen::CustomExtension::new_acme_identifier(digest)];
-    let cert = params.self_signed(&key).map_err(cert_err)?;
     let mut config = ServerConfig::builder_with_provider(eps_core::tls::provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| AcmeError::Certificate(e.to_string()))?
         .with_no_client_auth()
-        .with_single_cert(
-            vec![cert.der().clone()],
-            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
-        )
-        .map_err(|e| AcmeError::Certificate(e.to_string()))?;
+        .with_cert_resolver(Arc::new(Fixed(challenge_certificate(domain, digest)?)));
     config.alpn_protocols = vec![ACME_TLS_ALPN.as_bytes().to_vec()];
     Ok(Arc::new(config))
+}
+
+/// The self-signed certificate of [`challenge_config`].
+fn challenge_certificate(domain: &str, digest: &[u8]) -> Result<Arc<CertifiedKey>, AcmeError> {
+    let key = rcgen::KeyPair::generate().map_err(cert_err)?;
+    let mut params = rcgen::CertificateParams::new(vec![domain.to_string()]).map_err(cert_err)?;
+    params.custom_extensions = vec![rcgen::CustomExtension::new_acme_identifier(digest)];
+    let cert = params.self_signed(&key).map_err(cert_err)?;
+    // Not `with_single_cert`: its consistency check parses the certificate with webpki, which
+    // refuses the critical acmeIdentifier extension that RFC 8737 requires.
+    let signer = eps_core::tls::provider()
+        .key_provider
+        .load_private_key(rustls::pki_types::PrivateKeyDer::Pkcs8(
+            key.serialize_der().into(),
+        ))
+        .map_err(|e| AcmeError::Certificate(e.to_string()))?;
+    Ok(Arc::new(CertifiedKey::new(
+        vec![cert.der().clone()],
+        signer,
+    )))
+}
+
+/// Always the same certificate: the challenge's.
+#[derive(Debug)]
+struct Fixed(Arc<CertifiedKey>);
+
+impl ResolvesServerCert for Fixed {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
 }
 
 /// When a certificate is due for renewal: `fraction` of its lifetime after its start.
@@ -356,5 +378,50 @@ impl ManagedCert {
     /// The config answering a TLS-ALPN-01 validation, while an order waits for one.
     pub fn challenge(&self) -> Option<Arc<ServerConfig>> {
         self.slot.challenge.read().expect("lock").clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_challenge_certificate_carries_the_key_authorization_digest() {
+        let digest = [7u8; 32];
+        let config = challenge_config("a.example.com", &digest).unwrap();
+        assert_eq!(config.alpn_protocols, vec![b"acme-tls/1".to_vec()]);
+        let ck = challenge_certificate("a.example.com", &digest).unwrap();
+        let (_, cert) = x509_parser::parse_x509_certificate(ck.cert[0].as_ref()).unwrap();
+        let ext = cert
+            .extensions()
+            .iter()
+            .find(|e| e.oid.to_id_string() == "1.3.6.1.5.5.7.1.31")
+            .expect("the acmeIdentifier extension");
+        assert!(ext.critical, "RFC 8737: the extension is critical");
+        // An OCTET STRING of the 32-byte SHA-256 digest.
+        assert_eq!(&ext.value[2..], &digest);
+        let names: Vec<String> = cert
+            .subject_alternative_name()
+            .unwrap()
+            .unwrap()
+            .value
+            .general_names
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        assert_eq!(names, ["DNSName(a.example.com)"]);
+    }
+
+    #[test]
+    fn renewal_comes_at_the_fraction_of_the_lifetime() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["a.example.com".into()]).unwrap();
+        let start = OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap();
+        params.not_before = start;
+        params.not_after = start + time::Duration::days(90);
+        let cert = params.self_signed(&key).unwrap();
+        let pem = format!("{}{}", key.serialize_pem(), cert.pem());
+        let ck = storage::certified_key(pem.as_bytes()).unwrap();
+        assert_eq!(renew_time(&ck, 2.0 / 3.0), start + time::Duration::days(60));
     }
 }
