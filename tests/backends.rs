@@ -13,6 +13,7 @@ use std::time::Duration;
 use eps_core::http::CallError;
 use eps_core::jsonrpc;
 use eps_tests::keepalive::KeepAlive;
+use eps_tests::pebble::served_leaf;
 use eps_tests::tunnel::{https_request, Role, Tunnel, DOMAIN, PROCESS_WAIT, SUCCESS};
 use eps_tests::*;
 use tokio::io::AsyncWriteExt;
@@ -191,6 +192,31 @@ async fn terminated_handshake_failures_are_counted() {
         "an acme-tls/1 ClientHello did not reach the private proxy"
     );
     assert!(t.works_for(APP).await, "{APP} after the failed clients");
+}
+
+/// A terminated domain's certificate files are followed: replaced on disk, the new
+/// certificate is served to new clients without a restart, and a kept-alive client goes on.
+#[tokio::test(flavor = "multi_thread")]
+async fn terminated_certificate_files_rotate_without_restart() {
+    let (t, _plain, _) = two_backends("terminate-rotation").await;
+    let mut kept = KeepAlive::open(t.public_addr, t.client_config(), APP)
+        .await
+        .expect("a kept-alive connection to the terminated domain");
+    kept.expect_success("before the rotation").await;
+    let root = t.root();
+    let leaf = || served_leaf(t.public_addr, &root, APP);
+    let first = leaf().await.expect("the first certificate");
+
+    for path in [t.pki.cert(APP_CERT), t.pki.key(APP_CERT)] {
+        std::fs::remove_file(&path).expect("removing the old certificate and key");
+    }
+    t.pki.issue_server(APP_CERT, &[APP]);
+    assert!(
+        wait_until(SETTLE, || async { leaf().await.is_ok_and(|l| l != first) }).await,
+        "the new certificate is not served"
+    );
+    kept.expect_success("after the rotation").await;
+    assert!(t.works_for(APP).await);
 }
 
 /// A backend added with `announceConnection` is used at once, kept in the store and used again
