@@ -90,23 +90,21 @@ impl Private {
         // Passthrough dials the endpoint now, so that a client of an unreachable one is closed
         // at once; a terminated domain dials it during the handshake (terminate.rs), and not at
         // all for an ACME validation.
-        let (public, server) = if backend.terminator.is_none() {
+        let (mut public, server) = if backend.terminator.is_none() {
             let (public, server) = tokio::join!(
                 self.pool.get(&p.endpoint),
                 dial(internal, s.connect_timeout)
             );
+            let public = public.map_err(public_error)?;
             let mut server = server.map_err(internal_error)?;
             if let Some(header) = &header {
                 server.write_all(header).await.map_err(internal_error)?;
             }
-            (public.map_err(public_error)?, Some(server))
+            (public, Some(server))
         } else {
-            (
-                self.pool.get(&p.endpoint).await.map_err(public_error)?,
-                None,
-            )
+            let public = self.pool.get(&p.endpoint).await.map_err(public_error)?;
+            (public, None)
         };
-        let mut public = public;
         public
             .send_token(token.as_bytes())
             .await
