@@ -27,6 +27,8 @@
 //! - `support/netns.rs`: [`netns::Netns`], hosts as Linux network namespaces joined by veth pairs
 //!   (198.18.0.0/15), nftables rules inside them (a firewall that drops new inbound connections,
 //!   a silently cut path), processes and client sockets inside them; removed on drop.
+//! - `support/pebble.rs`: [`pebble::Pebble`], the ACME test server and its mock DNS on free
+//!   ports (Debian's `pebble` package), validating through the tunnel's public port.
 //! - `support/sockets.rs`: raw TCP: [`read_until_closed`] and a plain HTTP/1.1 GET
 //!   ([`get_to_end`]).
 //!
@@ -50,6 +52,8 @@ mod hello;
 pub mod keepalive;
 #[path = "support/netns.rs"]
 pub mod netns;
+#[path = "support/pebble.rs"]
+pub mod pebble;
 #[path = "support/pki.rs"]
 mod pki;
 #[path = "support/process.rs"]
@@ -65,7 +69,7 @@ pub mod tunnel;
 #[path = "support/wait.rs"]
 mod wait;
 
-pub use curl::curl;
+pub use curl::{curl, curl_get, CurlReply};
 pub use eps::{operator_records, record, start_eps, write_records, EpsConfig, EPS_READY};
 pub use files::TestDir;
 pub use hello::rustls_hello;

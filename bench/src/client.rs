@@ -19,6 +19,9 @@ use tokio_rustls::TlsConnector;
 
 /// The name every system routes by (and the internal server's certificate carries).
 pub const SNI: &str = "test.internal-server.local";
+/// eps's second domain, whose TLS ends at the private proxy (same wildcard certificate there),
+/// in front of a plain-HTTP internal server.
+pub const TERMINATED_SNI: &str = "terminated.internal-server.local";
 /// Largest response head accepted.
 const MAX_HEAD_BYTES: usize = 16 * 1024;
 /// Read buffer of a download.
@@ -37,6 +40,11 @@ pub struct Client {
 impl Client {
     /// A client trusting the PEM root CA at `root`.
     pub fn new(root: &Path) -> anyhow::Result<Self> {
+        Self::with_sni(root, SNI)
+    }
+
+    /// [`new`](Self::new), asking for `sni`.
+    pub fn with_sni(root: &Path, sni: &str) -> anyhow::Result<Self> {
         let roots = eps_core::tls::root_store(root).context("loading the root CA")?;
         let mut config = rustls::ClientConfig::builder_with_provider(eps_core::tls::provider())
             .with_safe_default_protocol_versions()?
@@ -46,7 +54,7 @@ impl Client {
         config.resumption = Resumption::disabled();
         Ok(Self {
             connector: TlsConnector::from(Arc::new(config)),
-            name: ServerName::try_from(SNI)?.to_owned(),
+            name: ServerName::try_from(sni.to_string())?,
         })
     }
 

@@ -38,7 +38,7 @@ pub struct Report {
 }
 
 /// Scenarios in table order, with their unit and whether higher is better.
-pub const SCENARIOS: [(&str, &str, bool); 17] = [
+pub const SCENARIOS: [(&str, &str, bool); 24] = [
     ("throughput_1", "MiB/s", true),
     ("throughput_8", "MiB/s", true),
     ("connect_p50", "ms", false),
@@ -46,6 +46,14 @@ pub const SCENARIOS: [(&str, &str, bool); 17] = [
     ("conn_rate", "conn/s", true),
     ("connect1_p50", "ms", false),
     ("connect1_p99", "ms", false),
+    // eps only: the same on a domain whose TLS ends at the private proxy.
+    ("throughput_1_terminated", "MiB/s", true),
+    ("throughput_8_terminated", "MiB/s", true),
+    ("connect_p50_terminated", "ms", false),
+    ("connect_p99_terminated", "ms", false),
+    ("conn_rate_terminated", "conn/s", true),
+    ("connect1_p50_terminated", "ms", false),
+    ("connect1_p99_terminated", "ms", false),
     ("idle_rss_per_conn", "KiB", false),
     ("rpc_p50", "ms", false),
     ("rpc_p99", "ms", false),

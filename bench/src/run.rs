@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::Instant;
 
-use crate::client::Client;
+use crate::client::{Client, TERMINATED_SNI};
 use crate::report::{num, Report};
 use crate::scenarios::{self, Plan, Timed};
 use crate::systems::{Env, Kind, System};
@@ -65,6 +65,12 @@ pub async fn run(args: &Args, work: &Path) -> anyhow::Result<()> {
     let per_system = usize::from(wants(Group::Idle))
         + 2 * usize::from(wants(Group::Connect))
         + 2 * usize::from(wants(Group::Throughput));
+    // eps's terminated domain: connect_*, connect1_*, throughput_1 and throughput_8 again.
+    let terminated_lines = if running.iter().any(|s| s.kind == Kind::Eps) {
+        2 * usize::from(wants(Group::Connect)) + 2 * usize::from(wants(Group::Throughput))
+    } else {
+        0
+    };
     let refusal_cases = if wants(Group::Refusals) && running.iter().any(|s| s.kind == Kind::Eps) {
         6
     } else {
@@ -72,7 +78,7 @@ pub async fn run(args: &Args, work: &Path) -> anyhow::Result<()> {
     };
     let mut progress = Progress {
         step: 0,
-        total: running.len() * per_system + rpc_systems + refusal_cases,
+        total: running.len() * per_system + terminated_lines + rpc_systems + refusal_cases,
     };
 
     for s in running.iter().filter(|_| wants(Group::Idle)) {
@@ -189,6 +195,10 @@ pub async fn run(args: &Args, work: &Path) -> anyhow::Result<()> {
             progress.line(&mut report, scenario, s.kind, line);
         }
     }
+    if let Some(eps) = running.iter().find(|s| s.kind == Kind::Eps) {
+        let client = Client::with_sni(&env.root(), TERMINATED_SNI)?;
+        terminated(&mut report, &mut progress, &plan, eps, &client, wants).await?;
+    }
     if rpc_systems > 0 {
         let has_eps = running.iter().any(|s| s.kind == Kind::Eps);
         let bench = rpc::RpcBench::start(&env, has_eps).await?;
@@ -257,6 +267,89 @@ pub async fn run(args: &Args, work: &Path) -> anyhow::Result<()> {
         "==> wrote {0}/latest.json, {0}/latest.md and {0}/latest.png",
         args.out.display()
     );
+    Ok(())
+}
+
+/// The connect and throughput scenarios on eps's domain whose TLS ends at the private proxy
+/// (`*_terminated` rows, next to eps's passthrough ones), one after the other.
+async fn terminated(
+    report: &mut Report,
+    progress: &mut Progress,
+    plan: &Plan,
+    eps: &System,
+    client: &Client,
+    wants: impl Fn(Group) -> bool,
+) -> anyhow::Result<()> {
+    const SUFFIX: &str = "_terminated";
+    if wants(Group::Connect) {
+        let before = eps.cpu_secs()?;
+        let t = scenarios::connect(client, eps.addr, plan.connections, plan.connect_clients).await;
+        let used: Vec<f64> = eps
+            .cpu_secs()?
+            .iter()
+            .zip(before)
+            .map(|(a, b)| a - b)
+            .collect();
+        let parts: Vec<String> = eps
+            .pids
+            .iter()
+            .zip(&used)
+            .map(|((name, _), secs)| {
+                format!(
+                    "{name} {:.0}",
+                    secs * 1e6 / t.samples_ms.len().max(1) as f64
+                )
+            })
+            .collect();
+        report.notes.push(format!(
+            "connect on eps, TLS ended at the private proxy: CPU µs per connection by process \
+             (warm-up connections included): {}.",
+            parts.join(", ")
+        ));
+        let (p50, p99) = (t.quantile(0.5), t.quantile(0.99));
+        report.push("connect_p50_terminated", "eps", p50);
+        report.push("connect_p99_terminated", "eps", p99);
+        report.push("conn_rate_terminated", "eps", t.rate);
+        failures(report, "connect_terminated", eps, &t, plan.connections);
+        let line = format!(
+            "p50 {} ms, p99 {} ms, {} conn/s",
+            num(p50),
+            num(p99),
+            num(t.rate)
+        );
+        progress.line(report, "connect_*_terminated", Kind::Eps, Ok(line));
+        let t = scenarios::connect(client, eps.addr, plan.connections_1, 1).await;
+        let (p50, p99) = (t.quantile(0.5), t.quantile(0.99));
+        report.push("connect1_p50_terminated", "eps", p50);
+        report.push("connect1_p99_terminated", "eps", p99);
+        failures(report, "connect1_terminated", eps, &t, plan.connections_1);
+        let line = format!("p50 {} ms, p99 {} ms", num(p50), num(p99));
+        progress.line(report, "connect1_*_terminated", Kind::Eps, Ok(line));
+    }
+    let downloads = [
+        ("throughput_1", 1, plan.download_1),
+        ("throughput_8", 8, plan.download_8),
+    ];
+    for (scenario, conns, bytes) in downloads.into_iter().filter(|_| wants(Group::Throughput)) {
+        let mut got = Vec::new();
+        for _ in 0..plan.rounds {
+            match scenarios::throughput(client, eps.addr, conns, bytes).await {
+                Ok(mib) => got.push(mib),
+                Err(e) => report
+                    .notes
+                    .push(format!("{scenario}{SUFFIX} on eps: {e:#}")),
+            }
+        }
+        let name = format!("{scenario}{SUFFIX}");
+        let line = match scenarios::median(&got) {
+            Some(mib) => {
+                report.push(&name, "eps", mib);
+                Ok(format!("{} MiB/s (median of {})", num(mib), got.len()))
+            }
+            None => Err(anyhow::anyhow!("every round failed")),
+        };
+        progress.line(report, &name, Kind::Eps, line);
+    }
     Ok(())
 }
 

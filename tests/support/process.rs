@@ -127,6 +127,14 @@ impl Proc {
         self.wait_exit(grace).await
     }
 
+    /// Sends SIGHUP (re-read settings and TLS files).
+    pub fn hangup(&mut self) {
+        assert!(self.is_running(), "{} is not running", self.name);
+        let pid = libc::pid_t::try_from(self.pid()).expect("pid fits pid_t");
+        // SAFETY: plain kill(2) on our own child, which is not reaped yet (is_running said so).
+        unsafe { libc::kill(pid, libc::SIGHUP) };
+    }
+
     /// Kills the process if it still runs and starts it again with the same program, arguments
     /// and environment, appending to the same log.
     pub fn restart(&mut self) {

@@ -401,6 +401,28 @@ impl Tunnel {
             .then(|| start.elapsed())
     }
 
+    /// Starts `internal-server` in plain mode (`IS_PLAIN=1`: HTTP/1.1 and HTTP/2 without TLS)
+    /// on a free port, reading a PROXY header first with `proxy_protocol`, and waits until it
+    /// listens: a backend for a domain whose TLS ends at the private proxy.
+    pub async fn start_plain_server(&self, name: &str, proxy_protocol: bool) -> (Proc, SocketAddr) {
+        let addr = free_addr();
+        let mut env: Vec<(&str, String)> = internal_server_env(&self.pki, addr).into();
+        env.push(("IS_PLAIN", "1".into()));
+        if proxy_protocol {
+            env.push(("IS_PROXY_PROTOCOL", "1".into()));
+        }
+        let mut proc = Proc::start(
+            name,
+            &bin_path("internal-server"),
+            std::iter::empty::<&str>(),
+            env,
+            self.dir.join(format!("{name}.log")),
+        );
+        proc.wait_for_log(Role::InternalServer.ready_line(), PROCESS_WAIT)
+            .await;
+        (proc, addr)
+    }
+
     /// Connections the internal server has finished so far (all its runs).
     pub fn internal_connections(&self) -> usize {
         self.proc(Role::InternalServer)

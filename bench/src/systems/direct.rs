@@ -1,6 +1,6 @@
 //! What every system shares: the work folder, the binaries, the certificates (made by the
 //! project's own `eps_core::pki`) and the one internal TLS server, which is also the `direct`
-//! system.
+//! system; and the same server in plain mode, the backend of eps's terminated domain.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -32,9 +32,13 @@ pub struct Env {
     pub fingerprints: Vec<(String, String)>,
     pub server_addr: SocketAddr,
     pub server_pid: u32,
+    /// The internal server in plain mode (`IS_PLAIN=1`): behind eps's domain whose TLS ends
+    /// at the private proxy.
+    pub plain_addr: SocketAddr,
     /// eps in its dialed form (`--eps-dialed`) rather than the firewalled one.
     pub eps_dialed: bool,
     _server: Proc,
+    _plain: Proc,
 }
 
 impl Env {
@@ -56,37 +60,17 @@ impl Env {
         let report = pki::ensure(&certs, &operators, &[server], None, false)
             .context("issuing certificates")?;
         let program = bin(&bins, "internal-server")?;
-        let log = work.join("internal-server.log");
-        let mut server = Proc::start(
-            "internal-server",
-            &program,
-            [""; 0],
-            [
-                ("IS_BIND_ADDRESS", "127.0.0.1:0".into()),
-                (
-                    "IS_CERTIFICATE",
-                    path_str(&certs.join("internal-server.crt")),
-                ),
-                ("IS_KEY", path_str(&certs.join("internal-server.key"))),
-                ("IS_MAX_CONNECTIONS", SERVER_MAX_CONNECTIONS.into()),
-                ("RUST_LOG", RUST_LOG.into()),
-            ],
-            &log,
-        )?;
-        let mut addr = None;
-        eps_testkit::wait_until(Duration::from_secs(30), || {
-            addr = std::fs::read_to_string(&log).ok().and_then(|text| {
-                let line = text.lines().find_map(|l| l.strip_prefix(LISTENING))?;
-                line.trim().parse().ok()
-            });
-            let found = addr.is_some() || server.check_running().is_err();
-            async move { found }
-        })
-        .await;
-        server.check_running()?;
-        let Some(server_addr) = addr else {
-            bail!("internal-server did not print {LISTENING:?} within 30 s");
-        };
+        let tls = [
+            (
+                "IS_CERTIFICATE",
+                path_str(&certs.join("internal-server.crt")),
+            ),
+            ("IS_KEY", path_str(&certs.join("internal-server.key"))),
+        ];
+        let (server, server_addr) = start_server(&program, work, "internal-server", tls).await?;
+        let plain_env = [("IS_PLAIN", "1".to_string())];
+        let (plain, plain_addr) =
+            start_server(&program, work, "internal-server-plain", plain_env).await?;
         Ok(Self {
             work: work.to_path_buf(),
             bins,
@@ -94,8 +78,10 @@ impl Env {
             fingerprints: report.fingerprints,
             server_addr,
             server_pid: server.pid(),
+            plain_addr,
             eps_dialed: false,
             _server: server,
+            _plain: plain,
         })
     }
 
@@ -122,6 +108,38 @@ impl Env {
             key: self.certs.join(format!("{name}.key")),
             verify_client,
         }
+    }
+}
+
+/// Starts `internal-server` as `name` with `env` added, and waits for its address.
+async fn start_server<const N: usize>(
+    program: &Path,
+    work: &Path,
+    name: &str,
+    env: [(&str, String); N],
+) -> anyhow::Result<(Proc, SocketAddr)> {
+    let log = work.join(format!("{name}.log"));
+    let mut vars = vec![
+        ("IS_BIND_ADDRESS", "127.0.0.1:0".to_string()),
+        ("IS_MAX_CONNECTIONS", SERVER_MAX_CONNECTIONS.into()),
+        ("RUST_LOG", RUST_LOG.into()),
+    ];
+    vars.extend(env);
+    let mut server = Proc::start(name, program, [""; 0], vars, &log)?;
+    let mut addr = None;
+    eps_testkit::wait_until(Duration::from_secs(30), || {
+        addr = std::fs::read_to_string(&log).ok().and_then(|text| {
+            let line = text.lines().find_map(|l| l.strip_prefix(LISTENING))?;
+            line.trim().parse().ok()
+        });
+        let found = addr.is_some() || server.check_running().is_err();
+        async move { found }
+    })
+    .await;
+    server.check_running()?;
+    match addr {
+        Some(a) => Ok((server, a)),
+        None => bail!("{name} did not print {LISTENING:?} within 30 s"),
     }
 }
 

@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 
 use super::direct::RUST_LOG;
 use super::{free_addr, Env, Kind, System};
-use crate::client::SNI;
+use crate::client::{SNI, TERMINATED_SNI};
 use crate::procs::Proc;
 
 const PUBLIC: &str = "public-proxy-1";
@@ -108,7 +108,15 @@ pub fn start_with(env: &Env, o: &Overrides) -> anyhow::Result<System> {
         "private": {
             "public_proxy": PUBLIC,
             "internal_endpoint": env.server_addr.to_string(),
-            "announcements": [{"domain": SNI}],
+            "announcements": [
+                {"domain": SNI},
+                // TLS ends at the private proxy, then plain HTTP: the `*_terminated` rows.
+                {"domain": TERMINATED_SNI, "internal_endpoint": env.plain_addr.to_string(),
+                 "tls": {"mode": "terminate",
+                         "certificate": env.certs.join("internal-server.crt"),
+                         "key": env.certs.join("internal-server.key"),
+                         "alpn": ["http/1.1"]}},
+            ],
             "max_relays": MAX_RELAYS,
         },
     });

@@ -13,15 +13,18 @@
 //!   rules and their bounds, PROXY protocol headers (`policy/proxy_header.rs`).
 //! - `admission` (private): reading a client's PROXY header and ClientHello under one deadline,
 //!   typed read refusals, refusal log lines sampled per reason.
-//! - [`private`]: `proxy run private`: the announcer (`private/mod.rs`) and the dial-back
-//!   (`private/incoming.rs`).
+//! - [`private`]: `proxy run private`: the announcer (`private/mod.rs`), the dial-back
+//!   (`private/incoming.rs`), each domain's backend (`private/backend.rs`), TLS ending at the
+//!   private proxy (`private/terminate.rs`) and the ACME client (`private/acme/`).
 //! - [`registry`]: the public side's in-memory announcements and their file store
 //!   (`registry/mod.rs`) or Redis backend (`registry/redis.rs`).
 //! - [`metrics`]: Prometheus counters of both proxies; refusals by typed reason ([`metrics::Reason`]).
-//! - [`relay`]: byte relaying with half-close and an idle timeout.
+//! - [`relay`]: byte relaying with half-close and an idle timeout, between sockets
+//!   (`relay/mod.rs`) or any two streams, such as a TLS one (`relay/stream.rs`).
 //! - [`store`]: the embedded, atomically replaced announcement file.
 //! - [`settings`]: the `PROXY_SETTINGS` schema and its defaults (access policy:
-//!   `settings/policy.rs`), the role and its checked section.
+//!   `settings/policy.rs`; backends, TLS handling and ACME: `settings/backend.rs`), the role and
+//!   its checked section.
 //! - [`run`]: wires settings, listeners and tasks for either role.
 //! - `limiter` (private): the wrong-token limiter and the per-address caps on silent data
 //!   connections of the internal port.

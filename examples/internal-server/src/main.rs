@@ -1,5 +1,7 @@
 //! `internal-server`: the demo's internal TLS server. It answers `{"message": "success"}` to GET
-//! and POST on any path, over HTTP/1.1 or HTTP/2 (ALPN), with the development certificate.
+//! and POST on any path, over HTTP/1.1 or HTTP/2 (ALPN), with the development certificate; or,
+//! with `IS_PLAIN=1`, the same over plain TCP (HTTP/1.1, and HTTP/2 with prior knowledge), as a
+//! backend behind TLS ending at the private proxy.
 //!
 //! Environment:
 //! - `IS_BIND_ADDRESS`: address to listen on, default `127.0.0.1:8888` (`127.0.0.1:0` picks a
@@ -10,6 +12,7 @@
 //! - `IS_PROXY_PROTOCOL`: `1` to expect a PROXY protocol v2 header before TLS on every
 //!   connection (the private proxy sends one with `private.proxy_protocol: true`) and log the
 //!   client address it carries.
+//! - `IS_PLAIN`: `1` to serve plain HTTP instead of TLS (no certificate needed).
 //!
 //! # Layout
 //! - [`server`]: the accept loop, one task per connection, TLS and HTTP, shutdown.
@@ -44,6 +47,7 @@ struct Config {
     key: PathBuf,
     max_connections: usize,
     proxy_protocol: bool,
+    plain: bool,
 }
 
 impl Config {
@@ -64,6 +68,7 @@ impl Config {
                 .filter(|&n| n > 0)
                 .with_context(|| format!("IS_MAX_CONNECTIONS={max:?} is not a positive number"))?,
             proxy_protocol: matches!(var("IS_PROXY_PROTOCOL", "0").as_str(), "1" | "true" | "yes"),
+            plain: matches!(var("IS_PLAIN", "0").as_str(), "1" | "true" | "yes"),
         })
     }
 }
@@ -75,9 +80,13 @@ async fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(EXIT_CONFIG, &format!("{e:#}")),
     };
-    let tls = match tls_config(&config) {
-        Ok(t) => t,
-        Err(e) => return fail(EXIT_CONFIG, &format!("{e:#}")),
+    let tls = if config.plain {
+        None
+    } else {
+        match tls_config(&config) {
+            Ok(t) => Some(t),
+            Err(e) => return fail(EXIT_CONFIG, &format!("{e:#}")),
+        }
     };
     let listener = match TcpListener::bind(config.bind).await {
         Ok(l) => l,
@@ -90,7 +99,8 @@ async fn main() -> ExitCode {
     // Tests and scripts read this line to learn the port; keep its wording.
     println!("internal-server listening on {addr}");
     let _ = std::io::stdout().flush();
-    tracing::info!(%addr, max_connections = config.max_connections, "serving HTTPS");
+    let what = if config.plain { "plain HTTP" } else { "HTTPS" };
+    tracing::info!(%addr, max_connections = config.max_connections, "serving {what}");
 
     let shutdown = CancellationToken::new();
     tokio::spawn(server::cancel_on_signal(shutdown.clone()));

@@ -32,7 +32,7 @@ where
 {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
-    tracing::debug!(%method, %path, "request");
+    tracing::debug!(%method, %path, version = ?req.version(), "request");
     match (&method, path.as_str()) {
         (&Method::GET, p) if p.starts_with("/bytes/") => match p["/bytes/".len()..].parse() {
             Ok(n) if n <= MAX_STREAM_BYTES => zeros(n),

@@ -1,5 +1,6 @@
 //! The accept loop: a permit per connection, one task per connection, the TLS handshake inside
-//! that task under a deadline, HTTP/1.1 or HTTP/2 by ALPN, and a graceful stop.
+//! that task under a deadline, HTTP/1.1 or HTTP/2 by ALPN (plain: by the HTTP/2 preface), and a
+//! graceful stop.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -31,14 +32,14 @@ const MAX_CONCURRENT_STREAMS: u32 = 256;
 /// most [`SHUTDOWN_GRACE`].
 pub async fn serve(
     listener: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
+    tls: Option<Arc<rustls::ServerConfig>>,
     max_connections: usize,
     proxy_protocol: bool,
     shutdown: CancellationToken,
 ) {
     let max_connections = max_connections.clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
     let permits = Arc::new(Semaphore::new(max_connections));
-    let acceptor = TlsAcceptor::from(tls);
+    let acceptor = tls.map(TlsAcceptor::from);
     let mut accept = Acceptor::new(listener, "https");
     loop {
         // The permit comes first: at the limit, new clients wait in the kernel's backlog.
@@ -69,7 +70,7 @@ pub async fn serve(
 
 async fn serve_conn(
     mut stream: TcpStream,
-    acceptor: TlsAcceptor,
+    acceptor: Option<TlsAcceptor>,
     proxy_protocol: bool,
     shutdown: CancellationToken,
 ) {
@@ -91,6 +92,9 @@ async fn serve_conn(
         }
     }
     let stream = Lingering::new(stream);
+    let Some(acceptor) = acceptor else {
+        return serve_http(stream, peer, shutdown).await;
+    };
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
@@ -102,6 +106,14 @@ async fn serve_conn(
             return;
         }
     };
+    serve_http(tls, peer, shutdown).await;
+}
+
+/// HTTP/1.1 or HTTP/2 on `io` until the client is done or the grace period after `shutdown`.
+async fn serve_http<IO>(io: IO, peer: Option<std::net::SocketAddr>, shutdown: CancellationToken)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -117,7 +129,7 @@ async fn serve_conn(
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS);
     let service =
         hyper::service::service_fn(|req| async { Ok::<_, Infallible>(routes::handle(req).await) });
-    let conn = builder.serve_connection(TokioIo::new(tls), service);
+    let conn = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
     let result = tokio::select! {
         r = conn.as_mut() => r,

@@ -148,6 +148,16 @@ pub fn server_config_with(
     Ok(Arc::new(config))
 }
 
+/// The certificate and key in these files as a server certificate resolver that follows the
+/// files (see [`reload`]): for servers that pick their config per connection, e.g. a TLS
+/// terminator with one certificate per domain. The same files share one loaded copy.
+pub fn certificate_resolver(
+    certificate: &Path,
+    key: &Path,
+) -> Result<Arc<dyn rustls::server::ResolvesServerCert>, TlsError> {
+    Ok(reload::Identity::shared(certificate, key)?)
+}
+
 /// A client config that trusts `ca_certificate` and presents this side's certificate, both
 /// as their files read at the time of each handshake.
 pub fn client_config(s: &TlsSettings, alpn: &[&[u8]]) -> Result<Arc<ClientConfig>, TlsError> {

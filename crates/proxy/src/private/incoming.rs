@@ -1,5 +1,7 @@
 //! The private proxy's dial-back: checks an `incomingConnection`, dials the public endpoint
-//! (or takes a pre-dialed connection) and the internal server, presents the token and relays.
+//! (or takes a pre-dialed connection) and the domain's backend, presents the token and relays:
+//! bytes as they are (passthrough), or through the TLS server of a terminated domain
+//! (`terminate.rs`).
 
 use std::net::SocketAddr;
 
@@ -7,6 +9,7 @@ use eps_core::jsonrpc::{self, Outcome, RpcError};
 use time::OffsetDateTime;
 use tokio::io::AsyncWriteExt;
 
+use super::terminate::{self, Terminated};
 use super::Private;
 use crate::dialback::{IncomingAnswer, IncomingConnection, Token, CONNECTED};
 use crate::hostname;
@@ -50,21 +53,30 @@ impl Private {
         let wildcard = hostname::parent(&domain).map(|p| format!("{}{p}", hostname::WILDCARD));
         let served = std::iter::once(domain.as_str())
             .chain(wildcard.as_deref())
-            .any(|name| self.serves(name, &caller.name, now));
-        if !served {
+            .find(|name| self.serves(name, &caller.name, now));
+        let Some(announced) = served else {
             return Err(DialBackRefused::NotAnnounced {
                 domain,
                 caller: caller.name,
             });
-        }
+        };
         let token = Token::from_base64(&p.token).ok_or(DialBackRefused::BadToken)?;
+        // Announced, so it has a backend (the wildcard's, for a name under one); checked again
+        // because the table may just have changed.
+        let backend =
+            self.backends
+                .get(announced)
+                .ok_or_else(|| DialBackRefused::NotAnnounced {
+                    domain: domain.clone(),
+                    caller: caller.name.clone(),
+                })?;
         let permit = self
             .relays
             .clone()
             .try_acquire_owned()
             .map_err(|_| DialBackRefused::RelayLimit)?;
         // Checked before dialing: a call that cannot be served costs no connection.
-        let header = if self.settings.proxy_protocol {
+        let header = if backend.proxy_protocol() {
             Some(
                 proxy_header(p.client_address, p.server_address)
                     .ok_or(DialBackRefused::NoAddresses)?,
@@ -72,9 +84,8 @@ impl Private {
         } else {
             None
         };
-        let timeout = self.settings.connect_timeout;
-        let internal = &self.settings.internal_endpoint;
-        let (public, server) = tokio::join!(self.pool.get(&p.endpoint), dial(internal, timeout));
+        let s = &self.settings;
+        let internal = backend.endpoint();
         let public_error = |source| DialBackRefused::Unreachable {
             what: "public endpoint",
             address: p.endpoint.to_string(),
@@ -82,19 +93,33 @@ impl Private {
         };
         let internal_error = |source| DialBackRefused::Unreachable {
             what: "internal endpoint",
-            address: internal.clone(),
+            address: internal.to_string(),
             source,
         };
-        let mut public = public.map_err(public_error)?;
-        let mut server = server.map_err(internal_error)?;
-        if let Some(header) = header {
-            server.write_all(&header).await.map_err(internal_error)?;
-        }
+        // Passthrough dials the endpoint now, so that a client of an unreachable one is closed
+        // at once; a terminated domain dials it during the handshake (terminate.rs), and not at
+        // all for an ACME validation.
+        let (mut public, server) = if backend.terminator.is_none() {
+            let (public, server) = tokio::join!(
+                self.pool.get(&p.endpoint),
+                dial(internal, s.connect_timeout)
+            );
+            let public = public.map_err(public_error)?;
+            let mut server = server.map_err(internal_error)?;
+            if let Some(header) = &header {
+                server.write_all(header).await.map_err(internal_error)?;
+            }
+            (public, Some(server))
+        } else {
+            let public = self.pool.get(&p.endpoint).await.map_err(public_error)?;
+            (public, None)
+        };
         public
             .send_token(token.as_bytes())
             .await
             .map_err(public_error)?;
-        let idle = self.settings.idle_timeout;
+        let (idle, handshake, connect) =
+            (s.idle_timeout, s.tls_handshake_timeout, s.connect_timeout);
         let metrics = self.metrics.clone();
         let endpoint = p.endpoint.into_owned();
         metrics.relayed.inc();
@@ -110,19 +135,46 @@ impl Private {
                     None
                 }
             };
-            let t = match public {
-                Some(public) => relay::relay(public, server, idle).await,
-                None => relay::Totals {
-                    a_to_b: 0,
-                    b_to_a: 0,
-                    ended: relay::Ended::Error,
-                },
+            let failed = relay::Totals {
+                a_to_b: 0,
+                b_to_a: 0,
+                ended: relay::Ended::Error,
+            };
+            let terminated = backend.terminator.is_some();
+            let t = match (public, server, &backend.terminator) {
+                (Some(public), Some(server), None) => relay::relay(public, server, idle).await,
+                (Some(public), None, Some(terminator)) => {
+                    let served = terminate::serve(
+                        public,
+                        terminator,
+                        backend.endpoint(),
+                        header,
+                        handshake,
+                        connect,
+                        idle,
+                    )
+                    .await;
+                    match served {
+                        Ok(Terminated::Challenge) => {
+                            tracing::info!(%domain, "ACME validation answered (acme-tls/1)");
+                            Terminated::Challenge.totals()
+                        }
+                        Ok(t) => t.totals(),
+                        Err(e) => {
+                            metrics.refuse(&e);
+                            tracing::debug!(%domain, error = %e, "terminated client closed");
+                            failed
+                        }
+                    }
+                }
+                _ => failed,
             };
             metrics.active_relays.dec();
             // a is the public side, b the internal server: a → b is client to server.
             metrics.relay_ended(t.a_to_b, t.b_to_a, t.ended.as_str());
             tracing::info!(
                 %domain,
+                terminated,
                 duration_ms = started.elapsed().as_millis() as u64,
                 bytes_up = t.a_to_b,
                 bytes_down = t.b_to_a,

@@ -1,7 +1,13 @@
 //! `proxy run private`: announces its domains and dials back for matching clients
-//! (docs/architecture.md §3.1, §3.2 step 4).
+//! (docs/architecture.md §3.1, §3.2 step 4), to each domain's backend (§3.5), ending TLS
+//! for the domains that ask (§3.5) with certificates from files or ACME (§3.6).
+//!
+//! - `mod.rs`: the announcer and the runtime announcements.
+//! - `incoming.rs`: the dial-back.
+//! - `backend.rs`: each domain's endpoint and options; `terminate.rs`: the TLS server of a
+//!   terminated domain; `acme/`: the ACME client and its storage.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -20,13 +26,19 @@ use crate::dialback::{AnnounceAnswer, AnnounceConnections, DomainAnswer, Request
 use crate::metrics::Metrics;
 use crate::policy::DomainPolicy;
 use crate::pool::DataPool;
-use crate::settings::{AnnouncementSetting, PrivateSettings};
+use crate::settings::{AnnouncementSetting, PrivateSettings, TlsHandling};
 use crate::store::FileStore;
 
 /// Longest pause between announcement attempts while the EPS network is not reachable.
 const MAX_RETRY: Duration = Duration::from_secs(10);
 
+mod acme;
+mod backend;
 mod incoming;
+mod terminate;
+
+use acme::{Accepted, Acme};
+use backend::{Backends, Defaults};
 
 /// A domain this proxy wants announced.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -38,6 +50,14 @@ struct Wanted {
     /// Access rules for the public proxy to enforce.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     policy: Option<DomainPolicy>,
+    /// The backend's options; absent ones take the settings' defaults (store files written
+    /// before backends existed have none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    internal_endpoint: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    proxy_protocol: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tls: Option<TlsHandling>,
 }
 
 pub struct Private {
@@ -50,7 +70,13 @@ pub struct Private {
     store: FileStore,
     store_lock: tokio::sync::Mutex<()>,
     /// domain → (public proxy that accepted it, expires_at it gave).
-    accepted: RwLock<HashMap<String, (String, Option<OffsetDateTime>)>>,
+    accepted: Arc<Accepted>,
+    /// Where each announced domain's clients go.
+    backends: Backends,
+    /// The backend options of announcements that name none (re-read on SIGHUP).
+    defaults: RwLock<Defaults>,
+    /// The ACME client, when `private.acme` was set at start.
+    acme: Option<Arc<Acme>>,
     /// Domains the public proxy refused at the last answer (at most one per announcement).
     refused: RwLock<HashSet<String>>,
     /// Domains whose rules the public proxy did not confirm (warned about once).
@@ -77,6 +103,24 @@ impl Private {
             .iter()
             .map(|a| wanted(a, &s.public_proxy))
             .collect::<Result<Vec<_>, _>>()?;
+        let accepted: Arc<Accepted> = Arc::default();
+        let acme = s
+            .acme
+            .as_ref()
+            .map(|a| Acme::new(a, accepted.clone()))
+            .transpose()
+            .map_err(|e| BadAnnouncement::Acme(e.to_string()))?;
+        let defaults = Defaults {
+            endpoint: s.internal_endpoint.clone(),
+            proxy_protocol: s.proxy_protocol,
+        };
+        let backends = Backends::default();
+        // Runtime entries win over settings: they come last.
+        backends.install(backends.plan(
+            configured.iter().chain(added.iter()),
+            &defaults,
+            acme.as_ref(),
+        )?);
         Ok(Self {
             settings: s.clone(),
             eps,
@@ -84,7 +128,10 @@ impl Private {
             added: Mutex::new(added),
             store,
             store_lock: tokio::sync::Mutex::new(()),
-            accepted: RwLock::new(HashMap::new()),
+            accepted,
+            backends,
+            defaults: RwLock::new(defaults),
+            acme,
             refused: RwLock::new(HashSet::new()),
             unconfirmed: Mutex::new(HashSet::new()),
             changed: Notify::new(),
@@ -239,17 +286,47 @@ impl Private {
         }
     }
 
-    /// Takes the announcements of re-read settings and announces at once.
+    /// Takes the announcements and backend defaults of re-read settings, and announces at
+    /// once. Nothing changes when one of them is not taken. Relays in progress go on.
     pub fn reload(&self, s: &PrivateSettings) -> Result<usize, BadAnnouncement> {
         let configured = s
             .announcements
             .iter()
             .map(|a| wanted(a, &self.settings.public_proxy))
             .collect::<Result<Vec<_>, _>>()?;
+        let defaults = Defaults {
+            endpoint: s.internal_endpoint.clone(),
+            proxy_protocol: s.proxy_protocol,
+        };
         let n = configured.len();
-        *self.configured.lock().expect("lock") = configured;
+        {
+            // One change at a time: `add` takes the same locks in the same order.
+            let mut current = self.configured.lock().expect("lock");
+            let added = self.added.lock().expect("lock");
+            let planned = self.backends.plan(
+                configured.iter().chain(added.iter()),
+                &defaults,
+                self.acme.as_ref(),
+            )?;
+            self.backends.install(planned);
+            *current = configured;
+            *self.defaults.write().expect("lock") = defaults;
+        }
         self.changed.notify_one();
         Ok(n)
+    }
+
+    /// Rebuilds the backends for these announcements (runtime ones win). Callers hold the
+    /// `configured` lock, then the `added` one, as every user of both does.
+    fn replan(&self, configured: &[Wanted], added: &[Wanted]) -> Result<(), BadAnnouncement> {
+        let defaults = self.defaults.read().expect("lock").clone();
+        let planned = self.backends.plan(
+            configured.iter().chain(added),
+            &defaults,
+            self.acme.as_ref(),
+        )?;
+        self.backends.install(planned);
+        Ok(())
     }
 
     async fn add(&self, p: AddParams) -> Outcome {
@@ -259,15 +336,24 @@ impl Private {
                 proxy: p.proxy,
                 expires_at: p.expires_at,
                 policy: p.policy,
+                internal_endpoint: p.internal_endpoint,
+                proxy_protocol: p.proxy_protocol,
+                tls: p.tls,
             },
             &self.settings.public_proxy,
         )
         .map_err(|e| RpcError::invalid_params(e.to_string()))?;
         let _s = self.store_lock.lock().await;
         let snapshot = {
+            let configured = self.configured.lock().expect("lock");
             let mut added = self.added.lock().expect("lock");
-            added.retain(|x| x.domain != w.domain);
-            added.push(w.clone());
+            let mut next = added.clone();
+            next.retain(|x| x.domain != w.domain);
+            next.push(w.clone());
+            // The backend is checked (certificate files read) before anything is stored.
+            self.replan(&configured, &next)
+                .map_err(|e| RpcError::invalid_params(e.to_string()))?;
+            *added = next;
             added.clone()
         };
         self.store
@@ -291,8 +377,12 @@ impl Private {
         if !a.accepted {
             // A refused domain is not kept: it would be refused at every re-announce.
             let snapshot = {
+                let configured = self.configured.lock().expect("lock");
                 let mut added = self.added.lock().expect("lock");
                 added.retain(|x| x.domain != w.domain);
+                if let Err(e) = self.replan(&configured, &added) {
+                    tracing::error!(error = %e, "backends not rebuilt after a refused announcement");
+                }
                 added.clone()
             };
             let _ = self.store.save(&snapshot).await;
@@ -326,6 +416,10 @@ pub enum BadAnnouncement {
     Domain(String),
     #[error("{domain}: {reason}")]
     Rules { domain: String, reason: String },
+    #[error("{domain}: {reason}")]
+    Backend { domain: String, reason: String },
+    #[error("private.acme: {0}")]
+    Acme(String),
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
 }
@@ -339,11 +433,20 @@ fn wanted(a: &AnnouncementSetting, default_proxy: &str) -> Result<Wanted, BadAnn
             reason,
         })?;
     }
+    // Whether ACME is there is checked when the backend is built.
+    a.check_backend(true)
+        .map_err(|reason| BadAnnouncement::Backend {
+            domain: domain.clone(),
+            reason,
+        })?;
     Ok(Wanted {
         domain,
         proxy: a.proxy.clone().unwrap_or_else(|| default_proxy.to_string()),
         expires_at: a.expires_at,
         policy: a.policy.clone().filter(|p| !p.is_empty()),
+        internal_endpoint: a.internal_endpoint.clone(),
+        proxy_protocol: a.proxy_protocol,
+        tls: a.tls.clone(),
     })
 }
 
@@ -356,6 +459,12 @@ struct AddParams {
     expires_at: Option<OffsetDateTime>,
     #[serde(default)]
     policy: Option<DomainPolicy>,
+    #[serde(default)]
+    internal_endpoint: Option<String>,
+    #[serde(default)]
+    proxy_protocol: Option<bool>,
+    #[serde(default)]
+    tls: Option<TlsHandling>,
 }
 
 /// The private proxy's JSON-RPC methods.

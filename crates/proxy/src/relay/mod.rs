@@ -19,6 +19,10 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
+mod stream;
+
+pub use stream::relay_streams;
+
 /// Bytes per direction buffer. 64 KiB keeps per-syscall overhead low on bulk transfers.
 pub const BUFFER_BYTES: usize = 64 * 1024;
 
@@ -64,32 +68,44 @@ pub async fn relay(a: TcpStream, b: TcpStream, idle_timeout: Duration) -> Totals
     let (ab, ba) = (AtomicU64::new(0), AtomicU64::new(0));
     let up = pump(ar, bw, &ab, &last, start);
     let down = pump(br, aw, &ba, &last, start);
-    tokio::pin!(up, down);
-    let (mut up_done, mut down_done) = (false, false);
-    let tick = (idle_timeout / 4).max(Duration::from_millis(10));
-    let ended = loop {
-        tokio::select! {
-            r = &mut up, if !up_done => {
-                if r.is_err() { break Ended::Error; }
-                up_done = true;
-            }
-            r = &mut down, if !down_done => {
-                if r.is_err() { break Ended::Error; }
-                down_done = true;
-            }
-            _ = tokio::time::sleep(tick) => {
-                let idle = start.elapsed().saturating_sub(Duration::from_millis(last.load(Ordering::Relaxed)));
-                if idle >= idle_timeout { break Ended::Idle; }
-            }
-        }
-        if up_done && down_done {
-            break Ended::Done;
-        }
-    };
+    let ended = drive(up, down, idle_timeout, &last, start).await;
     Totals {
         a_to_b: ab.load(Ordering::Relaxed),
         b_to_a: ba.load(Ordering::Relaxed),
         ended,
+    }
+}
+
+/// Runs both directions of a relay until both are done, one fails, or nothing moved (`last`,
+/// in ms since `start`) for `idle_timeout`.
+pub(crate) async fn drive(
+    up: impl std::future::Future<Output = std::io::Result<()>>,
+    down: impl std::future::Future<Output = std::io::Result<()>>,
+    idle_timeout: Duration,
+    last: &AtomicU64,
+    start: Instant,
+) -> Ended {
+    tokio::pin!(up, down);
+    let (mut up_done, mut down_done) = (false, false);
+    let tick = (idle_timeout / 4).max(Duration::from_millis(10));
+    loop {
+        tokio::select! {
+            r = &mut up, if !up_done => {
+                if r.is_err() { return Ended::Error; }
+                up_done = true;
+            }
+            r = &mut down, if !down_done => {
+                if r.is_err() { return Ended::Error; }
+                down_done = true;
+            }
+            _ = tokio::time::sleep(tick) => {
+                let idle = start.elapsed().saturating_sub(Duration::from_millis(last.load(Ordering::Relaxed)));
+                if idle >= idle_timeout { return Ended::Idle; }
+            }
+        }
+        if up_done && down_done {
+            return Ended::Done;
+        }
     }
 }
 

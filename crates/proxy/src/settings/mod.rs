@@ -13,7 +13,13 @@ use time::OffsetDateTime;
 
 use crate::policy::DomainPolicy;
 
+mod backend;
 mod policy;
+
+pub use backend::{
+    AcmeSettings, TlsHandling, TlsMode, ACME_TLS_ALPN, DEFAULT_ORDER_TIMEOUT, DEFAULT_RENEW_AT,
+    DEFAULT_TLS_HANDSHAKE_TIMEOUT,
+};
 
 pub use policy::{
     AddressLimits, DomainLimits, PolicySettings, ProxyProtocolSettings, DEFAULT_DOMAIN_MAX_RANGES,
@@ -252,7 +258,8 @@ impl Default for PublicLimits {
 pub struct PrivateSettings {
     /// The public proxy (operator name) announcements go to unless they name another.
     pub public_proxy: String,
-    /// The internal TLS server relayed connections go to, e.g. `127.0.0.1:8888`.
+    /// The internal TLS server relayed connections go to, e.g. `127.0.0.1:8888`: the endpoint
+    /// of every announcement that names none.
     pub internal_endpoint: String,
     /// Domains announced from settings (more can be added at runtime).
     #[serde(default)]
@@ -270,9 +277,17 @@ pub struct PrivateSettings {
     #[serde(default = "default_max_relays")]
     pub max_relays: usize,
     /// Send a PROXY protocol v2 header with the original client's address to the internal
-    /// server before the relayed bytes. Only for servers that expect one.
+    /// server before the relayed bytes. Only for servers that expect one. The default of
+    /// announcements that do not say.
     #[serde(default)]
     pub proxy_protocol: bool,
+    /// Seconds a client of a terminated domain (`tls: {mode: terminate}`) gets for its whole
+    /// TLS handshake with the private proxy.
+    #[serde(default = "default_tls_handshake_timeout", with = "secs")]
+    pub tls_handshake_timeout: Duration,
+    /// The ACME client for terminated domains without certificate files. Off when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acme: Option<AcmeSettings>,
     /// Connections to each public proxy's internal port dialed ahead of need, so that a
     /// client's token goes out on one that already exists; each one used is replaced. 0 dials
     /// one per client instead.
@@ -285,6 +300,9 @@ pub struct PrivateSettings {
     pub data_pool_max_age: Duration,
 }
 
+fn default_tls_handshake_timeout() -> Duration {
+    DEFAULT_TLS_HANDSHAKE_TIMEOUT
+}
 fn default_data_pool() -> usize {
     DEFAULT_DATA_POOL
 }
@@ -306,6 +324,43 @@ pub struct AnnouncementSetting {
     /// connections at once, a new-connection rate), within its operator's bounds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<DomainPolicy>,
+    /// Where this domain's clients go (`host:port`); `private.internal_endpoint` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub internal_endpoint: Option<String>,
+    /// Whether this domain's endpoint gets a PROXY header; `private.proxy_protocol` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy_protocol: Option<bool>,
+    /// TLS passed through to the endpoint (the default) or ended at the private proxy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsHandling>,
+}
+
+impl AnnouncementSetting {
+    /// Checks the backend options serde cannot; `acme` tells whether an ACME client is set up.
+    pub fn check_backend(&self, acme: bool) -> Result<(), String> {
+        if self.internal_endpoint.as_deref().is_some_and(str::is_empty) {
+            return Err("internal_endpoint must not be empty".into());
+        }
+        let Some(tls) = &self.tls else { return Ok(()) };
+        tls.check()?;
+        if tls.wants_acme() {
+            if !acme {
+                return Err(
+                    "tls: a terminated domain needs certificate and key, or a private.acme \
+                     section to obtain them"
+                        .into(),
+                );
+            }
+            if self.domain.starts_with("*.") {
+                return Err(
+                    "tls: ACME's TLS-ALPN-01 challenge cannot obtain a wildcard certificate; \
+                     give certificate and key"
+                        .into(),
+                );
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Default time relays get to finish after SIGTERM.
@@ -417,7 +472,15 @@ impl Settings {
             if p.reannounce_interval < Duration::from_secs(1) {
                 return Err("private.reannounce_interval must be at least 1 second".into());
             }
+            if let Some(acme) = &p.acme {
+                acme.check()?;
+            }
+            if p.tls_handshake_timeout.is_zero() {
+                return Err("private.tls_handshake_timeout must be above 0".into());
+            }
             for (i, a) in p.announcements.iter().enumerate() {
+                a.check_backend(p.acme.is_some())
+                    .map_err(|e| format!("private.announcements[{i}].{e}"))?;
                 if let Some(rules) = &a.policy {
                     rules
                         .check_shape()
