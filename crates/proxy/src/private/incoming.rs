@@ -144,7 +144,9 @@ impl Private {
             let t = match (public, server, &backend.terminator) {
                 (Some(public), Some(server), None) => relay::relay(public, server, idle).await,
                 (Some(public), None, Some(terminator)) => {
-                    let served = terminate::serve(
+                    // Boxed: the TLS session it holds would otherwise make every relay task
+                    // this big, passthrough ones too (+5 KiB per idle relay, measured).
+                    let served = Box::pin(terminate::serve(
                         public,
                         terminator,
                         backend.endpoint(),
@@ -152,7 +154,7 @@ impl Private {
                         handshake,
                         connect,
                         idle,
-                    )
+                    ))
                     .await;
                     match served {
                         Ok(Terminated::Challenge) => {

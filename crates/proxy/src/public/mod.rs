@@ -200,7 +200,8 @@ impl Public {
         // The PROXY header and the ClientHello share one deadline.
         let deadline = started + self.limits.client_hello_timeout;
         let who = if self.admission.trusts(peer.ip()) {
-            match admission::read_proxy_header(&mut client, peer, deadline).await {
+            // The reads are boxed: their state would otherwise stay in every relay's task.
+            match Box::pin(admission::read_proxy_header(&mut client, peer, deadline)).await {
                 Ok(c) => c,
                 Err(refused) => {
                     self.refused(&refused, peer);
@@ -225,8 +226,13 @@ impl Public {
             }
         };
         let max = self.limits.max_client_hello_bytes;
-        let (buf, sni) = match admission::read_client_hello(&mut client, who.rest, deadline, max)
-            .await
+        let (buf, sni) = match Box::pin(admission::read_client_hello(
+            &mut client,
+            who.rest,
+            deadline,
+            max,
+        ))
+        .await
         {
             Ok(r) => r,
             Err(refused) => {
