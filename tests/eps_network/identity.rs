@@ -197,3 +197,45 @@ async fn calls_on_an_open_stream_stop_once_the_directory_stops_accepting_the_cal
         "a call from a certificate bob no longer accepts reached his service"
     );
 }
+
+/// The caller re-checks the peer it dialed, too: once alice's directory stops accepting bob's
+/// certificate, her next call does not go out on the connection made before; she connects
+/// anew, the pin check refuses bob, and his service sees nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_caller_stops_using_a_connection_to_a_peer_the_directory_stops_accepting() {
+    let mut net = Net::new("revoked-callee");
+    net.start(&["alice", "bob"]).await;
+    let alice = net.node("alice").client();
+    call(&alice, "bob.echo", json!({}))
+        .await
+        .expect("bob.echo while bob's certificate is pinned");
+    let delivered = net.node("bob").service.received().len();
+
+    write_records(
+        &net.dir.join("directory"),
+        "95-bob-new-pin.json",
+        &[record(
+            "bob",
+            "certificates",
+            json!([{"fingerprint": "00".repeat(32), "key_usage": "encryption"}]),
+        )],
+    );
+    net.node_mut("alice")
+        .proc
+        .wait_for_log("directory reloaded", PROCESS_WAIT)
+        .await;
+    let e = rpc_error(
+        call(&alice, "bob.echo", json!({})).await,
+        "bob.echo after bob's pin changed",
+    );
+    assert_eq!(e.code, jsonrpc::PEER_UNREACHABLE, "{e}");
+    net.node_mut("alice")
+        .proc
+        .wait_for_log("does not match the fingerprint pinned", PROCESS_WAIT)
+        .await;
+    assert_eq!(
+        net.node("bob").service.received().len(),
+        delivered,
+        "a call went to a peer alice no longer accepts"
+    );
+}

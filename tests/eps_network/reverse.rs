@@ -349,6 +349,47 @@ async fn stream_ends_when_the_directory_stops_accepting_its_certificate() {
     assert!(e.message.contains("not connected"), "{e}");
 }
 
+/// The holder of a reverse stream re-checks the peer it dialed, too: once bob's directory (read
+/// by itself when its files change) stops accepting alice's certificate, bob refuses her next
+/// call on the stream he holds, ends it, and cannot open another (his connect checks the pin).
+#[tokio::test(flavor = "multi_thread")]
+async fn holder_stops_answering_a_peer_the_directory_stops_accepting() {
+    let net = net_with_reverse_bob("reverse-holder-revokes").await;
+    let mut bob = start_bob(&net, 1).await;
+    alice_logged(&net, ACCEPTED, 1).await;
+    let alice = net.node("alice").client();
+    call(&alice, "bob.echo", json!({}))
+        .await
+        .expect("bob.echo before");
+    let delivered = bob.service.received().len();
+
+    write_records(
+        &net.dir.join("directory"),
+        "95-alice-new-pin.json",
+        &[record(
+            "alice",
+            "certificates",
+            json!([{"fingerprint": "00".repeat(32), "key_usage": "encryption"}]),
+        )],
+    );
+    bob.proc
+        .wait_for_log("directory reloaded", PROCESS_WAIT)
+        .await;
+    let e = rpc_error(call(&alice, "bob.echo", json!({})).await, "bob.echo after");
+    assert_eq!(e.code, jsonrpc::PEER_UNREACHABLE, "{e}");
+    bob.proc
+        .wait_for_log("no longer accepts its certificate", PROCESS_WAIT)
+        .await;
+    bob.proc
+        .wait_for_log("does not match the fingerprint pinned", PROCESS_WAIT)
+        .await;
+    assert_eq!(
+        bob.service.received().len(),
+        delivered,
+        "a call from a peer bob no longer accepts reached his service"
+    );
+}
+
 /// An operator that runs two EPS servers lists both addresses; a server that cannot be dialed
 /// holds a reverse stream to each, so whichever instance a call starts at reaches it.
 #[tokio::test(flavor = "multi_thread")]

@@ -19,7 +19,7 @@ use tokio_rustls::TlsConnector;
 use tonic::transport::{Channel, Endpoint};
 
 use super::call_stream::{CallStream, NotSent};
-use super::connector::Connector;
+use super::connector::{Connector, Verified};
 use super::pb::eps_client::EpsClient;
 use super::reverse::ReverseStreams;
 use super::{from_pb, pb, status_error};
@@ -36,6 +36,9 @@ pub struct Peers {
     max_message_bytes: usize,
     channels: Mutex<HashMap<String, PeerChannel>>,
     reverse: Arc<ReverseStreams>,
+    /// The certificate each dialed peer showed at its last connect (bounded by the peers and
+    /// addresses in the directory).
+    verified: Verified,
 }
 
 /// A peer's channel and the call stream open on it, if any.
@@ -81,7 +84,35 @@ impl Peers {
             settings,
             max_message_bytes,
             channels: Mutex::new(HashMap::new()),
+            verified: Verified::default(),
             reverse: Arc::new(ReverseStreams::new(reverse_gauge)),
+        }
+    }
+
+    /// The fingerprint of the certificate peer `name` at `address` showed at its last connect.
+    pub fn verified_fingerprint(&self, name: &str, address: &str) -> Option<String> {
+        self.verified
+            .lock()
+            .expect("verified poisoned")
+            .get(name)
+            .and_then(|a| a.get(address))
+            .cloned()
+    }
+
+    /// Drops the channel to `name` at `address` and what its peer showed, so that the next use
+    /// connects anew (and checks the peer's certificate against the directory again).
+    pub fn forget(&self, name: &str, address: &str) {
+        let mut channels = self.channels.lock().expect("channel map poisoned");
+        if channels.get(name).is_some_and(|p| p.address == address) {
+            channels.remove(name);
+        }
+        if let Some(a) = self
+            .verified
+            .lock()
+            .expect("verified poisoned")
+            .get_mut(name)
+        {
+            a.remove(address);
         }
     }
 
@@ -185,7 +216,22 @@ impl Peers {
             return Ok(Route::Reverse(stream));
         }
         match entry.grpc_address() {
-            Some(address) => self.dialed(name, address),
+            Some(address) => {
+                // A connection outlives directory changes: one made to a certificate the
+                // directory no longer accepts is dropped, and the next connect checks again.
+                let refused = self
+                    .verified
+                    .lock()
+                    .expect("verified poisoned")
+                    .get(name)
+                    .and_then(|a| a.get(address))
+                    .is_some_and(|fp| !entry.accepts_fingerprint(fp));
+                if refused {
+                    tracing::warn!(peer = %name, %address, "the directory no longer accepts the certificate this peer showed; connecting anew");
+                    self.forget(name, address);
+                }
+                self.dialed(name, address)
+            }
             None if entry.reached_by_reverse_stream() => Err(RpcError::new(
                 jsonrpc::PEER_UNREACHABLE,
                 format!(
@@ -296,6 +342,7 @@ impl Peers {
             self.directory.clone(),
             self.settings.connect_timeout,
             self.settings.max_reconnect_backoff,
+            self.verified.clone(),
         );
         Ok(
             endpoint.connect_with_connector_lazy(tower::service_fn(move |_| {

@@ -32,7 +32,15 @@ pub(super) struct Connector {
     directory: SharedDirectory,
     timeout: Duration,
     reconnect: Arc<Mutex<Reconnect>>,
+    /// Fingerprints of the certificates peers showed at their last connect, by (name, address).
+    verified: Verified,
 }
+
+/// The certificate each peer showed when its current connection was made (peer name → address →
+/// fingerprint), so that what runs on that connection can re-check it against a changed
+/// directory.
+pub(super) type Verified =
+    Arc<Mutex<std::collections::HashMap<String, std::collections::HashMap<String, String>>>>;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -47,6 +55,7 @@ impl Connector {
         directory: SharedDirectory,
         timeout: Duration,
         max_backoff: Duration,
+        verified: Verified,
     ) -> Self {
         Self {
             name: name.to_string(),
@@ -59,6 +68,7 @@ impl Connector {
                 backoff: Backoff::new(FIRST_RECONNECT, max_backoff),
                 next_attempt: None,
             })),
+            verified,
         }
     }
 
@@ -114,6 +124,12 @@ impl Connector {
                     self.address, id.name, self.name
                 )));
             }
+            self.verified
+                .lock()
+                .expect("verified poisoned")
+                .entry(self.name.clone())
+                .or_default()
+                .insert(self.address.clone(), id.fingerprint);
             Ok(io)
         };
         tokio::time::timeout(self.timeout, work)

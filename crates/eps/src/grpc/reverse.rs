@@ -351,6 +351,16 @@ async fn serve_one<B: Node>(
     is_open: oneshot::Sender<()>,
 ) -> Result<(), String> {
     let peers = broker.peers();
+    // The connection outlives directory changes: a peer whose certificate is no longer
+    // accepted is connected to anew, which checks it again (and fails while it is refused).
+    if let Some(fp) = peers.verified_fingerprint(name, address) {
+        if !broker.accepts(name, &fp) {
+            peers.forget(name, address);
+            return Err(format!(
+                "the directory no longer accepts the certificate {name} showed; connecting anew"
+            ));
+        }
+    }
     let mut client = peers.client(name, address).map_err(|e| e.message)?;
     let (answers, rx) = mpsc::channel(MAX_STREAM_CALLS);
     // Answers go up the request side; an answer the channel could not carry was logged there.
@@ -374,8 +384,11 @@ async fn serve_one<B: Node>(
         answers,
         broker.clone(),
         Arc::from(name),
-        // The peer's certificate was checked when this connection was made.
-        None,
+        // The certificate the peer showed when this connection was made: each call re-checks
+        // it against the directory of its time, as on a stream the peer opened.
+        peers
+            .verified_fingerprint(name, address)
+            .map(|fp| Arc::from(fp.as_str())),
         Arc::new(Semaphore::new(MAX_STREAM_CALLS)),
         peers.max_message_bytes(),
         stop.clone(),
