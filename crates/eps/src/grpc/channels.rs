@@ -340,8 +340,7 @@ impl Peers {
             server_name,
             TlsConnector::from(self.tls.clone()),
             self.directory.clone(),
-            self.settings.connect_timeout,
-            self.settings.max_reconnect_backoff,
+            &self.settings,
             self.verified.clone(),
         );
         Ok(

@@ -12,6 +12,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 use crate::peers::{check_peer, SharedDirectory};
+use crate::settings::GrpcClientSettings;
 
 /// First pause before connecting again to a peer that could not be reached.
 const FIRST_RECONNECT: Duration = Duration::from_millis(50);
@@ -45,18 +46,19 @@ pub(super) type Verified =
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 impl Connector {
-    /// Connects to peer `name` at `address` (TLS server name `server_name`) within `timeout`,
-    /// pausing between failed attempts from 50 ms up to `max_backoff`.
+    /// Connects to peer `name` at `address` (TLS server name `server_name`) within
+    /// `connect_timeout`, pausing between failed attempts from 50 ms up to
+    /// `max_reconnect_backoff`, and notes the certificate each connect verified in `verified`.
     pub(super) fn new(
         name: &str,
         address: &str,
         server_name: ServerName<'static>,
         tls: TlsConnector,
         directory: SharedDirectory,
-        timeout: Duration,
-        max_backoff: Duration,
+        settings: &GrpcClientSettings,
         verified: Verified,
     ) -> Self {
+        let (timeout, max_backoff) = (settings.connect_timeout, settings.max_reconnect_backoff);
         Self {
             name: name.to_string(),
             address: address.to_string(),
