@@ -7,35 +7,9 @@ use std::path::Path;
 /// Runs `curl` against `https://HOST:PORT/jsonrpc` with `host` resolved to `addr` and `ca`
 /// trusted (a POST of `data` when given); the status and the body.
 pub async fn curl(ca: &Path, addr: SocketAddr, host: &str, data: Option<&str>) -> (u16, String) {
-    let port = addr.port();
-    let mut cmd = tokio::process::Command::new("curl");
-    cmd.args(["-sS", "--max-time", "10", "--cacert"])
-        .arg(ca)
-        .arg("--resolve")
-        .arg(format!("{host}:{port}:{}", addr.ip()))
-        .args(["-w", "\n%{http_code}"]);
-    if let Some(d) = data {
-        cmd.args(["--data", d]);
-    }
-    cmd.arg(format!("https://{host}:{port}/jsonrpc"));
-    let out = cmd
-        .output()
-        .await
-        .expect("running curl (the tunnel tests need it: apt-get install curl)");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "curl failed ({}): {}{stdout}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let (body, code) = stdout
-        .rsplit_once('\n')
-        .unwrap_or_else(|| panic!("no status line in curl's output {stdout:?}"));
-    (
-        code.trim().parse().expect("curl's %{http_code}"),
-        body.to_string(),
-    )
+    let post: Vec<&str> = data.map(|d| vec!["--data", d]).unwrap_or_default();
+    let r = curl_get(ca, addr, host, "/jsonrpc", &post).await;
+    (r.status, r.body)
 }
 
 /// What [`curl_get`] got.
@@ -47,8 +21,9 @@ pub struct CurlReply {
     pub http_version: String,
 }
 
-/// `curl` GET of `https://HOST:PORT{path}` with `host` resolved to `addr`, `ca` trusted and
-/// `extra` arguments (e.g. `--http2`); the status, body and HTTP version.
+/// `curl` of `https://HOST:PORT{path}` with `host` resolved to `addr`, `ca` trusted and
+/// `extra` arguments (e.g. `--http2`, or `--data` for a POST); the status, body and HTTP
+/// version.
 pub async fn curl_get(
     ca: &Path,
     addr: SocketAddr,
