@@ -80,9 +80,9 @@ pub fn allowed(domain: &str, allowed: &[String]) -> bool {
 /// cover, so that routing a name takes at most two hash lookups and no allocation.
 #[derive(Debug, Default, Clone)]
 pub struct Table {
-    exact: HashMap<String, Announcement>,
+    exact: HashMap<String, Arc<Announcement>>,
     /// `*.P` under key `P`.
-    wildcards: HashMap<String, Announcement>,
+    wildcards: HashMap<String, Arc<Announcement>>,
 }
 
 impl Table {
@@ -95,7 +95,7 @@ impl Table {
     }
 
     /// The map and key an announced name is kept under.
-    fn slot<'d>(&mut self, domain: &'d str) -> (&mut HashMap<String, Announcement>, &'d str) {
+    fn slot<'d>(&mut self, domain: &'d str) -> (&mut HashMap<String, Arc<Announcement>>, &'d str) {
         match hostname::wildcard_parent(domain) {
             Some(parent) => (&mut self.wildcards, parent),
             None => (&mut self.exact, domain),
@@ -103,13 +103,17 @@ impl Table {
     }
 
     fn entries(&self) -> impl Iterator<Item = &Announcement> {
-        self.exact.values().chain(self.wildcards.values())
+        self.exact
+            .values()
+            .chain(self.wildcards.values())
+            .map(|a| &**a)
     }
 
     /// The live announcement that routes host name `name`: its own, else the live wildcard
-    /// over its parent (an exact name beats a wildcard; a wildcard covers one label).
-    pub fn lookup(&self, name: &str, now: OffsetDateTime) -> Option<&Announcement> {
-        let live = |a: &&Announcement| a.expires_at > now;
+    /// over its parent (an exact name beats a wildcard; a wildcard covers one label). Shared:
+    /// a connection routed by it copies a pointer, not the announcement.
+    pub fn lookup(&self, name: &str, now: OffsetDateTime) -> Option<&Arc<Announcement>> {
+        let live = |a: &&Arc<Announcement>| a.expires_at > now;
         self.exact
             .get(name)
             .filter(live)
@@ -122,7 +126,7 @@ impl Table {
             Some(parent) => self.wildcards.get(parent),
             None => self.exact.get(domain),
         };
-        entry.filter(|a| a.expires_at > now)
+        entry.map(|a| &**a).filter(|a| a.expires_at > now)
     }
 
     /// Live announcements, sorted by domain.
@@ -211,7 +215,7 @@ impl Table {
     pub fn set(&mut self, domain: &str, a: Option<Announcement>) {
         let (map, key) = self.slot(domain);
         match a {
-            Some(a) => map.insert(key.to_string(), a),
+            Some(a) => map.insert(key.to_string(), Arc::new(a)),
             None => map.remove(key),
         };
     }

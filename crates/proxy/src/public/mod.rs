@@ -27,7 +27,7 @@ use crate::limiter::{GuessLimiter, IdleSlots};
 use crate::listener::accept_loop;
 use crate::metrics::{short_addr, Metrics, Reason};
 use crate::policy::gate::Refused as PolicyRefused;
-use crate::registry::{Registry, Route};
+use crate::registry::Registry;
 use crate::relay;
 use crate::settings::{DomainLimits, PublicLimits, PublicSettings};
 
@@ -245,28 +245,22 @@ impl Public {
         self.metrics
             .client_hello_seconds
             .observe((hello_done - started).as_secs_f64());
-        let Some(Route {
-            announced,
-            operator,
-            policy,
-        }) = self.registry.lookup(&sni)
-        else {
+        let Some(route) = self.registry.lookup(&sni) else {
             self.metrics.refuse(&Refused::UnknownSni);
             tracing::debug!(client = %short_addr(addr), %sni, "no live announcement for this name");
             return;
         };
-        let _domain_pass =
-            match self
-                .admission
-                .gate
-                .admit_domain(&announced, policy.as_deref(), addr.ip())
-            {
-                Ok(pass) => pass,
-                Err(r) => {
-                    self.refused_by_policy(r, addr, Some(&sni));
-                    return;
-                }
-            };
+        let _domain_pass = match self.admission.gate.admit_domain(
+            &route.domain,
+            route.policy.as_deref(),
+            addr.ip(),
+        ) {
+            Ok(pass) => pass,
+            Err(r) => {
+                self.refused_by_policy(r, addr, Some(&sni));
+                return;
+            }
+        };
         let token = match Token::draw() {
             Ok(t) => t,
             Err(e) => {
@@ -295,6 +289,7 @@ impl Public {
             server_address,
             client: None,
         });
+        let operator = &route.operator;
         let method = format!("{operator}.incomingConnection");
         // The request runs on its own task: the dial-back usually arrives before the answer,
         // and dropping an in-flight request would cost the kept-alive connection to the EPS server.

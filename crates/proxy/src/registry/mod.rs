@@ -44,16 +44,6 @@ pub enum StoreUnavailable {
     Redis { address: String, reason: String },
 }
 
-/// Where a client for a domain goes, and the rules its announcement set.
-#[derive(Debug, Clone)]
-pub struct Route {
-    /// The announcement that matched: the name itself, or the wildcard over it. Per-domain
-    /// limits count per announcement.
-    pub announced: String,
-    pub operator: String,
-    pub policy: Option<Arc<DomainPolicy>>,
-}
-
 /// One domain an operator asks to announce.
 #[derive(Debug, Clone)]
 pub struct AnnounceRequest {
@@ -99,15 +89,12 @@ impl Registry {
         })
     }
 
-    /// The operator holding a live announcement of exactly `domain`, and its rules.
-    pub fn lookup(&self, domain: &str) -> Option<Route> {
+    /// The live announcement that routes host name `domain` (its own, or the wildcard over it):
+    /// its operator, its rules and, as `domain`, the announced name per-domain limits count by.
+    pub fn lookup(&self, domain: &str) -> Option<Arc<Announcement>> {
         let now = OffsetDateTime::now_utc();
         let table = self.table.read().expect("table lock");
-        table.lookup(domain, now).map(|a| Route {
-            announced: a.domain.clone(),
-            operator: a.operator.clone(),
-            policy: a.policy.clone(),
-        })
+        table.lookup(domain, now).cloned()
     }
 
     /// Whether the announced name (a host name or `*.P`) is live.
