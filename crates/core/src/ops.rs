@@ -37,6 +37,19 @@ pub struct MetricsSettings {
     pub bind_address: Option<SocketAddr>,
 }
 
+impl MetricsSettings {
+    /// Binds the operations listener, if one is set; the error names the setting.
+    pub async fn bind(&self) -> Result<Option<TcpListener>, String> {
+        match self.bind_address {
+            Some(addr) => TcpListener::bind(addr)
+                .await
+                .map(Some)
+                .map_err(|e| format!("binding metrics.bind_address {addr}: {e}")),
+            None => Ok(None),
+        }
+    }
+}
+
 /// A readiness check: `Ok` when the process can do its job, else why not.
 pub type ReadyCheck =
     Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;
@@ -45,6 +58,21 @@ pub type ReadyCheck =
 /// state loaded before the operations listener starts).
 pub fn ready_when_listening() -> ReadyCheck {
     Arc::new(|| Box::pin(async { Ok(()) }))
+}
+
+/// Serves the operations endpoints on `listener` (when the process has one) on their own task
+/// until `shutdown`, and logs where.
+pub fn spawn(
+    listener: Option<TcpListener>,
+    registry: Registry,
+    ready: ReadyCheck,
+    shutdown: &CancellationToken,
+) {
+    let Some(listener) = listener else { return };
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+    }
+    tokio::spawn(serve(listener, Arc::new(registry), ready, shutdown.clone()));
 }
 
 /// Serves the operations endpoints until `shutdown`.

@@ -151,14 +151,7 @@ async fn run(s: Settings, mut p: Prepared) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    let ops_listener = match s.metrics.bind_address {
-        Some(addr) => Some(
-            TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("binding metrics.bind_address {addr}"))?,
-        ),
-        None => None,
-    };
+    let ops_listener = s.metrics.bind().await.map_err(anyhow::Error::msg)?;
     let mut prometheus = prometheus_client::registry::Registry::default();
     let metrics = Metrics::new(&mut prometheus);
     let peers = Peers::new(
@@ -213,15 +206,12 @@ async fn run(s: Settings, mut p: Prepared) -> anyhow::Result<()> {
         s.grpc_client.reverse_peers.clone(),
         shutdown.clone(),
     ));
-    if let Some(listener) = ops_listener {
-        tracing::info!(addr = %listener.local_addr()?, "serving /metrics, /healthz and /readyz");
-        tokio::spawn(ops::serve(
-            listener,
-            Arc::new(prometheus),
-            ops::ready_when_listening(),
-            shutdown.clone(),
-        ));
-    }
+    ops::spawn(
+        ops_listener,
+        prometheus,
+        ops::ready_when_listening(),
+        &shutdown,
+    );
     // Certificates, keys and CA files are re-read when they change and on SIGHUP.
     tokio::spawn(tls::watch(shutdown.clone()));
     if let Some(f) = p.follower {

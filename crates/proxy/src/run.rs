@@ -255,10 +255,7 @@ async fn reload_on_hangup(private: Option<Arc<Private>>, shutdown: CancellationT
 }
 
 async fn bind_ops(s: &Settings) -> anyhow::Result<Option<TcpListener>> {
-    match s.metrics.bind_address {
-        Some(addr) => Ok(Some(bind(addr, "metrics.bind_address").await?)),
-        None => Ok(None),
-    }
+    s.metrics.bind().await.map_err(anyhow::Error::msg)
 }
 
 /// Serves `/metrics`, `/healthz` and `/readyz` (ready when the EPS server answers `_ping`).
@@ -268,10 +265,6 @@ fn serve_ops(
     eps: &RpcClient,
     shutdown: &CancellationToken,
 ) {
-    let Some(listener) = listener else { return };
-    if let Ok(addr) = listener.local_addr() {
-        tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
-    }
     let eps = eps.clone();
     let ready: ops::ReadyCheck = Arc::new(move || {
         let eps = eps.clone();
@@ -286,12 +279,7 @@ fn serve_ops(
             .map_err(|e| format!("EPS server: {e}"))
         })
     });
-    tokio::spawn(ops::serve(
-        listener,
-        Arc::new(prometheus),
-        ready,
-        shutdown.clone(),
-    ));
+    ops::spawn(listener, prometheus, ready, shutdown);
 }
 
 /// Logs, at info, that the EPS server is awaited until it answers `_ping`.

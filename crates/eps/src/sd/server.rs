@@ -77,14 +77,7 @@ async fn run(
     let listener = TcpListener::bind(s.jsonrpc_server.bind_address)
         .await
         .with_context(|| format!("binding jsonrpc_server {}", s.jsonrpc_server.bind_address))?;
-    let ops_listener = match s.metrics.bind_address {
-        Some(addr) => Some(
-            TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("binding metrics.bind_address {addr}"))?,
-        ),
-        None => None,
-    };
+    let ops_listener = s.metrics.bind().await.map_err(anyhow::Error::msg)?;
     let shutdown = CancellationToken::new();
     let mut prometheus = prometheus_client::registry::Registry::default();
     let metrics = SdMetrics::new(&mut prometheus);
@@ -110,15 +103,12 @@ async fn run(
         Arc::new(SdRpc(service)),
         shutdown.clone(),
     ));
-    if let Some(listener) = ops_listener {
-        tracing::info!(addr = %listener.local_addr()?, "serving /metrics, /healthz and /readyz");
-        tokio::spawn(ops::serve(
-            listener,
-            Arc::new(prometheus),
-            ops::ready_when_listening(),
-            shutdown.clone(),
-        ));
-    }
+    ops::spawn(
+        ops_listener,
+        prometheus,
+        ops::ready_when_listening(),
+        &shutdown,
+    );
     tokio::spawn(eps_core::tls::watch(shutdown.clone()));
     eps_core::net::shutdown_signal().await;
     tracing::info!("shutting down: answering waiting followers");
