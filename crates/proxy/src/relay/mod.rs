@@ -58,63 +58,94 @@ pub struct Totals {
     pub ended: Ended,
 }
 
-/// Relays between `a` and `b` until both directions end, one fails, or nothing moves for
-/// `idle_timeout`.
-pub async fn relay(a: TcpStream, b: TcpStream, idle_timeout: Duration) -> Totals {
-    let start = Instant::now();
-    let last = AtomicU64::new(0);
-    let (ar, aw) = a.into_split();
-    let (br, bw) = b.into_split();
-    let (ab, ba) = (AtomicU64::new(0), AtomicU64::new(0));
-    let up = pump(ar, bw, &ab, &last, start);
-    let down = pump(br, aw, &ba, &last, start);
-    let ended = drive(up, down, idle_timeout, &last, start).await;
-    Totals {
-        a_to_b: ab.load(Ordering::Relaxed),
-        b_to_a: ba.load(Ordering::Relaxed),
-        ended,
+/// What both directions of a relay share: the bytes each moved, and when anything last moved.
+pub(crate) struct Meter {
+    start: Instant,
+    /// Milliseconds since `start` at the last byte either way.
+    last: AtomicU64,
+    pub(crate) a_to_b: AtomicU64,
+    pub(crate) b_to_a: AtomicU64,
+}
+
+impl Meter {
+    pub(crate) fn new() -> Self {
+        Self {
+            start: Instant::now(),
+            last: AtomicU64::new(0),
+            a_to_b: AtomicU64::new(0),
+            b_to_a: AtomicU64::new(0),
+        }
+    }
+
+    /// `n` bytes moved on the direction counted by `bytes`.
+    pub(crate) fn moved(&self, bytes: &AtomicU64, n: usize) {
+        bytes.fetch_add(n as u64, Ordering::Relaxed);
+        self.last
+            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn idle(&self) -> Duration {
+        let last = Duration::from_millis(self.last.load(Ordering::Relaxed));
+        self.start.elapsed().saturating_sub(last)
+    }
+
+    fn totals(&self, ended: Ended) -> Totals {
+        Totals {
+            a_to_b: self.a_to_b.load(Ordering::Relaxed),
+            b_to_a: self.b_to_a.load(Ordering::Relaxed),
+            ended,
+        }
     }
 }
 
-/// Runs both directions of a relay until both are done, one fails, or nothing moved (`last`,
-/// in ms since `start`) for `idle_timeout`.
+/// Relays between `a` and `b` until both directions end, one fails, or nothing moves for
+/// `idle_timeout`.
+pub async fn relay(a: TcpStream, b: TcpStream, idle_timeout: Duration) -> Totals {
+    let meter = Meter::new();
+    let (ar, aw) = a.into_split();
+    let (br, bw) = b.into_split();
+    let up = pump(ar, bw, &meter.a_to_b, &meter);
+    let down = pump(br, aw, &meter.b_to_a, &meter);
+    drive(up, down, idle_timeout, &meter).await
+}
+
+/// Runs both directions of a relay until both are done, one fails, or nothing moved for
+/// `idle_timeout`; what they moved, and how it ended.
 pub(crate) async fn drive(
     up: impl std::future::Future<Output = std::io::Result<()>>,
     down: impl std::future::Future<Output = std::io::Result<()>>,
     idle_timeout: Duration,
-    last: &AtomicU64,
-    start: Instant,
-) -> Ended {
+    meter: &Meter,
+) -> Totals {
     tokio::pin!(up, down);
     let (mut up_done, mut down_done) = (false, false);
     let tick = (idle_timeout / 4).max(Duration::from_millis(10));
-    loop {
+    let ended = loop {
         tokio::select! {
             r = &mut up, if !up_done => {
-                if r.is_err() { return Ended::Error; }
+                if r.is_err() { break Ended::Error; }
                 up_done = true;
             }
             r = &mut down, if !down_done => {
-                if r.is_err() { return Ended::Error; }
+                if r.is_err() { break Ended::Error; }
                 down_done = true;
             }
             _ = tokio::time::sleep(tick) => {
-                let idle = start.elapsed().saturating_sub(Duration::from_millis(last.load(Ordering::Relaxed)));
-                if idle >= idle_timeout { return Ended::Idle; }
+                if meter.idle() >= idle_timeout { break Ended::Idle; }
             }
         }
         if up_done && down_done {
-            return Ended::Done;
+            break Ended::Done;
         }
-    }
+    };
+    meter.totals(ended)
 }
 
 async fn pump(
     r: OwnedReadHalf,
     mut w: OwnedWriteHalf,
     bytes: &AtomicU64,
-    last: &AtomicU64,
-    start: Instant,
+    meter: &Meter,
 ) -> std::io::Result<()> {
     // The buffer exists only while data flows: it is taken when the socket turns readable and
     // given back once a read would block, so an idle relay holds no buffer at all. Reads go
@@ -136,8 +167,7 @@ async fn pump(
                 }
                 Ok(n) => {
                     w.write_all(&buf[..n]).await?;
-                    bytes.fetch_add(n as u64, Ordering::Relaxed);
-                    last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+                    meter.moved(bytes, n);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) => return Err(e),
@@ -186,7 +216,7 @@ mod tests {
         let (relay_b, mut server) = pair().await;
         let (ar, _aw) = relay_a.into_split();
         let (_br, bw) = relay_b.into_split();
-        let (n, last) = (AtomicU64::new(0), AtomicU64::new(0));
+        let meter = Meter::new();
         let writer = async {
             client.write_all(&vec![3u8; 300_000]).await.unwrap();
             client.shutdown().await.unwrap();
@@ -196,10 +226,10 @@ mod tests {
             server.read_to_end(&mut got).await.unwrap();
             got
         };
-        let (r, (), got) = tokio::join!(pump(ar, bw, &n, &last, Instant::now()), writer, reader);
+        let (r, (), got) = tokio::join!(pump(ar, bw, &meter.a_to_b, &meter), writer, reader);
         r.unwrap();
         assert_eq!(got.len(), 300_000);
-        assert_eq!(n.load(Ordering::Relaxed), 300_000);
+        assert_eq!(meter.a_to_b.load(Ordering::Relaxed), 300_000);
     }
 
     #[tokio::test]

@@ -6,12 +6,12 @@
 //! [`STREAM_BUFFER_BYTES`] buffer for the relay's life. The rest is the same: half-close passed
 //! on (on TLS as close_notify, then FIN), the idle timeout, the totals.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::{drive, Totals};
+use super::{drive, Meter, Totals};
 
 /// Bytes per direction buffer: one TLS record's plaintext.
 pub const STREAM_BUFFER_BYTES: usize = 16 * 1024;
@@ -23,27 +23,19 @@ where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let start = Instant::now();
-    let last = AtomicU64::new(0);
+    let meter = Meter::new();
     let (ar, aw) = tokio::io::split(a);
     let (br, bw) = tokio::io::split(b);
-    let (ab, ba) = (AtomicU64::new(0), AtomicU64::new(0));
-    let up = pump(ar, bw, &ab, &last, start);
-    let down = pump(br, aw, &ba, &last, start);
-    let ended = drive(up, down, idle_timeout, &last, start).await;
-    Totals {
-        a_to_b: ab.load(Ordering::Relaxed),
-        b_to_a: ba.load(Ordering::Relaxed),
-        ended,
-    }
+    let up = pump(ar, bw, &meter.a_to_b, &meter);
+    let down = pump(br, aw, &meter.b_to_a, &meter);
+    drive(up, down, idle_timeout, &meter).await
 }
 
 async fn pump<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     mut r: R,
     mut w: W,
     bytes: &AtomicU64,
-    last: &AtomicU64,
-    start: Instant,
+    meter: &Meter,
 ) -> std::io::Result<()> {
     let mut buf = vec![0u8; STREAM_BUFFER_BYTES];
     loop {
@@ -56,8 +48,7 @@ async fn pump<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         w.write_all(&buf[..n]).await?;
         // A TLS writer holds records until flushed.
         w.flush().await?;
-        bytes.fetch_add(n as u64, Ordering::Relaxed);
-        last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+        meter.moved(bytes, n);
     }
 }
 
