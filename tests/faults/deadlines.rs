@@ -19,6 +19,20 @@ const EARLY: Duration = Duration::from_millis(50);
 /// Sends `hello` one byte a second (nothing at all when `silent`) until the peer closes; how
 /// long after the connection was established that was.
 async fn trickle(addr: std::net::SocketAddr, hello: Vec<u8>, silent: bool) -> Duration {
+    // Bounded, so that a client the proxy never closes fails the test instead of hanging it.
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        trickle_until_closed(addr, hello, silent),
+    )
+    .await
+    .expect("the public proxy did not close a slow client within 60 s")
+}
+
+async fn trickle_until_closed(
+    addr: std::net::SocketAddr,
+    hello: Vec<u8>,
+    silent: bool,
+) -> Duration {
     let mut s = TcpStream::connect(addr).await.expect("connect");
     let start = Instant::now();
     let mut next = 0;
