@@ -70,6 +70,11 @@ pub struct Args {
     /// reverse streams to their peer), to compare the two.
     #[arg(long)]
     pub eps_dialed: bool,
+    /// Record a profile with call graphs (`perf record`) of each eps process during the connect
+    /// scenario's first round, into DIR/<process>.data; read one with `perf report -i FILE`. Sampling
+    /// costs the profiled processes CPU: compare CPU figures from runs without it.
+    #[arg(long, value_name = "DIR")]
+    pub profile: Option<PathBuf>,
 }
 
 /// A group of scenarios that run together.

@@ -115,6 +115,81 @@ impl Drop for Proc {
     }
 }
 
+/// `perf record` attached to some processes (with call graphs), for as long as it lives: stopped
+/// with SIGINT so that it writes its file, then reaped.
+pub struct Profile {
+    recorders: Vec<(Child, PathBuf)>,
+}
+
+impl Profile {
+    /// Records each of `pids` (name, pid) into `dir/<prefix><name>.data`.
+    pub fn start(dir: &Path, prefix: &str, pids: &[(String, u32)]) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let mut recorders = Vec::new();
+        for (name, pid) in pids {
+            let out = dir.join(format!("{prefix}{name}.data"));
+            let child = Command::new("perf")
+                .args([
+                    "record",
+                    "-q",
+                    "-F",
+                    "1999",
+                    "--call-graph",
+                    "dwarf,16384",
+                    "-p",
+                ])
+                .arg(pid.to_string())
+                .arg("-o")
+                .arg(&out)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("starting perf record (is perf installed?)")?;
+            RUNNING.lock().expect("not poisoned").insert(child.id());
+            recorders.push((child, out));
+        }
+        // perf attaches within a few ms; the file's header marks it as attached.
+        for (_, out) in &recorders {
+            let t0 = std::time::Instant::now();
+            while std::fs::metadata(out).map_or(true, |m| m.len() == 0) {
+                if t0.elapsed() > std::time::Duration::from_secs(10) {
+                    bail!("perf record did not start writing {}", out.display());
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
+        Ok(Self { recorders })
+    }
+
+    /// Stops recording and returns the files written.
+    pub fn stop(mut self) -> Vec<PathBuf> {
+        let mut files = Vec::new();
+        for (child, out) in self.recorders.drain(..) {
+            stop_recorder(child);
+            files.push(out);
+        }
+        files
+    }
+}
+
+fn stop_recorder(mut child: Child) {
+    if let Ok(pid) = libc::pid_t::try_from(child.id()) {
+        // SAFETY: kill(2) on our own child, not yet reaped.
+        unsafe { libc::kill(pid, libc::SIGINT) };
+    }
+    let _ = child.wait();
+    RUNNING.lock().expect("not poisoned").remove(&child.id());
+}
+
+impl Drop for Profile {
+    fn drop(&mut self) {
+        for (child, _) in self.recorders.drain(..) {
+            stop_recorder(child);
+        }
+    }
+}
+
 /// Kills every child still running (for Ctrl-C and panics, where destructors may not run).
 pub fn kill_all() {
     let pids = match RUNNING.lock() {

@@ -38,12 +38,13 @@ pub struct Report {
 }
 
 /// Scenarios in table order, with their unit and whether higher is better.
-pub const SCENARIOS: [(&str, &str, bool); 24] = [
+pub const SCENARIOS: [(&str, &str, bool); 26] = [
     ("throughput_1", "MiB/s", true),
     ("throughput_8", "MiB/s", true),
     ("connect_p50", "ms", false),
     ("connect_p99", "ms", false),
     ("conn_rate", "conn/s", true),
+    ("connect_cpu_us", "µs", false),
     ("connect1_p50", "ms", false),
     ("connect1_p99", "ms", false),
     // eps only: the same on a domain whose TLS ends at the private proxy.
@@ -52,6 +53,7 @@ pub const SCENARIOS: [(&str, &str, bool); 24] = [
     ("connect_p50_terminated", "ms", false),
     ("connect_p99_terminated", "ms", false),
     ("conn_rate_terminated", "conn/s", true),
+    ("connect_cpu_us_terminated", "µs", false),
     ("connect1_p50_terminated", "ms", false),
     ("connect1_p99_terminated", "ms", false),
     ("idle_rss_per_conn", "KiB", false),

@@ -115,8 +115,18 @@ pub async fn run(args: &Args, work: &Path) -> anyhow::Result<()> {
         let n = share(plan.connections, plan.rounds, round);
         let mut rates = Vec::new();
         for (i, s) in running.iter().enumerate() {
+            let profile = match &args.profile {
+                Some(dir) if round == 0 && s.kind == Kind::Eps => {
+                    Some(procs::Profile::start(dir, "", &s.pids)?)
+                }
+                _ => None,
+            };
             let before = s.cpu_secs()?;
             let t = scenarios::connect(&client, s.addr, n, plan.connect_clients).await;
+            if let Some(p) = profile {
+                let files: Vec<String> = p.stop().iter().map(|f| f.display().to_string()).collect();
+                println!("==> profiles: {}", files.join(", "));
+            }
             for ((acc, a), b) in cpu[i].iter_mut().zip(s.cpu_secs()?).zip(before) {
                 *acc += a - b;
             }
@@ -131,7 +141,8 @@ pub async fn run(args: &Args, work: &Path) -> anyhow::Result<()> {
         .zip(cpu)
         .filter(|_| wants(Group::Connect))
     {
-        cpu_note(&mut report, s, &cpu, t.samples_ms.len());
+        let total = cpu_note(&mut report, s, &cpu, t.samples_ms.len(), "");
+        report.push("connect_cpu_us", s.kind.name(), total);
         let (p50, p99) = (t.quantile(0.5), t.quantile(0.99));
         let name = s.kind.name();
         report.push("connect_p50", name, p50);
@@ -290,22 +301,14 @@ async fn terminated(
             .zip(before)
             .map(|(a, b)| a - b)
             .collect();
-        let parts: Vec<String> = eps
-            .pids
-            .iter()
-            .zip(&used)
-            .map(|((name, _), secs)| {
-                format!(
-                    "{name} {:.0}",
-                    secs * 1e6 / t.samples_ms.len().max(1) as f64
-                )
-            })
-            .collect();
-        report.notes.push(format!(
-            "connect on eps, TLS ended at the private proxy: CPU µs per connection by process \
-             (warm-up connections included): {}.",
-            parts.join(", ")
-        ));
+        let total = cpu_note(
+            report,
+            eps,
+            &used,
+            t.samples_ms.len(),
+            ", TLS ended at the private proxy",
+        );
+        report.push("connect_cpu_us_terminated", "eps", total);
         let (p50, p99) = (t.quantile(0.5), t.quantile(0.99));
         report.push("connect_p50_terminated", "eps", p50);
         report.push("connect_p99_terminated", "eps", p99);
@@ -389,19 +392,22 @@ impl Progress {
     }
 }
 
-/// Notes the CPU time (`used`, seconds by process) the system spent per connection.
-fn cpu_note(report: &mut Report, s: &System, used: &[f64], n: usize) {
+/// Notes the CPU time (`used`, seconds by process) the system spent per connection, by process,
+/// and returns its sum in µs per connection. `what` qualifies the run in the note.
+fn cpu_note(report: &mut Report, s: &System, used: &[f64], n: usize, what: &str) -> f64 {
+    let per_conn = |secs: f64| secs * 1e6 / n.max(1) as f64;
     let parts: Vec<String> = s
         .pids
         .iter()
         .zip(used)
-        .map(|((name, _), secs)| format!("{name} {:.0}", secs * 1e6 / n.max(1) as f64))
+        .map(|((name, _), secs)| format!("{name} {:.0}", per_conn(*secs)))
         .collect();
     report.notes.push(format!(
-        "connect on {}: CPU µs per connection by process (warm-up connections included): {}.",
+        "connect on {}{what}: CPU µs per connection by process (warm-up connections included): {}.",
         s.kind,
         parts.join(", ")
     ));
+    per_conn(used.iter().sum())
 }
 
 /// Round `round` of `rounds`' share of `total`.
