@@ -38,6 +38,7 @@ pub async fn run(args: &Args, work: &Path) -> anyhow::Result<()> {
     );
     let mut env = Env::start(work).await?;
     env.eps_dialed = args.eps_dialed;
+    env.eps_worker_threads = args.eps_worker_threads;
     let client = Client::new(&env.root())?;
     println!("==> internal server on {}", env.server_addr);
     let mut running = Vec::new();
@@ -53,6 +54,18 @@ pub async fn run(args: &Args, work: &Path) -> anyhow::Result<()> {
     }
     let mut report = Report::new(running.iter().map(|s| s.kind.name().into()).collect());
     report.notes = notes(&plan);
+    if running.iter().any(|s| s.kind == Kind::Eps) {
+        report.notes.push(format!(
+            "eps: {} form; worker threads per process: {}.",
+            if env.eps_dialed {
+                "dialed"
+            } else {
+                "firewalled"
+            },
+            env.eps_worker_threads
+                .map_or("one per core".to_string(), |n| n.to_string()),
+        ));
+    }
     let wants = |g: Group| args.scenarios.contains(&g);
     let rpc_systems = if wants(Group::Rpc) {
         running

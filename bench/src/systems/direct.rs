@@ -37,6 +37,8 @@ pub struct Env {
     pub plain_addr: SocketAddr,
     /// eps in its dialed form (`--eps-dialed`) rather than the firewalled one.
     pub eps_dialed: bool,
+    /// `worker_threads` of each eps process, if set.
+    pub eps_worker_threads: Option<std::num::NonZeroUsize>,
     _server: Proc,
     _plain: Proc,
 }
@@ -80,6 +82,7 @@ impl Env {
             server_pid: server.pid(),
             plain_addr,
             eps_dialed: false,
+            eps_worker_threads: None,
             _server: server,
             _plain: plain,
         })

@@ -124,7 +124,7 @@ pub fn start_with(env: &Env, o: &Overrides) -> anyhow::Result<System> {
         eps_core::settings::merge(&mut private_settings, extra.clone());
     }
     let delivery = |addr: SocketAddr| format!("https://{addr}/jsonrpc");
-    let public_eps_settings = public_eps.settings(
+    let mut public_eps_settings = public_eps.settings(
         env,
         PUBLIC,
         &directory,
@@ -132,7 +132,7 @@ pub fn start_with(env: &Env, o: &Overrides) -> anyhow::Result<System> {
         Some(env.tls(PUBLIC, false)),
         true,
     );
-    let private_eps_settings = private_eps.settings(
+    let mut private_eps_settings = private_eps.settings(
         env,
         PRIVATE,
         &directory,
@@ -141,6 +141,16 @@ pub fn start_with(env: &Env, o: &Overrides) -> anyhow::Result<System> {
         env.eps_dialed,
     );
 
+    if let Some(n) = env.eps_worker_threads {
+        for s in [
+            &mut public_settings,
+            &mut private_settings,
+            &mut public_eps_settings,
+            &mut private_eps_settings,
+        ] {
+            s["worker_threads"] = json!(n);
+        }
+    }
     let proxy = env.bin("proxy")?;
     let mut procs = Vec::new();
     for (name, role, settings) in [

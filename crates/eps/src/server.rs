@@ -26,10 +26,7 @@ pub fn main() -> Result<(), Failure> {
     let settings = crate::cli::load()?;
     let prepared =
         prepare(&settings).map_err(|e| Failure::Usage(format!("eps: bad settings: {e:#}")))?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let rt = eps_core::net::runtime(settings.worker_threads);
     rt.block_on(run(settings, prepared)).map_err(|e| {
         tracing::error!("eps server failed: {e:#}");
         Failure::Logged

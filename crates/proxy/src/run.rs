@@ -50,10 +50,7 @@ pub fn check(role: Role) -> Result<String, RunError> {
 /// Loads settings for the role and runs it until SIGINT or SIGTERM.
 pub fn main(role: Role) -> Result<(), RunError> {
     let settings = load(role)?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let rt = eps_core::net::runtime(settings.worker_threads);
     let result = rt.block_on(async {
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
