@@ -178,24 +178,28 @@ async fn sentinel_down_routes_from_memory_and_recovers() {
     drop(sentinels);
 }
 
-/// `datastore.settings` of a cluster: every node as a seed.
-fn cluster_settings(cluster: &RedisCluster) -> Value {
+/// `datastore.settings` of a cluster: every node as a seed, `min_replicas` as given.
+fn cluster_settings(cluster: &RedisCluster, min_replicas: u32) -> Value {
     json!({
         "addresses": cluster.addresses(),
         "cluster": true,
         "password": REDIS_PASSWORD,
         "key": REDIS_KEY,
+        "min_replicas": min_replicas,
+        "replica_timeout": 1.0,
     })
 }
 
-/// A Redis Cluster of three primaries behind both instances: an announcement made at A (the
-/// EPS server delivers there) and one made at B (after the EPS server is pointed at B) are
-/// routed by both, and the hash lives on one node, the one serving its slot.
+/// A Redis Cluster of three primaries, each with a replica, behind both instances
+/// (`min_replicas: 1`): an announcement made at A (the EPS server delivers there) and one made
+/// at B (after the EPS server is pointed at B) are routed by both, and the hash lives on one
+/// primary, the one serving its slot. Then that primary is killed with -9: its replica takes
+/// over, nothing acknowledged is lost, and a new announcement routes at both.
 #[tokio::test(flavor = "multi_thread")]
 async fn cluster_routes_announcements_made_at_either_instance() {
     let t = Tunnel::new("store-cluster");
-    let cluster = RedisCluster::start(&t.dir.join("redis-cluster"), 3, REDIS_PASSWORD).await;
-    let settings = cluster_settings(&cluster);
+    let cluster = RedisCluster::start(&t.dir.join("redis-cluster"), 3, 1, REDIS_PASSWORD).await;
+    let settings = cluster_settings(&cluster, 1);
     let mut c = Instances::start_with(t, cluster.nodes, settings).await;
 
     for (name, addr) in [("A", c.t.public_addr), ("B", c.b_public)] {
@@ -245,20 +249,102 @@ async fn cluster_routes_announcements_made_at_either_instance() {
     );
     assert!(c.b_works_for(at_b).await, "{at_b} is not routed at B");
 
-    // One node holds the hash; the others redirect (MOVED).
+    // One primary holds the hash; the other nodes redirect (MOVED; a replica too, since
+    // clients read from primaries unless they ask otherwise).
     let mut holders = Vec::new();
-    for node in &c.redis {
+    for (i, node) in c.redis.iter().enumerate() {
         match node.command(&["HLEN", REDIS_KEY]).await.expect("HLEN") {
-            Resp::Integer(n) => holders.push((node.address(), n)),
+            Resp::Integer(n) => holders.push((i, n)),
             Resp::Error(e) => assert!(e.starts_with("MOVED"), "{}: {e}", node.address()),
             other => panic!("HLEN at {}: {other:?}", node.address()),
         }
     }
     assert_eq!(holders.len(), 1, "nodes answering HLEN: {holders:?}");
     assert_eq!(holders[0].1, 3, "{DOMAIN}, {at_a} and {at_b} in the hash");
+    listed_at_both(&c, &[DOMAIN, at_a, at_b]).await;
+
+    // The hash's primary dies; the cluster promotes its replica (cluster-node-timeout 2 s).
+    let holder = holders[0].0;
+    let replication = ["INFO", "replication"];
+    let follows_holder = format!("master_port:{}", c.redis[holder].addr.port());
+    let mut replica = None;
+    for (i, node) in c.redis.iter().enumerate() {
+        if i != holder && node.says(&replication, &follows_holder).await {
+            replica = Some(i);
+        }
+    }
+    let replica = replica.expect("the hash's primary has a replica");
+    let killed_at = Instant::now();
+    c.redis[holder].kill();
+    let promoted = wait_until(RECOVERY, || {
+        c.redis[replica].says(&replication, "role:master")
+    })
+    .await;
+    assert!(
+        promoted,
+        "the replica of the hash's primary was not promoted"
+    );
+    let promoted_after = killed_at.elapsed();
+    // The new primary has no replica left: announcements are refused rather than acknowledged
+    // unreplicated, and the refusal says so.
+    let after = "after-failover.internal-server.local";
+    let last = Mutex::new(String::new());
+    let refused_for_replicas = wait_until(RECOVERY, || async {
+        match call(&private, "announceConnection", json!({"domain": after})).await {
+            Err(e) => {
+                *last.lock().unwrap() = e.to_string();
+                e.to_string().contains("min_replicas")
+            }
+            Ok(_) => {
+                *last.lock().unwrap() = "accepted".into();
+                false
+            }
+        }
+    })
+    .await;
+    assert!(
+        refused_for_replicas,
+        "not refused for want of a replica: {}",
+        last.lock().unwrap()
+    );
+    // The old primary comes back as the new one's replica: announcements are acknowledged again.
+    c.redis[holder].restart().await;
+    let accepted = wait_until(RECOVERY, || async {
+        call(&private, "announceConnection", json!({"domain": after}))
+            .await
+            .is_ok()
+    })
+    .await;
+    assert!(
+        accepted,
+        "{after} not accepted once the primary had a replica again"
+    );
+    let accepted_after = killed_at.elapsed();
+    assert!(
+        c.redis[holder].says(&replication, "role:slave").await,
+        "the old primary did not come back as a replica"
+    );
+    assert!(
+        wait_until(RECOVERY, || c.t.works_for(after)).await,
+        "{after} is not routed at A"
+    );
+    assert!(c.b_works_for(after).await, "{after} is not routed at B");
+    listed_at_both(&c, &[DOMAIN, at_a, at_b, after]).await;
+    println!(
+        "cluster failover (min_replicas 1): the hash's primary killed with -9; its replica \
+         promoted after {:.1} s; announcements refused for want of a replica until the old \
+         primary rejoined as its replica, accepted again {:.1} s after the kill; the 3 \
+         acknowledged before it all kept",
+        promoted_after.as_secs_f64(),
+        accepted_after.as_secs_f64()
+    );
+}
+
+/// Panics unless both instances list every one of `domains`.
+async fn listed_at_both(c: &Instances, domains: &[&str]) {
     for (name, client) in [("A", c.a_rpc()), ("B", c.b_rpc())] {
         let listed = Instances::listed(&client).await.expect("getAnnouncements");
-        for d in [DOMAIN, at_a, at_b] {
+        for d in domains {
             assert!(listed.iter().any(|l| l == d), "{d} not listed at {name}");
         }
     }
@@ -269,8 +355,8 @@ async fn cluster_routes_announcements_made_at_either_instance() {
 #[tokio::test(flavor = "multi_thread")]
 async fn cluster_down_routes_from_memory_and_recovers() {
     let t = Tunnel::new("store-cluster-down");
-    let cluster = RedisCluster::start(&t.dir.join("redis-cluster"), 3, REDIS_PASSWORD).await;
-    let settings = cluster_settings(&cluster);
+    let cluster = RedisCluster::start(&t.dir.join("redis-cluster"), 3, 0, REDIS_PASSWORD).await;
+    let settings = cluster_settings(&cluster, 0);
     let c = Instances::start_with(t, cluster.nodes, settings).await;
     ride_out_outage(c, "Cluster").await;
 }

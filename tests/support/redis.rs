@@ -215,6 +215,18 @@ impl Redis {
     }
 }
 
+impl Redis {
+    /// Whether the text `command` answers has the line `line` (`CLUSTER INFO`, `INFO`).
+    pub async fn says(&self, command: &[&str], line: &str) -> bool {
+        match self.command(command).await {
+            Ok(Resp::Bulk(Some(text))) => String::from_utf8_lossy(&text)
+                .lines()
+                .any(|l| l.trim() == line),
+            _ => false,
+        }
+    }
+}
+
 /// What a Sentinel logs once it monitors its primary.
 const SENTINEL_READY: &str = "+monitor master";
 
@@ -274,16 +286,20 @@ impl Sentinel {
 /// Time a new cluster gets until every node says `cluster_state:ok`.
 const CLUSTER_WAIT: Duration = Duration::from_secs(30);
 
-/// A Redis Cluster of primaries only, each a [`Redis`] with `--cluster-enabled yes` (its bus on
-/// a port of [`free_port`] too), the slots spread by `redis-cli --cluster create`.
+/// A Redis Cluster, each node a [`Redis`] with `--cluster-enabled yes` (its bus on a port of
+/// [`free_port`] too), the slots spread and replicas assigned by `redis-cli --cluster create`.
 pub struct RedisCluster {
     pub nodes: Vec<Redis>,
+    /// Replicas per primary.
+    replicas: usize,
 }
 
 impl RedisCluster {
-    /// Starts `n` nodes (folders `dir/node-i`, logs `dir/node-i.log`), all requiring
-    /// `password`, joins them into one cluster and waits until each says `cluster_state:ok`.
-    pub async fn start(dir: &Path, n: usize, password: &str) -> Self {
+    /// Starts `primaries` × (1 + `replicas`) nodes (folders `dir/node-i`, logs
+    /// `dir/node-i.log`), all requiring `password`, joins them into one cluster and waits until
+    /// each says `cluster_state:ok` and every primary has its replicas online.
+    pub async fn start(dir: &Path, primaries: usize, replicas: usize, password: &str) -> Self {
+        let n = primaries * (1 + replicas);
         let mut nodes = Vec::with_capacity(n);
         for i in 0..n {
             let node_dir = dir.join(format!("node-{i}"));
@@ -313,7 +329,7 @@ impl RedisCluster {
         let mut create = std::process::Command::new(program_path("redis-cli", "redis-tools"));
         create.args(["--no-auth-warning", "-a", password, "--cluster", "create"]);
         create.args(nodes.iter().map(Redis::address));
-        create.args(["--cluster-replicas", "0", "--cluster-yes"]);
+        create.args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"]);
         let out = tokio::task::spawn_blocking(move || create.output())
             .await
             .expect("redis-cli task")
@@ -324,19 +340,28 @@ impl RedisCluster {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        let cluster = Self { nodes };
+        let cluster = Self { nodes, replicas };
         cluster.wait_ok().await;
         cluster
     }
 
-    /// Waits until every node says `cluster_state:ok` (all slots served, as far as it knows).
+    /// Waits until every node says `cluster_state:ok` (all slots served, as far as it knows)
+    /// and every primary has its replicas online.
     pub async fn wait_ok(&self) {
+        let replicas = format!("connected_slaves:{}", self.replicas);
         let ok = wait_until(CLUSTER_WAIT, || async {
             for node in &self.nodes {
-                match node.command(&["CLUSTER", "INFO"]).await {
-                    Ok(Resp::Bulk(Some(info)))
-                        if String::from_utf8_lossy(&info).contains("cluster_state:ok") => {}
-                    _ => return false,
+                if !node.says(&["CLUSTER", "INFO"], "cluster_state:ok").await {
+                    return false;
+                }
+                let info = ["INFO", "replication"];
+                let synced = if node.says(&info, "role:master").await {
+                    node.says(&info, &replicas).await
+                } else {
+                    node.says(&info, "master_link_status:up").await
+                };
+                if !synced {
+                    return false;
                 }
             }
             true
