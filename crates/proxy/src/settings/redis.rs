@@ -172,6 +172,39 @@ mod tests {
         );
     }
 
+    /// Every `datastore` example of the README's "Running several public proxies" (one server,
+    /// Sentinel, Cluster, TLS) reads and passes the check.
+    #[test]
+    fn the_readme_examples_read() {
+        let readme = include_str!("../../../../README.md");
+        let section = readme
+            .split("### Running several public proxies")
+            .nth(1)
+            .and_then(|s| s.split("\n## ").next())
+            .expect("the README's section");
+        let mut forms = Vec::new();
+        for block in section.split("```yaml\n").skip(1) {
+            let yaml = block.split("```").next().unwrap();
+            let doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(yaml).expect(yaml);
+            let datastore = doc["datastore"].clone();
+            let parsed: super::super::DatastoreSettings =
+                serde_yaml_ng::from_value(datastore).unwrap_or_else(|e| panic!("{e}:\n{yaml}"));
+            let super::super::DatastoreSettings::Redis(r) = parsed else {
+                panic!("not redis:\n{yaml}");
+            };
+            r.check().unwrap_or_else(|e| panic!("{e}:\n{yaml}"));
+            forms.push((r.sentinel.is_some(), r.cluster, r.tls.is_some()));
+        }
+        for form in [
+            (false, false, false),
+            (true, false, false),
+            (false, true, false),
+        ] {
+            assert!(forms.contains(&form), "no example of {form:?}: {forms:?}");
+        }
+        assert!(forms.iter().any(|f| f.2), "no TLS example: {forms:?}");
+    }
+
     #[test]
     fn contradictions_are_refused_by_name() {
         let refused = |yaml: &str, says: &str| {
