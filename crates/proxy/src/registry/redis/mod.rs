@@ -130,19 +130,16 @@ impl RedisBackend {
         })
     }
 
-    /// A client of the primary: the configured server, or the one the Sentinels name now.
-    async fn primary(&self) -> Result<redis::Client, StoreUnavailable> {
-        match &self.target {
-            Target::Direct(c) => Ok(c.clone()),
-            Target::Sentinel(s) => {
-                let mut s = s.lock().await;
-                tokio::time::timeout(REDIS_TIMEOUT * 2, s.async_get_client())
-                    .await
-                    .map_err(|_| self.unavailable("no Sentinel named the primary in time"))?
-                    .map_err(|e| self.unavailable(e))
-            }
-            Target::Cluster(_) => unreachable!("a cluster has no one primary"),
-        }
+    /// A client of the primary the Sentinels name now.
+    async fn sentinel_primary(
+        &self,
+        sentinel: &tokio::sync::Mutex<redis::sentinel::SentinelClient>,
+    ) -> Result<redis::Client, StoreUnavailable> {
+        let mut s = sentinel.lock().await;
+        tokio::time::timeout(REDIS_TIMEOUT * 2, s.async_get_client())
+            .await
+            .map_err(|_| self.unavailable("no Sentinel named the primary in time"))?
+            .map_err(|e| self.unavailable(e))
     }
 
     fn unavailable(&self, reason: impl std::fmt::Display) -> StoreUnavailable {
@@ -249,21 +246,23 @@ impl RedisBackend {
     /// to `self.conn`.
     async fn subscribe(&self) -> Result<Changes, StoreUnavailable> {
         let response_timeout = REDIS_TIMEOUT + self.replica_timeout;
-        if let Target::Cluster(cluster) = &self.target {
-            let (conn, changes) = tokio::time::timeout(
-                REDIS_TIMEOUT * 2,
-                cluster.connect(&self.channel, REDIS_TIMEOUT, response_timeout),
-            )
-            .await
-            .map_err(|_| self.unavailable("connect timed out"))?
-            .map_err(|e| self.unavailable(e))?;
-            *self.conn.write().await = Some(Conn::Cluster(conn));
-            return Ok(changes);
-        }
-        let client = self.primary().await?;
         // Through Sentinel, every (re)connect asks which server is the primary now: after a
         // failover the old one is gone or a replica.
-        let reconnect = matches!(self.target, Target::Sentinel(_));
+        let (client, reconnect) = match &self.target {
+            Target::Direct(client) => (client.clone(), false),
+            Target::Sentinel(sentinel) => (self.sentinel_primary(sentinel).await?, true),
+            Target::Cluster(cluster) => {
+                let (conn, changes) = tokio::time::timeout(
+                    REDIS_TIMEOUT * 2,
+                    cluster.connect(&self.channel, REDIS_TIMEOUT, response_timeout),
+                )
+                .await
+                .map_err(|_| self.unavailable("connect timed out"))?
+                .map_err(|e| self.unavailable(e))?;
+                *self.conn.write().await = Some(Conn::Cluster(conn));
+                return Ok(changes);
+            }
+        };
         if reconnect || self.conn.read().await.is_none() {
             let config = redis::aio::ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(REDIS_TIMEOUT))
