@@ -8,7 +8,11 @@
 //! proxy instance `B` with its own ports and `internal_endpoint`. The one EPS server of
 //! `public-proxy-1` delivers calls to instance A only; both instances call it for dial-backs.
 //!
-//! Needs `redis-server` (apt-get install redis-server). Build the binaries first:
+//! Redis's highly available forms (Sentinel, Cluster) and TLS to Redis are in `store/ha.rs`,
+//! on the same fixture.
+//!
+//! Needs `redis-server` and `redis-cli` (apt-get install redis-server redis-tools). Build the
+//! binaries first:
 //! `cargo build --workspace && cargo test -p eps-tests --test store`. Measurements are printed
 //! (`-- --nocapture` shows them).
 
@@ -20,12 +24,15 @@ use std::time::{Duration, Instant};
 use eps_core::http::{CallError, RpcClient};
 use eps_core::jsonrpc;
 use eps_tests::keepalive::KeepAlive;
-use eps_tests::redis::{Redis, Sentinel};
+use eps_tests::redis::Redis;
 use eps_tests::tunnel::{
     https_request, Role, Tunnel, ATTEMPT_TIMEOUT, DOMAIN, PRIVATE, PROCESS_WAIT, PUBLIC,
     RPC_TIMEOUT, SUCCESS,
 };
 use eps_tests::*;
+
+#[path = "store/ha.rs"]
+mod ha;
 
 /// The Redis password (given literally in the test's settings file).
 const REDIS_PASSWORD: &str = "test-redis-password";
@@ -42,17 +49,19 @@ const RECOVERY: Duration = Duration::from_secs(20);
 
 /// The demo with two public proxy instances sharing one Redis. Fields drop in order: the second
 /// instance and Redis first, the tunnel (its processes, then its folder) last.
-struct Cluster {
+struct Instances {
     b: Proc,
     /// Instance B's public port.
     b_public: SocketAddr,
     /// Instance B's JSON-RPC server.
     b_rpc: SocketAddr,
-    redis: Redis,
+    /// The Redis processes: the one server, the primary (then its replicas) of a Sentinel
+    /// setup, or the nodes of a cluster.
+    redis: Vec<Redis>,
     t: Tunnel,
 }
 
-impl Cluster {
+impl Instances {
     /// Starts Redis, the five processes with instance A on Redis, and instance B; returns once a
     /// request goes through A and B follows Redis.
     async fn start(test: &str) -> Self {
@@ -69,11 +78,11 @@ impl Cluster {
             "password": REDIS_PASSWORD,
             "key": REDIS_KEY,
         });
-        Self::start_with(t, redis, settings).await
+        Self::start_with(t, vec![redis], settings).await
     }
 
-    /// [`start`](Self::start) with the Redis `redis` and these `datastore.settings`.
-    async fn start_with(mut t: Tunnel, redis: Redis, settings: Value) -> Self {
+    /// [`start`](Self::start) with the Redis processes `redis` and these `datastore.settings`.
+    async fn start_with(mut t: Tunnel, redis: Vec<Redis>, settings: Value) -> Self {
         // Later files win, and a `type` change replaces the whole datastore section.
         let a_dir = t.settings_dir(Role::PublicProxy).to_path_buf();
         t.dir.write_yaml(
@@ -116,6 +125,34 @@ impl Cluster {
         }
     }
 
+    /// Another instance, `name`: A's settings with its own ports and these
+    /// `datastore.settings` over A's; started, not waited for.
+    fn extra_instance(&self, name: &str, datastore: &Value) -> Proc {
+        let dir = self.t.dir.mkdir(name);
+        let (public, internal, rpc) = (free_addr(), free_addr(), free_addr());
+        self.t.dir.write_yaml(
+            dir.join("instance.yml"),
+            &json!({
+                "jsonrpc_server": {"bind_address": rpc},
+                "public": {
+                    "bind_address": public,
+                    "internal_bind_address": internal,
+                    "internal_endpoint": internal.to_string(),
+                },
+                "datastore": {"type": "redis", "settings": datastore},
+            }),
+        );
+        let dirs = std::env::join_paths([self.t.settings_dir(Role::PublicProxy), &dir])
+            .expect("no ':' in the folders");
+        Proc::start(
+            name,
+            &bin_path("proxy"),
+            ["run", "public"],
+            [("PROXY_SETTINGS", dirs)],
+            self.t.dir.join(format!("{name}.log")),
+        )
+    }
+
     /// A JSON-RPC client of instance A, with the operator's certificate.
     fn a_rpc(&self) -> RpcClient {
         self.t.public_rpc()
@@ -137,7 +174,7 @@ impl Cluster {
 
     /// How many announcements Redis holds (`HLEN` of the store's hash).
     async fn stored(&self) -> Option<i64> {
-        self.redis
+        self.redis[0]
             .command(&["HLEN", REDIS_KEY])
             .await
             .expect("HLEN")
@@ -152,7 +189,7 @@ impl Cluster {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn two_instances_serve_one_announcement() {
-    let c = Cluster::start("store-two").await;
+    let c = Instances::start("store-two").await;
     let t = &c.t;
 
     // The private proxy announced once (to A, through the EPS network); both list it.
@@ -217,7 +254,7 @@ async fn two_instances_serve_one_announcement() {
 /// operator's exact name out of it (409, decided in Redis, not in either instance's memory).
 #[tokio::test(flavor = "multi_thread")]
 async fn wildcards_are_shared_and_guarded_in_redis() {
-    let c = Cluster::start("store-wildcard").await;
+    let c = Instances::start("store-wildcard").await;
     let t = &c.t;
     let wildcard = "*.internal-server.local";
     call(
@@ -282,7 +319,7 @@ async fn wildcards_are_shared_and_guarded_in_redis() {
 #[tokio::test(flavor = "multi_thread")]
 async fn announcements_propagate_within_a_second() {
     const TOTAL: usize = 200;
-    let c = Cluster::start("store-propagate").await;
+    let c = Instances::start("store-propagate").await;
     let private = c.t.private_rpc();
     let b = c.b_rpc();
 
@@ -300,7 +337,7 @@ async fn announcements_propagate_within_a_second() {
         // Poll B (not A, which made the change) back to back until it lists the domain.
         loop {
             polls += 1;
-            let listed = Cluster::listed(&b).await.expect("getAnnouncements at B");
+            let listed = Instances::listed(&b).await.expect("getAnnouncements at B");
             if listed.contains(&domain) {
                 break;
             }
@@ -337,7 +374,16 @@ async fn announcements_propagate_within_a_second() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn redis_down_routes_from_memory_and_recovers() {
-    let mut c = Cluster::start("store-redis-down").await;
+    let c = Instances::start("store-redis-down").await;
+    ride_out_outage(c, "one server").await;
+}
+
+/// Every Redis process of `c` is killed (SIGKILL) and, later, started again on its port with
+/// its files: meanwhile kept-alive relays and new clients of known domains go on at both
+/// instances and announcements get 503 naming Redis; afterwards a new announcement is accepted
+/// and routed at both, without restarting either instance. `form` names the setup in the
+/// printed figures.
+async fn ride_out_outage(mut c: Instances, form: &str) {
     let private = c.t.private_rpc();
 
     // A connection relayed before Redis goes, at each instance, kept alive across everything.
@@ -350,7 +396,9 @@ async fn redis_down_routes_from_memory_and_recovers() {
     at_a.expect_success("before Redis stops, A").await;
     at_b.expect_success("before Redis stops, B").await;
 
-    c.redis.kill(); // SIGKILL
+    for r in &mut c.redis {
+        r.kill(); // SIGKILL
+    }
     let killed = Instant::now();
     let noticed = wait_until(Duration::from_secs(10), || async {
         c.t.proc(Role::PublicProxy).run_log().contains(WAITING) && c.b.run_log().contains(WAITING)
@@ -386,9 +434,11 @@ async fn redis_down_routes_from_memory_and_recovers() {
         "{down} routed while Redis is down"
     );
 
-    // Redis back on the same port with the same files: announcements work again, nothing is
+    // Redis back on the same ports with the same files: announcements work again, nothing is
     // restarted.
-    c.redis.restart().await;
+    for r in &mut c.redis {
+        r.restart().await;
+    }
     let back = Instant::now();
     at_a.expect_success("Redis just restarted, A").await;
     at_b.expect_success("Redis just restarted, B").await;
@@ -431,7 +481,7 @@ async fn redis_down_routes_from_memory_and_recovers() {
             .matches("announcements not stored")
             .count();
     println!(
-        "Redis killed: both instances noticed within {:.3} s; kept-alive relays and new clients \
+        "Redis ({form}) killed: both instances noticed within {:.3} s; kept-alive relays and new clients \
          of known domains went on; {refusals} announcement call(s) refused with 503. Redis \
          restarted: a new announcement accepted after {:.3} s and routed at instance B after \
          {:.3} s",
@@ -491,7 +541,7 @@ async fn file_store_keeps_acknowledged_announcements_through_kill_9() {
     let public = t.public_rpc();
     let listed = Mutex::new(Vec::new());
     let answered = wait_until(RECOVERY, || async {
-        match Cluster::listed(&public).await {
+        match Instances::listed(&public).await {
             Ok(l) => {
                 *listed.lock().unwrap() = l;
                 true
@@ -540,7 +590,7 @@ async fn file_store_keeps_acknowledged_announcements_through_kill_9() {
 #[tokio::test(flavor = "multi_thread")]
 async fn redis_store_keeps_acknowledged_announcements_through_kill_9() {
     const MAX: usize = 400;
-    let mut c = Cluster::start("store-redis-kill").await;
+    let mut c = Instances::start("store-redis-kill").await;
 
     // Announce until Redis is killed under the announcer's feet.
     let private = c.t.private_rpc();
@@ -567,7 +617,7 @@ async fn redis_store_keeps_acknowledged_announcements_through_kill_9() {
         enough,
         "fewer than {threshold} announcements acknowledged in 30 s"
     );
-    c.redis.kill(); // SIGKILL, in the middle of the announcements
+    c.redis[0].kill(); // SIGKILL, in the middle of the announcements
     c.t.proc_mut(Role::PublicProxy).kill();
     c.b.kill();
     let stopped_by = announcer.await.expect("the announcer");
@@ -577,7 +627,7 @@ async fn redis_store_keeps_acknowledged_announcements_through_kill_9() {
         "all {MAX} announcements were acknowledged before Redis was killed"
     );
 
-    c.redis.restart().await;
+    c.redis[0].restart().await;
     c.t.restart(Role::PublicProxy);
     c.b.restart();
     c.t.proc_mut(Role::PublicProxy)
@@ -586,7 +636,7 @@ async fn redis_store_keeps_acknowledged_announcements_through_kill_9() {
     c.b.wait_for_log(FOLLOWING, PROCESS_WAIT).await;
     let in_redis = c.stored().await.unwrap_or_default();
     for (name, client) in [("A", c.a_rpc()), ("B", c.b_rpc())] {
-        let listed = Cluster::listed(&client)
+        let listed = Instances::listed(&client)
             .await
             .unwrap_or_else(|e| panic!("getAnnouncements at {name}: {e}"));
         let missing: Vec<&String> = acked.iter().filter(|d| !listed.contains(d)).collect();
@@ -608,141 +658,7 @@ async fn redis_store_keeps_acknowledged_announcements_through_kill_9() {
     );
 }
 
-/// Redis with Sentinel: a primary, two replicas, three Sentinels; both public proxies find the
-/// primary through the Sentinels and acknowledge an announcement only once a replica has it
-/// (`min_replicas: 1`). Announcements flow at a steady rate while the primary is killed with -9;
-/// after the failover every acknowledged one is listed by both proxies, and the figures
-/// (acknowledged, lost, refused time) are printed.
-#[tokio::test(flavor = "multi_thread")]
-async fn sentinel_failover_loses_no_acknowledged_announcement() {
-    const NAME: &str = "eps-primary";
-    let t = Tunnel::new("store-sentinel");
-    let primary = Redis::start(
-        &t.dir.join("redis-primary"),
-        t.dir.join("redis-primary.log"),
-        Some(REDIS_PASSWORD),
-    )
-    .await;
-    let mut replicas = Vec::new();
-    for i in 0..2 {
-        replicas.push(
-            Redis::start_replica(
-                &t.dir.join(format!("redis-replica-{i}")),
-                t.dir.join(format!("redis-replica-{i}.log")),
-                Some(REDIS_PASSWORD),
-                primary.addr,
-            )
-            .await,
-        );
-    }
-    let mut sentinels = Vec::new();
-    for i in 0..3 {
-        sentinels.push(
-            Sentinel::start(
-                &t.dir.join(format!("sentinel-{i}")),
-                t.dir.join(format!("sentinel-{i}.log")),
-                NAME,
-                primary.addr,
-                Some(REDIS_PASSWORD),
-            )
-            .await,
-        );
-    }
-    // The replicas have synced before announcements are acknowledged with min_replicas 1.
-    let settings = json!({
-        "addresses": sentinels.iter().map(Sentinel::address).collect::<Vec<_>>(),
-        "sentinel": {"master_name": NAME},
-        "password": REDIS_PASSWORD,
-        "key": REDIS_KEY,
-        "min_replicas": 1,
-        "replica_timeout": 1.0,
-    });
-    let mut c = Cluster::start_with(t, primary, settings).await;
-    let private = c.t.private_rpc();
-
-    // Announce n0, n1, ... one after another; record which were acknowledged and when.
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let log: Arc<Mutex<Vec<Sent>>> = Arc::default();
-    let flow = {
-        let (stop, log, private) = (stop.clone(), log.clone(), private.clone());
-        tokio::spawn(async move {
-            let mut n = 0u32;
-            while !stop.load(Ordering::Relaxed) {
-                let domain = format!("n{n}.internal-server.local");
-                let ok = call(&private, "announceConnection", json!({"domain": domain}))
-                    .await
-                    .is_ok();
-                log.lock().unwrap().push((Instant::now(), domain, ok));
-                n += 1;
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-    };
-    let acked = |log: &Arc<Mutex<Vec<Sent>>>| log.lock().unwrap().iter().filter(|e| e.2).count();
-    assert!(
-        wait_until(RECOVERY, || async { acked(&log) >= 20 }).await,
-        "announcements are not acknowledged through Sentinel"
-    );
-    let killed_at = Instant::now();
-    c.redis.kill();
-    // Failover: acknowledgements resume at the new primary.
-    let before = acked(&log);
-    assert!(
-        wait_until(RECOVERY, || async { acked(&log) >= before + 20 }).await,
-        "announcements were not acknowledged again after the primary died"
-    );
-    stop.store(true, Ordering::Relaxed);
-    flow.await.unwrap();
-
-    let log = log.lock().unwrap().clone();
-    let acknowledged: Vec<&String> = log.iter().filter(|e| e.2).map(|e| &e.1).collect();
-    // Refused time: from the kill to the first acknowledgement after it.
-    let resumed = log
-        .iter()
-        .find(|e| e.2 && e.0 > killed_at)
-        .map(|e| e.0 - killed_at);
-    let mut lost = Vec::new();
-    for (name, client) in [("A", c.a_rpc()), ("B", c.b_rpc())] {
-        let listed_ok = wait_until(RECOVERY, || async {
-            let Ok(list) = call(&client, "getAnnouncements", json!({})).await else {
-                return false;
-            };
-            let have = domains(&list);
-            acknowledged.iter().all(|d| have.contains(d))
-        })
-        .await;
-        if !listed_ok {
-            let list = call(&client, "getAnnouncements", json!({})).await.unwrap();
-            let have = domains(&list);
-            lost.extend(
-                acknowledged
-                    .iter()
-                    .filter(|d| !have.contains(d))
-                    .map(|d| format!("{d} at {name}")),
-            );
-        }
-    }
-    println!(
-        "sentinel failover: {} announcements sent, {} acknowledged, {} lost, refused for {:?} after the kill",
-        log.len(),
-        acknowledged.len(),
-        lost.len(),
-        resumed
-    );
-    assert!(lost.is_empty(), "acknowledged but lost: {lost:?}");
-    // Routing works at both instances for a name acknowledged after the failover.
-    let t = &c.t;
-    let last = acknowledged.last().unwrap().as_str();
-    assert!(works_at(t, t.public_addr, last).await, "{last} at A");
-    assert!(c.b_works_for(last).await, "{last} at B");
-    drop(replicas);
-    drop(sentinels);
-}
-
 /// True when `GET /jsonrpc` for `sni` through the public port `addr` gets the demo's answer.
-/// One announcement sent: when it was answered, the domain, whether it was acknowledged.
-type Sent = (Instant, String, bool);
-
 async fn works_at(t: &Tunnel, addr: SocketAddr, sni: &str) -> bool {
     matches!(
         https_request(addr, t.client_config(), sni, "GET", "/jsonrpc", b"", ATTEMPT_TIMEOUT).await,

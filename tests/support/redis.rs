@@ -2,8 +2,12 @@
 //! loopback port, append-only with an fsync before every reply (`appendfsync always`, the
 //! README's advice), its files in a folder of the test; killed (SIGKILL) on drop.
 //!
-//! `redis-server` must be installed (Debian: `apt-get install redis-server`; `.ci/run` does it).
-//! [`Redis::command`] is a minimal RESP client for checks from the test itself.
+//! Also: a server listening on TLS only ([`Redis::start_tls`]), Sentinels ([`Sentinel`]) and a
+//! Redis Cluster of primaries ([`RedisCluster`], made with `redis-cli --cluster create`).
+//!
+//! `redis-server` must be installed (Debian: `apt-get install redis-server`; `.ci/run` does it),
+//! and `redis-cli` for a cluster (Debian: `redis-tools`, which `redis-server` depends on).
+//! [`Redis::command`] is a minimal RESP client (plain TCP) for checks from the test itself.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -12,8 +16,10 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use eps_core::tls::TlsSettings;
+
 use crate::process::Proc;
-use crate::wait::free_addr;
+use crate::wait::{free_addr, free_port, wait_until};
 
 /// What `redis-server` logs once it has loaded its data and accepts clients.
 pub const REDIS_READY: &str = "Ready to accept connections";
@@ -24,20 +30,26 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The `redis-server` on `PATH` (or in /usr/bin, /usr/local/bin); panics with how to install it.
 pub fn redis_server_path() -> PathBuf {
+    program_path("redis-server", "redis-server")
+}
+
+/// The program `name` on `PATH` (or in /usr/bin, /usr/local/bin); panics naming the Debian
+/// `package` that has it.
+fn program_path(name: &str, package: &str) -> PathBuf {
     let candidates = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
         .unwrap_or_default()
         .into_iter()
         .chain([PathBuf::from("/usr/bin"), PathBuf::from("/usr/local/bin")]);
     for dir in candidates {
-        let path = dir.join("redis-server");
+        let path = dir.join(name);
         if path.is_file() {
             return path;
         }
     }
     panic!(
-        "redis-server not found: the shared-store tests run a real Redis; install it \
-         (Debian: apt-get install redis-server)"
+        "{name} not found: the shared-store tests run a real Redis; install it \
+         (Debian: apt-get install {package})"
     );
 }
 
@@ -76,17 +88,52 @@ impl Redis {
         Self::start_with(dir, log, password, &extra).await
     }
 
+    /// [`start`](Self::start) listening on TLS only (`addr` is the TLS port), with `tls`'s
+    /// certificate and key, requiring client certificates from its CA when `verify_client`.
+    pub async fn start_tls(dir: &Path, log: impl Into<PathBuf>, tls: &TlsSettings) -> Self {
+        let path = |p: &Path| p.display().to_string();
+        let verify = if tls.verify_client { "yes" } else { "no" };
+        let addr = free_addr();
+        let listen = [
+            "--port".to_string(),
+            "0".to_string(),
+            "--tls-port".to_string(),
+            addr.port().to_string(),
+            "--tls-cert-file".to_string(),
+            path(&tls.certificate),
+            "--tls-key-file".to_string(),
+            path(&tls.key),
+            "--tls-ca-cert-file".to_string(),
+            path(&tls.ca_certificate),
+            "--tls-auth-clients".to_string(),
+            verify.to_string(),
+        ];
+        Self::launch(dir, log, None, addr, &listen).await
+    }
+
     async fn start_with(
         dir: &Path,
         log: impl Into<PathBuf>,
         password: Option<&str>,
         extra: &[String],
     ) -> Self {
-        std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
         let addr = free_addr();
+        let mut args = vec!["--port".to_string(), addr.port().to_string()];
+        args.extend(extra.iter().cloned());
+        Self::launch(dir, log, password, addr, &args).await
+    }
+
+    /// Starts `redis-server` with the common arguments and `extra` (which says where it
+    /// listens: `addr`) and waits until it accepts clients.
+    async fn launch(
+        dir: &Path,
+        log: impl Into<PathBuf>,
+        password: Option<&str>,
+        addr: SocketAddr,
+        extra: &[String],
+    ) -> Self {
+        std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
         let mut args: Vec<String> = [
-            "--port",
-            &addr.port().to_string(),
             "--bind",
             "127.0.0.1",
             "--save",
@@ -168,6 +215,18 @@ impl Redis {
     }
 }
 
+impl Redis {
+    /// Whether the text `command` answers has the line `line` (`CLUSTER INFO`, `INFO`).
+    pub async fn says(&self, command: &[&str], line: &str) -> bool {
+        match self.command(command).await {
+            Ok(Resp::Bulk(Some(text))) => String::from_utf8_lossy(&text)
+                .lines()
+                .any(|l| l.trim() == line),
+            _ => false,
+        }
+    }
+}
+
 /// What a Sentinel logs once it monitors its primary.
 const SENTINEL_READY: &str = "+monitor master";
 
@@ -221,6 +280,102 @@ impl Sentinel {
 
     pub fn proc(&self) -> &Proc {
         &self.proc
+    }
+}
+
+/// Time a new cluster gets until every node says `cluster_state:ok`.
+const CLUSTER_WAIT: Duration = Duration::from_secs(30);
+
+/// A Redis Cluster, each node a [`Redis`] with `--cluster-enabled yes` (its bus on a port of
+/// [`free_port`] too), the slots spread and replicas assigned by `redis-cli --cluster create`.
+pub struct RedisCluster {
+    pub nodes: Vec<Redis>,
+    /// Replicas per primary.
+    replicas: usize,
+}
+
+impl RedisCluster {
+    /// Starts `primaries` × (1 + `replicas`) nodes (folders `dir/node-i`, logs
+    /// `dir/node-i.log`), all requiring `password`, joins them into one cluster and waits until
+    /// each says `cluster_state:ok` and every primary has its replicas online.
+    pub async fn start(dir: &Path, primaries: usize, replicas: usize, password: &str) -> Self {
+        let n = primaries * (1 + replicas);
+        let mut nodes = Vec::with_capacity(n);
+        for i in 0..n {
+            let node_dir = dir.join(format!("node-{i}"));
+            let extra = [
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                &node_dir.join("nodes.conf").display().to_string(),
+                "--cluster-port",
+                &free_port().to_string(),
+                "--cluster-node-timeout",
+                "2000",
+                "--masterauth",
+                password,
+            ]
+            .map(str::to_string);
+            nodes.push(
+                Redis::start_with(
+                    &node_dir,
+                    dir.join(format!("node-{i}.log")),
+                    Some(password),
+                    &extra,
+                )
+                .await,
+            );
+        }
+        let mut create = std::process::Command::new(program_path("redis-cli", "redis-tools"));
+        create.args(["--no-auth-warning", "-a", password, "--cluster", "create"]);
+        create.args(nodes.iter().map(Redis::address));
+        create.args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"]);
+        let out = tokio::task::spawn_blocking(move || create.output())
+            .await
+            .expect("redis-cli task")
+            .expect("running redis-cli --cluster create");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let cluster = Self { nodes, replicas };
+        cluster.wait_ok().await;
+        cluster
+    }
+
+    /// Waits until every node says `cluster_state:ok` (all slots served, as far as it knows)
+    /// and every primary has its replicas online.
+    pub async fn wait_ok(&self) {
+        let replicas = format!("connected_slaves:{}", self.replicas);
+        let ok = wait_until(CLUSTER_WAIT, || async {
+            for node in &self.nodes {
+                if !node.says(&["CLUSTER", "INFO"], "cluster_state:ok").await {
+                    return false;
+                }
+                let info = ["INFO", "replication"];
+                let synced = if node.says(&info, "role:master").await {
+                    node.says(&info, &replicas).await
+                } else {
+                    node.says(&info, "master_link_status:up").await
+                };
+                if !synced {
+                    return false;
+                }
+            }
+            true
+        })
+        .await;
+        assert!(
+            ok,
+            "the cluster is not ok {CLUSTER_WAIT:?} after it was made"
+        );
+    }
+
+    /// `host:port` of every node, as `datastore.settings.addresses` takes them with `cluster`.
+    pub fn addresses(&self) -> Vec<String> {
+        self.nodes.iter().map(Redis::address).collect()
     }
 }
 

@@ -6,8 +6,9 @@
 //!   check and the write in one step) that also publishes it; every instance follows the
 //!   channel and reloads the whole hash after each (re)connect. Routing never waits on Redis:
 //!   when it is down, clients are routed from memory and announcements are refused. Through
-//!   Sentinel, the primary is looked up at every (re)connect, and with `min_replicas` a change
-//!   is acknowledged only once replicas have it (`WAIT`).
+//!   Sentinel, the primary is looked up at every (re)connect; in a Redis Cluster, the hash and
+//!   its sharded channel share one slot and the crate routes to the node serving it. With
+//!   `min_replicas` a change is acknowledged only once replicas have it (`WAIT`).
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -33,6 +34,9 @@ pub enum OpenError {
     Address(String),
     #[error("Redis: {0}")]
     Redis(#[from] ::redis::RedisError),
+    /// `datastore.settings.tls` names a file that is missing or holds no usable PEM.
+    #[error("datastore.settings.tls: {0}")]
+    Tls(#[from] eps_core::tls::TlsError),
 }
 
 /// Why a change could not be made durable.

@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use eps_core::http::{secs, JsonRpcServerSettings};
 use eps_core::ops::MetricsSettings;
-use eps_core::settings::Secret;
 use eps_core::tls::TlsSettings;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -15,10 +14,15 @@ use crate::policy::DomainPolicy;
 
 mod backend;
 mod policy;
+mod redis;
 
 pub use backend::{
     AcmeSettings, TlsHandling, TlsMode, ACME_TLS_ALPN, DEFAULT_ORDER_TIMEOUT, DEFAULT_RENEW_AT,
     DEFAULT_TLS_HANDSHAKE_TIMEOUT,
+};
+
+pub use redis::{
+    hash_tag, RedisSettings, RedisTlsSettings, SentinelSettings, DEFAULT_REPLICA_TIMEOUT,
 };
 
 pub use policy::{
@@ -118,57 +122,6 @@ pub enum DatastoreSettings {
     /// Redis, shared by several public proxy instances serving one operator name. Each instance
     /// keeps the announcements in memory and follows changes by pub/sub.
     Redis(RedisSettings),
-}
-
-/// Where the shared announcements live in Redis.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct RedisSettings {
-    /// `host:port` of the Redis server (the first is used); with `sentinel`, of the Sentinels
-    /// to ask for the primary (any that answers).
-    pub addresses: Vec<String>,
-    #[serde(default)]
-    pub database: i64,
-    /// Bind it to an environment variable with `vars:`; never write it in a file.
-    #[serde(default)]
-    pub password: Option<Secret>,
-    /// The hash holding the announcements; `KEY:changes` is the pub/sub channel.
-    #[serde(default = "default_redis_key")]
-    pub key: String,
-    /// Find the primary through Redis Sentinel, and follow it through failovers.
-    #[serde(default)]
-    pub sentinel: Option<SentinelSettings>,
-    /// Acknowledge an announcement only once this many replicas have it too (`WAIT`), so that
-    /// a failover cannot lose it; 0: once the primary has it.
-    #[serde(default)]
-    pub min_replicas: u32,
-    /// Seconds to wait for `min_replicas`; past it the announcement is refused (503) and the
-    /// private proxy tries again.
-    #[serde(default = "default_replica_timeout", with = "secs")]
-    pub replica_timeout: Duration,
-}
-
-/// Redis Sentinel: which primary to ask the Sentinels for.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct SentinelSettings {
-    /// The name the Sentinels monitor the primary under (`sentinel monitor NAME ...`).
-    pub master_name: String,
-    /// The Sentinels' own password (`requirepass` in their configuration), if any; the primary
-    /// and replicas take `password` above.
-    #[serde(default)]
-    pub password: Option<Secret>,
-}
-
-/// Default wait for replicas to confirm an announcement.
-pub const DEFAULT_REPLICA_TIMEOUT: Duration = Duration::from_secs(1);
-
-fn default_replica_timeout() -> Duration {
-    DEFAULT_REPLICA_TIMEOUT
-}
-
-fn default_redis_key() -> String {
-    "eps:announcements".into()
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -431,20 +384,7 @@ impl Settings {
                         .into(),
                 );
             }
-            if r.addresses.is_empty() {
-                return Err("datastore.settings.addresses must name at least one host:port".into());
-            }
-            if r.sentinel
-                .as_ref()
-                .is_some_and(|s| s.master_name.is_empty())
-            {
-                return Err("datastore.settings.sentinel.master_name must not be empty".into());
-            }
-            if r.min_replicas > 0 && r.replica_timeout.is_zero() {
-                return Err(
-                    "datastore.settings.replica_timeout must be above 0 with min_replicas".into(),
-                );
-            }
+            r.check()?;
         }
         if public {
             let p = self

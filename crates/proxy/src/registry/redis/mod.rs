@@ -1,22 +1,29 @@
 //! The Redis backend of the announcements: one hash shared by every public proxy, changed by
 //! atomic scripts that also publish each change on a channel every instance follows.
+//!
+//! Layout: this file holds the scripts and what the registry asks of Redis (claim, prune,
+//! follow); `connect.rs` how each form (one server, Sentinel, Cluster; TCP or TLS) is reached.
+//!
+//! In a cluster both scripts touch one key, the hash, and publish on a sharded channel named
+//! with the hash's slot (see [`channel_name`]), so each runs on the one node serving that slot.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
-use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
-use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 
+use self::connect::{Changes, Conn, Target};
 use super::{OpenError, StoreUnavailable};
 use crate::announcements::{conflict, covered, Announcement, Refusal, Table};
 use crate::hostname;
 use crate::policy::DomainPolicy;
-use crate::settings::RedisSettings;
+use crate::settings::{hash_tag, RedisSettings};
+
+mod connect;
 
 /// Deadline of one Redis command; past it the announcement is refused, not delayed.
 const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
@@ -26,9 +33,9 @@ pub(super) const MAX_REDIS_BACKOFF: Duration = Duration::from_millis(500);
 
 /// Stores `value` under `domain` unless a live announcement of another operator holds it (0)
 /// or, for an exact name its operator does not hold yet, a live wildcard of another operator
-/// covers it (2), and publishes the
-/// change. KEYS[1] hash; ARGV: domain, operator, value, now (unix), channel, the covering
-/// wildcard's name (`*.parent`, or empty for a wildcard).
+/// covers it (2), and publishes the change (`PUBLISH` is `'PUBLISH'`, or `'SPUBLISH'` in a
+/// cluster, set on a first line). KEYS[1] hash; ARGV: domain, operator, value, now (unix),
+/// channel, the covering wildcard's name (`*.parent`, or empty for a wildcard).
 const CLAIM: &str = r#"
 local function held_by_other(name)
   local cur = redis.call('HGET', KEYS[1], name)
@@ -45,7 +52,7 @@ end
 if held_by_other(ARGV[1]) then return 0 end
 if ARGV[6] ~= '' and not held_by_same(ARGV[1]) and held_by_other(ARGV[6]) then return 2 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
-redis.call('PUBLISH', ARGV[5], ARGV[1] .. '\n' .. ARGV[3])
+redis.call(PUBLISH, ARGV[5], ARGV[1] .. '\n' .. ARGV[3])
 return 1
 "#;
 
@@ -58,7 +65,7 @@ for i = 1, #all, 2 do
   local ok, a = pcall(cjson.decode, all[i + 1])
   if (not ok) or tonumber(a.expires_unix) <= tonumber(ARGV[1]) then
     redis.call('HDEL', KEYS[1], all[i])
-    redis.call('PUBLISH', ARGV[2], all[i] .. '\n')
+    redis.call(PUBLISH, ARGV[2], all[i] .. '\n')
     n = n + 1
   end
 end
@@ -76,21 +83,15 @@ struct Stored {
     policy: Option<Arc<DomainPolicy>>,
 }
 
-/// How the primary is found.
-enum Primary {
-    /// One configured server.
-    Direct(redis::Client),
-    /// Whichever server the Sentinels name, asked again at each (re)connect.
-    Sentinel(tokio::sync::Mutex<SentinelClient>),
-}
-
 pub(super) struct RedisBackend {
-    primary: Primary,
+    target: Target,
     pub(super) address: String,
     key: String,
     channel: String,
-    conn: tokio::sync::RwLock<Option<ConnectionManager>>,
+    conn: tokio::sync::RwLock<Option<Conn>>,
     claim: redis::Script,
+    /// The claim script's text, for `EVAL` (see [`RedisBackend::claim_replicated`]).
+    claim_text: String,
     prune: redis::Script,
     /// Replicas that must confirm a change before it is acknowledged (`WAIT`).
     min_replicas: u32,
@@ -99,75 +100,46 @@ pub(super) struct RedisBackend {
 
 impl RedisBackend {
     pub(super) fn new(s: &RedisSettings) -> Result<Self, OpenError> {
-        use redis::IntoConnectionInfo;
-        let mut redis_info = redis::RedisConnectionInfo::default().set_db(s.database);
-        if let Some(p) = &s.password {
-            redis_info = redis_info.set_password(p.expose());
-        }
-        let node = |address: &str| -> Result<redis::ConnectionInfo, OpenError> {
-            let (host, port) = address
-                .rsplit_once(':')
-                .and_then(|(h, p)| Some((h.trim_matches(['[', ']']), p.parse::<u16>().ok()?)))
-                .ok_or_else(|| OpenError::Address(address.to_string()))?;
-            Ok(redis::ConnectionAddr::Tcp(host.to_string(), port).into_connection_info()?)
+        let target = Target::new(s)?;
+        let tls = if s.tls.is_some() { " over TLS" } else { "" };
+        let address = match (&s.sentinel, s.cluster) {
+            (Some(sentinel), _) => format!(
+                "primary {} via Sentinel {}{tls}",
+                sentinel.master_name,
+                s.addresses.join(",")
+            ),
+            (None, true) => format!("cluster via {}{tls}", s.addresses.join(",")),
+            (None, false) => format!("{}{tls}", s.addresses[0]),
         };
-        let (primary, address) = match &s.sentinel {
-            None => {
-                let address = s.addresses.first().cloned().unwrap_or_default();
-                let info = node(&address)?.set_redis_settings(redis_info);
-                (Primary::Direct(redis::Client::open(info)?), address)
-            }
-            Some(sentinel) => {
-                let mut sentinel_info = redis::RedisConnectionInfo::default();
-                if let Some(p) = &sentinel.password {
-                    sentinel_info = sentinel_info.set_password(p.expose());
-                }
-                let sentinels = s
-                    .addresses
-                    .iter()
-                    .map(|a| Ok(node(a)?.set_redis_settings(sentinel_info.clone())))
-                    .collect::<Result<Vec<_>, OpenError>>()?;
-                let client = SentinelClient::build(
-                    sentinels,
-                    sentinel.master_name.clone(),
-                    Some(
-                        SentinelNodeConnectionInfo::default().set_redis_connection_info(redis_info),
-                    ),
-                    SentinelServerType::Master,
-                )?;
-                let address = format!(
-                    "primary {} via Sentinel {}",
-                    sentinel.master_name,
-                    s.addresses.join(",")
-                );
-                (Primary::Sentinel(tokio::sync::Mutex::new(client)), address)
-            }
-        };
+        // Sharded pub/sub in a cluster: the channel lives with the hash's slot, so a script may
+        // publish on it (a script touches one slot only), and no message crosses the whole
+        // cluster bus.
+        let publish = if s.cluster { "'SPUBLISH'" } else { "'PUBLISH'" };
+        let script = |text: &str| format!("local PUBLISH = {publish}\n{text}");
         Ok(Self {
-            primary,
+            target,
             address,
             key: s.key.clone(),
-            channel: format!("{}:changes", s.key),
+            channel: channel_name(&s.key, s.cluster),
             conn: tokio::sync::RwLock::new(None),
-            claim: redis::Script::new(CLAIM),
-            prune: redis::Script::new(PRUNE),
+            claim: redis::Script::new(&script(CLAIM)),
+            claim_text: script(CLAIM),
+            prune: redis::Script::new(&script(PRUNE)),
             min_replicas: s.min_replicas,
             replica_timeout: s.replica_timeout,
         })
     }
 
-    /// A client of the primary: the configured server, or the one the Sentinels name now.
-    async fn primary(&self) -> Result<redis::Client, StoreUnavailable> {
-        match &self.primary {
-            Primary::Direct(c) => Ok(c.clone()),
-            Primary::Sentinel(s) => {
-                let mut s = s.lock().await;
-                tokio::time::timeout(REDIS_TIMEOUT * 2, s.async_get_client())
-                    .await
-                    .map_err(|_| self.unavailable("no Sentinel named the primary in time"))?
-                    .map_err(|e| self.unavailable(e))
-            }
-        }
+    /// A client of the primary the Sentinels name now.
+    async fn sentinel_primary(
+        &self,
+        sentinel: &tokio::sync::Mutex<redis::sentinel::SentinelClient>,
+    ) -> Result<redis::Client, StoreUnavailable> {
+        let mut s = sentinel.lock().await;
+        tokio::time::timeout(REDIS_TIMEOUT * 2, s.async_get_client())
+            .await
+            .map_err(|_| self.unavailable("no Sentinel named the primary in time"))?
+            .map_err(|e| self.unavailable(e))
     }
 
     fn unavailable(&self, reason: impl std::fmt::Display) -> StoreUnavailable {
@@ -177,7 +149,7 @@ impl RedisBackend {
         }
     }
 
-    async fn conn(&self) -> Result<ConnectionManager, StoreUnavailable> {
+    async fn conn(&self) -> Result<Conn, StoreUnavailable> {
         self.conn
             .read()
             .await
@@ -197,21 +169,30 @@ impl RedisBackend {
                 .map(|p| format!("{}{p}", hostname::WILDCARD))
                 .unwrap_or_default(),
         };
+        let args = [
+            a.domain.clone(),
+            a.operator.clone(),
+            value,
+            now.unix_timestamp().to_string(),
+            self.channel.clone(),
+            covering.clone(),
+        ];
         let mut conn = self.conn().await?;
-        let mut call = self.claim.key(&self.key);
-        call.arg(&a.domain)
-            .arg(&a.operator)
-            .arg(value)
-            .arg(now.unix_timestamp())
-            .arg(&self.channel)
-            .arg(&covering);
-        let done: i64 = tokio::time::timeout(REDIS_TIMEOUT, call.invoke_async(&mut conn))
-            .await
-            .map_err(|_| self.unavailable("timed out"))?
-            .map_err(|e| self.unavailable(e))?;
-        if done == 1 && self.min_replicas > 0 {
-            self.replicated(&mut conn).await?;
-        }
+        let done: i64 = if self.min_replicas == 0 {
+            let mut call = self.claim.key(&self.key);
+            call.arg(&args[..]);
+            tokio::time::timeout(REDIS_TIMEOUT, call.invoke_async(&mut conn))
+                .await
+                .map_err(|_| self.unavailable("timed out"))?
+                .map_err(|e| self.unavailable(e))?
+        } else {
+            let mut eval = redis::cmd("EVAL");
+            eval.arg(&self.claim_text)
+                .arg(1)
+                .arg(&self.key)
+                .arg(&args[..]);
+            self.claim_replicated(&mut conn, eval).await?
+        };
         Ok(match done {
             1 => Ok(()),
             2 => Err(covered(&a.domain, &covering)),
@@ -219,20 +200,28 @@ impl RedisBackend {
         })
     }
 
-    /// Waits until `min_replicas` replicas have every write made so far on `conn` (`WAIT`).
-    async fn replicated(&self, conn: &mut ConnectionManager) -> Result<(), StoreUnavailable> {
+    /// The claim script and a `WAIT` for `min_replicas` in one pipeline: both go out on the
+    /// same connection to the same node, so `WAIT` counts the replicas that have this very
+    /// write (a `WAIT` sent after a reconnect would count those of a fresh connection, which
+    /// has written nothing). The script goes as `EVAL`, since a primary that was a replica
+    /// until a failover has not cached it.
+    async fn claim_replicated(
+        &self,
+        conn: &mut Conn,
+        eval: redis::Cmd,
+    ) -> Result<i64, StoreUnavailable> {
         let ms = u64::try_from(self.replica_timeout.as_millis()).unwrap_or(u64::MAX);
-        let acked: i64 = tokio::time::timeout(
-            REDIS_TIMEOUT + self.replica_timeout,
-            redis::cmd("WAIT")
-                .arg(self.min_replicas)
-                .arg(ms)
-                .query_async(conn),
-        )
-        .await
-        .map_err(|_| self.unavailable("WAIT timed out"))?
-        .map_err(|e| self.unavailable(e))?;
-        if acked < i64::from(self.min_replicas) {
+        let mut pipe = redis::pipe();
+        pipe.add_command(eval)
+            .cmd("WAIT")
+            .arg(self.min_replicas)
+            .arg(ms);
+        let (done, acked): (i64, i64) =
+            tokio::time::timeout(REDIS_TIMEOUT + self.replica_timeout, pipe.query_async(conn))
+                .await
+                .map_err(|_| self.unavailable("timed out waiting for the change and its replicas"))?
+                .map_err(|e| self.unavailable(e))?;
+        if done == 1 && acked < i64::from(self.min_replicas) {
             return Err(self.unavailable(format!(
                 "the change reached the primary but {acked} of min_replicas {} replicas within \
                  {:.1} s (refused, so that a failover cannot lose it; the private proxy tries again)",
@@ -240,7 +229,7 @@ impl RedisBackend {
                 self.replica_timeout.as_secs_f64()
             )));
         }
-        Ok(())
+        Ok(done)
     }
 
     pub(super) async fn prune(&self, now: OffsetDateTime) -> Result<i64, StoreUnavailable> {
@@ -253,31 +242,41 @@ impl RedisBackend {
             .map_err(|e| self.unavailable(e))
     }
 
-    /// Subscribes, reloads the whole hash, then applies published changes until the
-    /// subscription breaks (an error) or `shutdown` (Ok).
-    pub(super) async fn follow(
-        &self,
-        table: &RwLock<Table>,
-        shutdown: &CancellationToken,
-    ) -> Result<(), StoreUnavailable> {
-        let client = self.primary().await?;
+    /// Connects (where a form needs it anew) and subscribes; the connection for commands goes
+    /// to `self.conn`.
+    async fn subscribe(&self) -> Result<Changes, StoreUnavailable> {
+        let response_timeout = REDIS_TIMEOUT + self.replica_timeout;
         // Through Sentinel, every (re)connect asks which server is the primary now: after a
         // failover the old one is gone or a replica.
-        let reconnect = matches!(self.primary, Primary::Sentinel(_));
+        let (client, reconnect) = match &self.target {
+            Target::Direct(client) => (client.clone(), false),
+            Target::Sentinel(sentinel) => (self.sentinel_primary(sentinel).await?, true),
+            Target::Cluster(cluster) => {
+                let (conn, changes) = tokio::time::timeout(
+                    REDIS_TIMEOUT * 2,
+                    cluster.connect(&self.channel, REDIS_TIMEOUT, response_timeout),
+                )
+                .await
+                .map_err(|_| self.unavailable("connect timed out"))?
+                .map_err(|e| self.unavailable(e))?;
+                *self.conn.write().await = Some(Conn::Cluster(conn));
+                return Ok(changes);
+            }
+        };
         if reconnect || self.conn.read().await.is_none() {
             let config = redis::aio::ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(REDIS_TIMEOUT))
-                .set_response_timeout(Some(REDIS_TIMEOUT + self.replica_timeout))
+                .set_response_timeout(Some(response_timeout))
                 .set_number_of_retries(1)
                 .set_max_delay(MAX_REDIS_BACKOFF);
-            let conn = tokio::time::timeout(
+            let conn: ConnectionManager = tokio::time::timeout(
                 REDIS_TIMEOUT * 2,
                 client.get_connection_manager_with_config(config),
             )
             .await
             .map_err(|_| self.unavailable("connect timed out"))?
             .map_err(|e| self.unavailable(e))?;
-            *self.conn.write().await = Some(conn);
+            *self.conn.write().await = Some(Conn::Single(conn));
         }
         let mut pubsub = tokio::time::timeout(REDIS_TIMEOUT, client.get_async_pubsub())
             .await
@@ -287,6 +286,17 @@ impl RedisBackend {
             .subscribe(&self.channel)
             .await
             .map_err(|e| self.unavailable(e))?;
+        Ok(Changes::PubSub(Box::pin(pubsub.into_on_message())))
+    }
+
+    /// Subscribes, reloads the whole hash, then applies published changes until the
+    /// subscription breaks (an error) or `shutdown` (Ok).
+    pub(super) async fn follow(
+        &self,
+        table: &RwLock<Table>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), StoreUnavailable> {
+        let mut changes = self.subscribe().await?;
         // Subscribed first, so that no change made during the reload is missed.
         let mut conn = self.conn().await?;
         let all: HashMap<String, String> = tokio::time::timeout(
@@ -298,7 +308,8 @@ impl RedisBackend {
         .map_err(|e| self.unavailable(e))?;
         let mut list: Vec<Announcement> = all.iter().filter_map(|(d, v)| decode(d, v)).collect();
         // Announcements leave Redis only by expiring. A live one that we hold and Redis does
-        // not means Redis lost data (a restart without persistence): write it back.
+        // not means Redis lost data (a restart without persistence, a failover that lost
+        // unreplicated writes): write it back.
         let now = OffsetDateTime::now_utc();
         let lost: Vec<Announcement> = table
             .read()
@@ -317,14 +328,12 @@ impl RedisBackend {
         let n = list.len();
         *table.write().expect("table lock") = Table::from_list(list);
         tracing::info!(redis = %self.address, announcements = n, restored, "following Redis");
-        let mut messages = pubsub.into_on_message();
         loop {
             tokio::select! {
-                m = messages.next() => {
-                    let Some(m) = m else {
+                payload = changes.next() => {
+                    let Some(payload) = payload else {
                         return Err(self.unavailable("subscription lost"));
                     };
-                    let payload: String = m.get_payload().unwrap_or_default();
                     let (domain, value) = payload.split_once('\n').unwrap_or((&payload, ""));
                     let a = if value.is_empty() { None } else { decode(domain, value) };
                     table.write().expect("table lock").set(domain, a);
@@ -332,6 +341,17 @@ impl RedisBackend {
                 _ = shutdown.cancelled() => return Ok(()),
             }
         }
+    }
+}
+
+/// The pub/sub channel of the hash `key`: `KEY:changes`. In a cluster the sharded channel must
+/// hash to the hash's slot: a key with a hash tag passes it on, a key without one becomes the
+/// channel's tag (`{KEY}:changes` hashes as `KEY` does; settings refuse a `}` in such a key).
+fn channel_name(key: &str, cluster: bool) -> String {
+    if cluster && hash_tag(key).is_none() {
+        format!("{{{key}}}:changes")
+    } else {
+        format!("{key}:changes")
     }
 }
 
@@ -358,6 +378,29 @@ fn decode(domain: &str, value: &str) -> Option<Announcement> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cluster_channel_shares_its_hash_slot() {
+        use redis::cluster_routing::Slot;
+        for key in [
+            "eps:announcements",
+            "{eps}:announcements",
+            "a{b",
+            "x{y}z{w}",
+        ] {
+            let channel = channel_name(key, true);
+            assert_eq!(
+                Slot::for_key(key),
+                Slot::for_key(&channel),
+                "{key} / {channel}"
+            );
+        }
+        // One server and Sentinel keep the channel they always had.
+        assert_eq!(
+            channel_name("eps:announcements", false),
+            "eps:announcements:changes"
+        );
+    }
 
     #[test]
     fn rules_survive_the_redis_value() {
