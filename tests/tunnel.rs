@@ -774,3 +774,41 @@ fn rfc3339_from_now(d: Duration, past: bool) -> String {
     t.format(&time::format_description::well_known::Rfc3339)
         .expect("RFC 3339")
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn worker_threads_setting() {
+    const SERVING: [Role; 4] = [
+        Role::PublicProxy,
+        Role::PrivateProxy,
+        Role::PublicEps,
+        Role::PrivateEps,
+    ];
+    let mut t = Tunnel::new("threads");
+    for role in SERVING {
+        std::fs::write(
+            t.settings_dir(role).join("zz-threads.yml"),
+            "worker_threads: 1\n",
+        )
+        .unwrap();
+    }
+    t.start_all().await;
+    assert!(
+        t.works().await,
+        "the tunnel works with one worker thread each"
+    );
+    for role in SERVING {
+        let log = t.proc(role).log();
+        assert!(log.contains("worker_threads=1"), "{}: {log}", role.name());
+    }
+    // Zero is refused before anything is bound, with the setting named.
+    std::fs::write(
+        t.settings_dir(Role::PublicProxy).join("zz-threads.yml"),
+        "worker_threads: 0\n",
+    )
+    .unwrap();
+    let p = t.proc_mut(Role::PublicProxy);
+    p.restart();
+    let status = p.wait_exit(Duration::from_secs(10)).await;
+    assert_eq!(status.and_then(|s| s.code()), Some(64), "{}", p.run_log());
+    assert!(p.run_log().contains("worker_threads"), "{}", p.run_log());
+}

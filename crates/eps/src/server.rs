@@ -173,6 +173,7 @@ async fn run(s: Settings, mut p: Prepared) -> anyhow::Result<()> {
     };
     tracing::info!(
         name = %s.name,
+        worker_threads = tokio::runtime::Handle::current().metrics().num_workers(),
         jsonrpc = %rpc_listener.local_addr()?,
         grpc = %grpc_addr,
         delivers_to = %s.jsonrpc_client.url,

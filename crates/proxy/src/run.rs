@@ -155,6 +155,7 @@ async fn run_public(
     let ops = bind_ops(s).await?;
     tracing::info!(
         name = %s.name,
+        worker_threads = tokio::runtime::Handle::current().metrics().num_workers(),
         public = %clients.local_addr()?,
         internal = %internal.local_addr()?,
         jsonrpc = %rpc.local_addr()?,
@@ -196,6 +197,7 @@ async fn run_private(
     let ops = bind_ops(s).await?;
     tracing::info!(
         name = %s.name,
+        worker_threads = tokio::runtime::Handle::current().metrics().num_workers(),
         jsonrpc = %rpc.local_addr()?,
         internal_endpoint = %p.internal_endpoint,
         "private proxy ready"
