@@ -146,13 +146,19 @@ pub async fn serve<F, Fut>(
 }
 
 /// The runtime a process serves on: `worker_threads` threads, or one per CPU core (tokio's
-/// default). On a host where several eps processes share a few cores, one thread each spends
-/// less CPU per connection: fewer wake-ups of a second thread (bench/README.md).
+/// default). One thread is tokio's current-thread scheduler, which has no work stealing to pay
+/// for: on a host where several eps processes share a few cores, it spends about a sixth less
+/// CPU per new connection than two threads each (bench/README.md, "Levers measured").
 pub fn runtime(worker_threads: Option<std::num::NonZeroUsize>) -> tokio::runtime::Runtime {
-    let mut b = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = worker_threads {
-        b.worker_threads(n.get());
-    }
+    let mut b = match worker_threads {
+        Some(n) if n.get() == 1 => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n.get());
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     b.enable_all().build().expect("tokio runtime")
 }
 

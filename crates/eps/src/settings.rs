@@ -41,8 +41,9 @@ pub struct Settings {
     pub grpc_server: Option<GrpcServerSettings>,
     #[serde(default)]
     pub grpc_client: GrpcClientSettings,
-    /// Threads that serve connections; default one per CPU core. `1` suits a host where several
-    /// eps processes share a few cores.
+    /// Threads that serve connections; default one per CPU core. `1` (one thread, no work
+    /// stealing) spends the least CPU per connection where several eps processes share a few
+    /// cores.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub worker_threads: Option<std::num::NonZeroUsize>,
     /// Prometheus metrics and health endpoints; off unless `metrics.bind_address` is set.

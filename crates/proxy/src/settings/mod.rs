@@ -85,8 +85,9 @@ pub struct Settings {
     /// Seconds relays get to finish after SIGTERM before they are closed.
     #[serde(default = "default_grace", with = "secs")]
     pub shutdown_grace_period: Duration,
-    /// Threads that serve connections; default one per CPU core. `1` suits a host where several
-    /// eps processes share a few cores.
+    /// Threads that serve connections; default one per CPU core. `1` (one thread, no work
+    /// stealing) spends the least CPU per connection where several eps processes share a few
+    /// cores.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub worker_threads: Option<std::num::NonZeroUsize>,
     /// Settings of `proxy run public`.
