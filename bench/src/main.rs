@@ -70,7 +70,8 @@ pub struct Args {
     /// reverse streams to their peer), to compare the two.
     #[arg(long)]
     pub eps_dialed: bool,
-    /// `worker_threads` of each eps process (default: one per CPU core, as every system here).
+    /// `worker_threads` of each eps process, the RPC scenario's EPS servers included (default:
+    /// one per CPU core, as every system here).
     #[arg(long, value_name = "N")]
     pub eps_worker_threads: Option<std::num::NonZeroUsize>,
     /// Record a profile with call graphs (`perf record`) of each eps process during the connect

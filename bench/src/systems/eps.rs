@@ -124,7 +124,7 @@ pub fn start_with(env: &Env, o: &Overrides) -> anyhow::Result<System> {
         eps_core::settings::merge(&mut private_settings, extra.clone());
     }
     let delivery = |addr: SocketAddr| format!("https://{addr}/jsonrpc");
-    let mut public_eps_settings = public_eps.settings(
+    let public_eps_settings = public_eps.settings(
         env,
         PUBLIC,
         &directory,
@@ -132,7 +132,7 @@ pub fn start_with(env: &Env, o: &Overrides) -> anyhow::Result<System> {
         Some(env.tls(PUBLIC, false)),
         true,
     );
-    let mut private_eps_settings = private_eps.settings(
+    let private_eps_settings = private_eps.settings(
         env,
         PRIVATE,
         &directory,
@@ -142,14 +142,8 @@ pub fn start_with(env: &Env, o: &Overrides) -> anyhow::Result<System> {
     );
 
     if let Some(n) = env.eps_worker_threads {
-        for s in [
-            &mut public_settings,
-            &mut private_settings,
-            &mut public_eps_settings,
-            &mut private_eps_settings,
-        ] {
-            s["worker_threads"] = json!(n);
-        }
+        public_settings["worker_threads"] = json!(n);
+        private_settings["worker_threads"] = json!(n);
     }
     let proxy = env.bin("proxy")?;
     let mut procs = Vec::new();
@@ -202,7 +196,7 @@ impl EpsAddrs {
 
     /// Settings of operator `name` (its own certificate everywhere, clients verified on the
     /// JSON-RPC port), delivering incoming calls to `delivery_url`; with a gRPC port when
-    /// `serve_grpc`, else reached over reverse streams.
+    /// `serve_grpc`, else reached over reverse streams; `--eps-worker-threads` applied.
     pub fn settings(
         &self,
         env: &Env,
@@ -227,6 +221,9 @@ impl EpsAddrs {
         });
         if serve_grpc {
             v["grpc_server"] = json!({"bind_address": self.grpc.to_string(), "tls": own});
+        }
+        if let Some(n) = env.eps_worker_threads {
+            v["worker_threads"] = json!(n);
         }
         v
     }
