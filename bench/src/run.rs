@@ -128,6 +128,7 @@ pub async fn run(args: &Args, work: &Path) -> anyhow::Result<()> {
         let n = share(plan.connections, plan.rounds, round);
         let mut rates = Vec::new();
         for (i, s) in running.iter().enumerate() {
+            scenarios::warm_up(&client, s.addr, plan.connect_clients).await;
             let profile = match &args.profile {
                 Some(dir) if round == 0 && s.kind == Kind::Eps => {
                     Some(procs::Profile::start(dir, "", &s.pids)?)
@@ -175,6 +176,7 @@ pub async fn run(args: &Args, work: &Path) -> anyhow::Result<()> {
     }
     // One client at a time: the latency each system adds, without queueing for the CPU.
     for s in running.iter().filter(|_| wants(Group::Connect)) {
+        scenarios::warm_up(&client, s.addr, 1).await;
         let t = scenarios::connect(&client, s.addr, plan.connections_1, 1).await;
         let (p50, p99, name) = (t.quantile(0.5), t.quantile(0.99), s.kind.name());
         report.push("connect1_p50", name, p50);
@@ -306,6 +308,7 @@ async fn terminated(
 ) -> anyhow::Result<()> {
     const SUFFIX: &str = "_terminated";
     if wants(Group::Connect) {
+        scenarios::warm_up(client, eps.addr, plan.connect_clients).await;
         let before = eps.cpu_secs()?;
         let t = scenarios::connect(client, eps.addr, plan.connections, plan.connect_clients).await;
         let used: Vec<f64> = eps
@@ -334,6 +337,7 @@ async fn terminated(
             num(t.rate)
         );
         progress.line(report, "connect_*_terminated", Kind::Eps, Ok(line));
+        scenarios::warm_up(client, eps.addr, 1).await;
         let t = scenarios::connect(client, eps.addr, plan.connections_1, 1).await;
         let (p50, p99) = (t.quantile(0.5), t.quantile(0.99));
         report.push("connect1_p50_terminated", "eps", p50);
@@ -416,7 +420,7 @@ fn cpu_note(report: &mut Report, s: &System, used: &[f64], n: usize, what: &str)
         .map(|((name, _), secs)| format!("{name} {:.0}", per_conn(*secs)))
         .collect();
     report.notes.push(format!(
-        "connect on {}{what}: CPU µs per connection by process (warm-up connections included): {}.",
+        "connect on {}{what}: CPU µs per connection by process (after the warm-up): {}.",
         s.kind,
         parts.join(", ")
     ));

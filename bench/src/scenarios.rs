@@ -160,15 +160,21 @@ pub async fn throughput(
     Ok(total as f64 / MIB / start.elapsed().as_secs_f64())
 }
 
-/// `connect_*` and `conn_rate`: `n` new connections, each with one small request, by
-/// `clients` in parallel.
-pub async fn connect(client: &Client, addr: SocketAddr, n: usize, clients: usize) -> Timed {
+/// The unmeasured connections before a connect run, made the same way (`clients` in parallel):
+/// they fill whatever a system keeps warm (eps's kept-alive local links, its data pool), so that
+/// the run and the CPU read around it see the steady state.
+pub async fn warm_up(client: &Client, addr: SocketAddr, clients: usize) {
     let warm = client.clone();
     parallel(CONNECT_WARMUP, clients, move || {
         let c = warm.clone();
         async move { c.small_exchange(addr).await.map(|()| 0.0) }
     })
     .await;
+}
+
+/// `connect_*` and `conn_rate`: `n` new connections, each with one small request, by
+/// `clients` in parallel (after [`warm_up`]).
+pub async fn connect(client: &Client, addr: SocketAddr, n: usize, clients: usize) -> Timed {
     let client = client.clone();
     parallel(n, clients, move || {
         let c = client.clone();
