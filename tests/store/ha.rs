@@ -433,3 +433,51 @@ async fn redis_over_tls_with_the_operators_ca() {
         missing.display()
     );
 }
+
+/// The Sentinel form over TLS: a primary and a Sentinel listening on TLS only, both requiring
+/// client certificates; both instances ask the Sentinel for the primary and reach it with the
+/// same `tls` section, and an announcement made at A is routed by both.
+#[tokio::test(flavor = "multi_thread")]
+async fn sentinel_over_tls() {
+    let t = Tunnel::new("store-sentinel-tls");
+    let server = TlsSettings {
+        verify_client: true,
+        ..t.pki.issue_server("redis", &[])
+    };
+    let primary = Redis::start_tls(&t.dir.join("redis"), t.dir.join("redis.log"), &server).await;
+    let sentinel = Sentinel::start_tls(
+        &t.dir.join("sentinel"),
+        t.dir.join("sentinel.log"),
+        SENTINEL_NAME,
+        primary.addr,
+        &server,
+    )
+    .await;
+    let settings = json!({
+        "addresses": [sentinel.address()],
+        "sentinel": {"master_name": SENTINEL_NAME},
+        "key": REDIS_KEY,
+        "tls": {"ca_certificate": t.pki.root(), "certificate": t.pki.cert(PUBLIC),
+                "key": t.pki.key(PUBLIC)},
+    });
+    let c = Instances::start_with(t, vec![primary], settings).await;
+    let log = c.t.proc(Role::PublicProxy).run_log();
+    assert!(
+        log.contains("via Sentinel") && log.contains("over TLS"),
+        "A does not say it follows the Sentinels' primary over TLS:\n{log}"
+    );
+    let fresh = "sentinel-tls.internal-server.local";
+    call(
+        &c.t.private_rpc(),
+        "announceConnection",
+        json!({"domain": fresh}),
+    )
+    .await
+    .expect("announcing through A, Sentinel and primary over TLS");
+    assert!(
+        wait_until(RECOVERY, || c.b_works_for(fresh)).await,
+        "{fresh} is not routed at B"
+    );
+    assert!(c.t.works_for(fresh).await, "{fresh} is not routed at A");
+    drop(sentinel);
+}

@@ -246,13 +246,47 @@ impl Sentinel {
         primary: SocketAddr,
         password: Option<&str>,
     ) -> Self {
+        Self::start_with(dir, log, name, primary, password, None).await
+    }
+
+    /// [`start`](Self::start) listening on TLS only and reaching the primary over TLS, with
+    /// `tls`'s certificate, key and CA (client certificates required when `verify_client`).
+    pub async fn start_tls(
+        dir: &Path,
+        log: impl Into<PathBuf>,
+        name: &str,
+        primary: SocketAddr,
+        tls: &TlsSettings,
+    ) -> Self {
+        Self::start_with(dir, log, name, primary, None, Some(tls)).await
+    }
+
+    async fn start_with(
+        dir: &Path,
+        log: impl Into<PathBuf>,
+        name: &str,
+        primary: SocketAddr,
+        password: Option<&str>,
+        tls: Option<&TlsSettings>,
+    ) -> Self {
         std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
         let addr = free_addr();
+        let listen = match tls {
+            None => format!("port {}\n", addr.port()),
+            Some(t) => format!(
+                "port 0\ntls-port {}\ntls-cert-file {}\ntls-key-file {}\n\
+                 tls-ca-cert-file {}\ntls-auth-clients {}\ntls-replication yes\n",
+                addr.port(),
+                t.certificate.display(),
+                t.key.display(),
+                t.ca_certificate.display(),
+                if t.verify_client { "yes" } else { "no" },
+            ),
+        };
         let mut conf = format!(
-            "port {}\nbind 127.0.0.1\ndir {}\nsentinel monitor {name} {} {} 2\n\
+            "{listen}bind 127.0.0.1\ndir {}\nsentinel monitor {name} {} {} 2\n\
              sentinel down-after-milliseconds {name} 1000\n\
              sentinel failover-timeout {name} 5000\nsentinel parallel-syncs {name} 1\n",
-            addr.port(),
             dir.display(),
             primary.ip(),
             primary.port(),
