@@ -481,3 +481,61 @@ async fn sentinel_over_tls() {
     assert!(c.t.works_for(fresh).await, "{fresh} is not routed at A");
     drop(sentinel);
 }
+
+/// Rotating Redis's TLS: the server restarts with a certificate from a new CA, and the file
+/// the instances name as `ca_certificate` is replaced with that CA. Both instances reconnect
+/// with the new file, without a restart, and announcements are acknowledged and routed again.
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_tls_files_rotate_without_a_restart() {
+    let t = Tunnel::new("store-tls-rotate");
+    let server = TlsSettings {
+        verify_client: true,
+        ..t.pki.issue_server("redis", &[])
+    };
+    let ca = t.dir.join("redis-ca.crt");
+    std::fs::copy(t.pki.root(), &ca).unwrap();
+    let redis = Redis::start_tls(&t.dir.join("redis"), t.dir.join("redis.log"), &server).await;
+    let settings = json!({
+        "addresses": [redis.address()],
+        "key": REDIS_KEY,
+        "tls": {"ca_certificate": ca, "certificate": t.pki.cert(PUBLIC), "key": t.pki.key(PUBLIC)},
+    });
+    let new_ca = Pki::new(t.dir.join("new-pki"), &[], None);
+    let mut c = Instances::start_with(t, vec![redis], settings).await;
+    let private = c.t.private_rpc();
+    call(
+        &private,
+        "announceConnection",
+        json!({"domain": "before.internal-server.local"}),
+    )
+    .await
+    .expect("announcing before the rotation");
+
+    // The new certificate goes where the server reads it; the CA file is replaced by rename.
+    let issued = new_ca.issue_server("redis", &[]);
+    std::fs::copy(&issued.certificate, &server.certificate).unwrap();
+    std::fs::copy(&issued.key, &server.key).unwrap();
+    let staged = c.t.dir.join("redis-ca.crt.new");
+    std::fs::copy(new_ca.root(), &staged).unwrap();
+    std::fs::rename(&staged, &ca).unwrap();
+    c.redis[0].restart().await;
+
+    let after = "after.internal-server.local";
+    let announced = wait_until(RECOVERY, || async {
+        call(&private, "announceConnection", json!({"domain": after}))
+            .await
+            .is_ok()
+    })
+    .await;
+    let log = c.t.proc(Role::PublicProxy).run_log();
+    assert!(
+        announced,
+        "no announcement accepted after the rotation:\n{log}"
+    );
+    assert!(log.contains("Redis TLS files reloaded"), "{log}");
+    assert!(
+        wait_until(RECOVERY, || c.b_works_for(after)).await,
+        "{after} is not routed at B"
+    );
+    assert!(c.t.works_for(after).await, "{after} is not routed at A");
+}

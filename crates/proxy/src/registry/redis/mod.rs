@@ -84,7 +84,11 @@ struct Stored {
 }
 
 pub(super) struct RedisBackend {
-    target: Target,
+    /// How Redis is reached; built anew at a (re)connect when the TLS files changed.
+    target: std::sync::Mutex<Arc<Target>>,
+    settings: RedisSettings,
+    /// Stamps of the TLS files `target` was built from (empty without TLS).
+    tls_files: std::sync::Mutex<Vec<eps_core::files::Stamp>>,
     pub(super) address: String,
     key: String,
     channel: String,
@@ -100,6 +104,7 @@ pub(super) struct RedisBackend {
 
 impl RedisBackend {
     pub(super) fn new(s: &RedisSettings) -> Result<Self, OpenError> {
+        let tls_files = tls_stamps(s);
         let target = Target::new(s)?;
         let tls = if s.tls.is_some() { " over TLS" } else { "" };
         let address = match (&s.sentinel, s.cluster) {
@@ -117,7 +122,9 @@ impl RedisBackend {
         let publish = if s.cluster { "'SPUBLISH'" } else { "'PUBLISH'" };
         let script = |text: &str| format!("local PUBLISH = {publish}\n{text}");
         Ok(Self {
-            target,
+            target: std::sync::Mutex::new(Arc::new(target)),
+            settings: s.clone(),
+            tls_files: std::sync::Mutex::new(tls_files),
             address,
             key: s.key.clone(),
             channel: channel_name(&s.key, s.cluster),
@@ -242,14 +249,40 @@ impl RedisBackend {
             .map_err(|e| self.unavailable(e))
     }
 
+    /// The target to connect with, and whether it is new: rebuilt from the TLS files when they
+    /// changed since it was built (a rotated CA or client certificate counts from the next
+    /// connection on). Files that do not load are logged and the target in use stays.
+    fn current_target(&self) -> (Arc<Target>, bool) {
+        let mut target = self.target.lock().expect("target lock");
+        let now = tls_stamps(&self.settings);
+        let mut seen = self.tls_files.lock().expect("stamps lock");
+        if *seen == now {
+            return (target.clone(), false);
+        }
+        // Each version of the files is tried once.
+        *seen = now;
+        match Target::new(&self.settings) {
+            Ok(t) => {
+                tracing::info!(redis = %self.address, "Redis TLS files reloaded");
+                *target = Arc::new(t);
+                (target.clone(), true)
+            }
+            Err(e) => {
+                tracing::error!(redis = %self.address, error = %e, "Redis TLS files not loaded; the ones in use stay");
+                (target.clone(), false)
+            }
+        }
+    }
+
     /// Connects (where a form needs it anew) and subscribes; the connection for commands goes
     /// to `self.conn`.
     async fn subscribe(&self) -> Result<Changes, StoreUnavailable> {
         let response_timeout = REDIS_TIMEOUT + self.replica_timeout;
+        let (target, renewed) = self.current_target();
         // Through Sentinel, every (re)connect asks which server is the primary now: after a
         // failover the old one is gone or a replica.
-        let (client, reconnect) = match &self.target {
-            Target::Direct(client) => (client.clone(), false),
+        let (client, reconnect) = match &*target {
+            Target::Direct(client) => (client.clone(), renewed),
             Target::Sentinel(sentinel) => (self.sentinel_primary(sentinel).await?, true),
             Target::Cluster(cluster) => {
                 let (conn, changes) = tokio::time::timeout(
@@ -342,6 +375,18 @@ impl RedisBackend {
             }
         }
     }
+}
+
+/// The stamps of the TLS files of `s` (none without TLS).
+fn tls_stamps(s: &RedisSettings) -> Vec<eps_core::files::Stamp> {
+    let Some(t) = &s.tls else {
+        return Vec::new();
+    };
+    std::iter::once(&t.ca_certificate)
+        .chain(t.certificate.as_ref())
+        .chain(t.key.as_ref())
+        .map(|p| eps_core::files::stamp(p))
+        .collect()
 }
 
 /// The pub/sub channel of the hash `key`: `KEY:changes`. In a cluster the sharded channel must
