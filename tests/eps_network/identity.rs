@@ -167,15 +167,7 @@ async fn calls_on_an_open_stream_stop_once_the_directory_stops_accepting_the_cal
         .expect("bob.echo while alice's certificate is pinned");
     assert_eq!(net.node("bob").service.received().len(), 1);
 
-    write_records(
-        &net.dir.join("directory"),
-        "95-alice-new-pin.json",
-        &[record(
-            "alice",
-            "certificates",
-            json!([{"fingerprint": "00".repeat(32), "key_usage": "encryption"}]),
-        )],
-    );
+    net.unpin("alice");
     net.node_mut("bob")
         .proc
         .wait_for_log("directory reloaded", PROCESS_WAIT)
@@ -211,15 +203,7 @@ async fn a_caller_stops_using_a_connection_to_a_peer_the_directory_stops_accepti
         .expect("bob.echo while bob's certificate is pinned");
     let delivered = net.node("bob").service.received().len();
 
-    write_records(
-        &net.dir.join("directory"),
-        "95-bob-new-pin.json",
-        &[record(
-            "bob",
-            "certificates",
-            json!([{"fingerprint": "00".repeat(32), "key_usage": "encryption"}]),
-        )],
-    );
+    net.unpin("bob");
     net.node_mut("alice")
         .proc
         .wait_for_log("directory reloaded", PROCESS_WAIT)

@@ -156,6 +156,20 @@ impl Net {
     pub fn node_mut(&mut self, name: &str) -> &mut Node {
         self.nodes.get_mut(name).expect("a started server")
     }
+
+    /// Pins another certificate for `name` in a later file (`95-NAME-new-pin.json`): the
+    /// directory stops accepting the one it has.
+    pub fn unpin(&self, name: &str) {
+        write_records(
+            &self.dir.join("directory"),
+            &format!("95-{name}-new-pin.json"),
+            &[record(
+                name,
+                "certificates",
+                serde_json::json!([{"fingerprint": "00".repeat(32), "key_usage": "encryption"}]),
+            )],
+        );
+    }
 }
 
 /// The JSON-RPC error of a failed call (panics on success or a transport failure).

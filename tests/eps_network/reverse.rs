@@ -319,15 +319,7 @@ async fn stream_ends_when_the_directory_stops_accepting_its_certificate() {
         .await
         .expect("bob.echo before");
 
-    write_records(
-        &net.dir.join("directory"),
-        "95-bob-new-pin.json",
-        &[record(
-            "bob",
-            "certificates",
-            json!([{"fingerprint": "00".repeat(32), "key_usage": "encryption"}]),
-        )],
-    );
+    net.unpin("bob");
     let pid = libc::pid_t::try_from(net.node("alice").proc.pid()).expect("a pid");
     // SAFETY: kill(2) with SIGHUP on our own child process, which is running.
     unsafe { libc::kill(pid, libc::SIGHUP) };
@@ -363,15 +355,7 @@ async fn holder_stops_answering_a_peer_the_directory_stops_accepting() {
         .expect("bob.echo before");
     let delivered = bob.service.received().len();
 
-    write_records(
-        &net.dir.join("directory"),
-        "95-alice-new-pin.json",
-        &[record(
-            "alice",
-            "certificates",
-            json!([{"fingerprint": "00".repeat(32), "key_usage": "encryption"}]),
-        )],
-    );
+    net.unpin("alice");
     bob.proc
         .wait_for_log("directory reloaded", PROCESS_WAIT)
         .await;
