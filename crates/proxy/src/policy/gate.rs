@@ -249,16 +249,8 @@ mod tests {
     use governor::clock::FakeRelativeClock;
 
     use super::*;
-    use crate::policy::Cidr;
+    use crate::policy::tests::{cidrs, ip};
     use crate::settings::AddressLimits;
-
-    fn ip(s: &str) -> IpAddr {
-        s.parse().unwrap()
-    }
-
-    fn cidrs(list: &[&str]) -> Vec<Cidr> {
-        list.iter().map(|s| s.parse().unwrap()).collect()
-    }
 
     fn gate(settings: PolicySettings) -> (Gate<FakeRelativeClock>, FakeRelativeClock) {
         let clock = FakeRelativeClock::default();

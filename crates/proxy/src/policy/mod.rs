@@ -287,14 +287,14 @@ pub fn check_rules(rules: &DomainPolicy, bounds: &DomainLimits) -> Result<(), Re
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn ip(s: &str) -> IpAddr {
+    pub(crate) fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
     }
 
-    fn cidrs(list: &[&str]) -> Vec<Cidr> {
+    pub(crate) fn cidrs(list: &[&str]) -> Vec<Cidr> {
         list.iter().map(|s| s.parse().unwrap()).collect()
     }
 
