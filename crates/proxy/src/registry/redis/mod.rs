@@ -84,11 +84,10 @@ struct Stored {
 }
 
 pub(super) struct RedisBackend {
-    /// How Redis is reached; built anew at a (re)connect when the TLS files changed.
-    target: std::sync::Mutex<Arc<Target>>,
+    /// How Redis is reached, and the stamps of the TLS files last tried (empty without TLS):
+    /// built anew at a (re)connect when those files changed.
+    target: std::sync::Mutex<(Arc<Target>, Vec<eps_core::files::Stamp>)>,
     settings: RedisSettings,
-    /// Stamps of the TLS files `target` was built from (empty without TLS).
-    tls_files: std::sync::Mutex<Vec<eps_core::files::Stamp>>,
     pub(super) address: String,
     key: String,
     channel: String,
@@ -122,9 +121,8 @@ impl RedisBackend {
         let publish = if s.cluster { "'SPUBLISH'" } else { "'PUBLISH'" };
         let script = |text: &str| format!("local PUBLISH = {publish}\n{text}");
         Ok(Self {
-            target: std::sync::Mutex::new(Arc::new(target)),
+            target: std::sync::Mutex::new((Arc::new(target), tls_files)),
             settings: s.clone(),
-            tls_files: std::sync::Mutex::new(tls_files),
             address,
             key: s.key.clone(),
             channel: channel_name(&s.key, s.cluster),
@@ -253,9 +251,9 @@ impl RedisBackend {
     /// changed since it was built (a rotated CA or client certificate counts from the next
     /// connection on). Files that do not load are logged and the target in use stays.
     fn current_target(&self) -> (Arc<Target>, bool) {
-        let mut target = self.target.lock().expect("target lock");
+        let mut guard = self.target.lock().expect("target lock");
+        let (target, seen) = &mut *guard;
         let now = tls_stamps(&self.settings);
-        let mut seen = self.tls_files.lock().expect("stamps lock");
         if *seen == now {
             return (target.clone(), false);
         }
