@@ -23,10 +23,7 @@ pub fn main() -> Result<(), Failure> {
         .map_err(|e| Failure::Usage(format!("eps sd run: bad settings: {e:#}")))?;
     let (chain, file) =
         open_chain(&settings, &trust).map_err(|e| Failure::Failed(format!("eps sd run: {e:#}")))?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let rt = eps_core::net::runtime(None);
     rt.block_on(run(settings, tls, trust, chain, file))
         .map_err(|e| {
             tracing::error!("directory server failed: {e:#}");
