@@ -812,3 +812,122 @@ async fn worker_threads_setting() {
     assert_eq!(status.and_then(|s| s.code()), Some(64), "{}", p.run_log());
     assert!(p.run_log().contains("worker_threads"), "{}", p.run_log());
 }
+
+/// Each proxy runs its operator's EPS server inside its own process (`eps: {embedded: DIRS}`,
+/// the EPS server's settings unchanged): three processes instead of five. The tunnel works; the
+/// embedded servers still serve other local clients and peers in their own processes, and add
+/// the authenticated caller as `_client` to what they deliver in-process, a forged one
+/// replaced. Settings that name both forms, or another operator's server, are refused before
+/// anything is bound; SIGTERM stops the proxy and its EPS server together.
+#[tokio::test(flavor = "multi_thread")]
+async fn embedded_eps_servers() {
+    let mut t = Tunnel::new("embedded");
+    for (proxy, eps) in [
+        (Role::PublicProxy, Role::PublicEps),
+        (Role::PrivateProxy, Role::PrivateEps),
+    ] {
+        let eps_dir = t.settings_dir(eps).display().to_string();
+        std::fs::write(
+            t.settings_dir(proxy).join("zz-embedded.yml"),
+            format!("eps: {{url: null, tls: null, embedded: {eps_dir}}}\njsonrpc_server: null\n"),
+        )
+        .unwrap();
+    }
+    for role in [Role::InternalServer, Role::PublicProxy, Role::PrivateProxy] {
+        t.start(role);
+        t.wait_ready(role).await;
+    }
+    assert!(
+        t.wait_tunnel(eps_tests::tunnel::TUNNEL_WAIT)
+            .await
+            .is_some(),
+        "no request went through the tunnel of two proxies with embedded EPS servers"
+    );
+    let (status, body) = curl(&t.root(), t.public_addr, DOMAIN, None).await;
+    assert_eq!((status, body.as_str()), (200, SUCCESS));
+    for role in [Role::PublicProxy, Role::PrivateProxy] {
+        let log = t.proc(role).log();
+        assert!(
+            log.contains("EPS server ready") && log.contains("eps=the embedded EPS server"),
+            "{}: {log}",
+            role.name()
+        );
+    }
+
+    // Another local client of the public operator calls through the embedded server's JSON-RPC
+    // listener; the private side's embedded server delivers the call to its proxy in-process.
+    let listed = call(
+        &rpc_client(
+            &t.public_eps.jsonrpc_url(),
+            Some(&t.pki.tls(PUBLIC)),
+            eps_tests::tunnel::RPC_TIMEOUT,
+        ),
+        "private-proxy-1.getAnnouncements",
+        json!({}),
+    )
+    .await
+    .expect("getAnnouncements of the private proxy through the embedded servers");
+    assert!(listed.to_string().contains(DOMAIN), "{listed}");
+
+    // A peer in its own process (private-proxy-2's EPS server) announces the domain held by
+    // private-proxy-1, once plainly and once with a forged `_client` naming the holder: both
+    // are refused with 409, since the embedded server delivers who really called.
+    let _other_eps = t.start_other_eps().await;
+    for params in [
+        json!({"connections": [{"domain": DOMAIN}]}),
+        json!({"connections": [{"domain": DOMAIN}],
+               "_client": {"name": PRIVATE, "entry": {"name": PRIVATE}}}),
+    ] {
+        let r = call(
+            &t.other_eps_client(),
+            "public-proxy-1.announceConnections",
+            params,
+        )
+        .await
+        .expect("announceConnections from private-proxy-2");
+        assert_eq!(r["connections"][0]["accepted"], false, "{r}");
+        assert_eq!(
+            r["connections"][0]["error"]["code"],
+            jsonrpc::CONFLICT,
+            "{r}"
+        );
+    }
+    assert!(t.works().await, "{DOMAIN} after the refused takeovers");
+
+    // SIGTERM stops the private proxy and its EPS server: exit 0, and the embedded server's
+    // JSON-RPC port is free again.
+    let private_rpc = t.private_eps.jsonrpc_addr;
+    let status = t
+        .proc_mut(Role::PrivateProxy)
+        .stop(Duration::from_secs(15))
+        .await;
+    assert_eq!(status.and_then(|s| s.code()), Some(0));
+    std::net::TcpListener::bind(private_rpc).expect("the embedded server's port is released");
+
+    // Both forms at once, and another operator's EPS server, are refused (exit 64) with the
+    // setting named.
+    let bad_forms = [
+        (
+            format!(
+                "eps: {{url: \"https://127.0.0.1:9/jsonrpc\", embedded: {}}}\n",
+                t.settings_dir(Role::PublicEps).display()
+            ),
+            "not both",
+        ),
+        (
+            format!(
+                "eps: {{embedded: {}}}\n",
+                t.settings_dir(Role::PrivateEps).display()
+            ),
+            "a proxy embeds its own operator's server",
+        ),
+    ];
+    for (yaml, why) in bad_forms {
+        std::fs::write(t.settings_dir(Role::PublicProxy).join("zzz-bad.yml"), yaml).unwrap();
+        let p = t.proc_mut(Role::PublicProxy);
+        p.restart();
+        let status = p.wait_exit(Duration::from_secs(10)).await;
+        assert_eq!(status.and_then(|s| s.code()), Some(64), "{}", p.run_log());
+        assert!(p.run_log().contains(why), "{why}: {}", p.run_log());
+    }
+}

@@ -15,6 +15,8 @@
 //! - [`jsonrpc`]: JSON-RPC 2.0 types and error codes, plain functions over bytes.
 //! - [`http`]: the bounded HTTPS JSON-RPC server and the keep-alive client both sides of a local
 //!   link use.
+//! - [`link`]: the local link between a proxy and its EPS server: JSON-RPC over HTTP(S) between
+//!   two processes, or a function call when the EPS server is embedded in the proxy.
 //! - [`net`]: [`net::serve`], the accept loop every listener uses (slots that wait or refuse,
 //!   a task tracker, the shutdown token, backoff on errors, `TCP_NODELAY`), and the stop signals.
 //! - [`pki`]: the development PKI (`eps certs`), also used by tests.
@@ -26,6 +28,7 @@ pub mod directory;
 pub mod files;
 pub mod http;
 pub mod jsonrpc;
+pub mod link;
 pub mod logging;
 pub mod net;
 pub mod ops;

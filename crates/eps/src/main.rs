@@ -1,22 +1,4 @@
-//! `eps`: the EPS server and its development tools.
-//!
-//! # Layout
-//! - `settings`: the `EPS_SETTINGS` schema and its defaults.
-//! - `server`: wires listeners, directory and broker together (`eps server run`).
-//! - `broker`: routes calls between the local client, peers and the local service.
-//! - `grpc`: the EPS network's transport: `server` (the mutual-TLS gRPC server and the
-//!   `Calls`/`Serve` streams it answers), `channels` (one channel per peer and where a call
-//!   goes), `connector` (connects and checks a peer), `call_stream` (many calls as messages of
-//!   one stream), `reverse` (reverse streams: held to peers by a server nobody can dial, and
-//!   accepted from such servers). It asks the broker for what it needs through `grpc::Node`.
-//! - `metrics`: Prometheus counters of calls.
-//! - `peers`: peer identity checks against the directory.
-//! - `sd`: the signed directory in processes: the directory server (`eps sd run`), following
-//!   it from an EPS server, and `eps sd sign|submit|entries|verify`.
-//! - `certs`: `eps certs`, the development PKI.
-//! - `cli`: `eps call`, `eps settings check`, `eps directory show`.
-//!
-//! How the pieces work together: `docs/architecture.md`.
+//! `eps`: the EPS server and its development tools (the library `eps` holds them).
 
 /// mimalloc instead of glibc's malloc: per-call and per-connection allocations (TLS records,
 /// HTTP heads, JSON) are small and short-lived, and glibc spent ~12% of an EPS server's CPU in
@@ -24,17 +6,8 @@
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-mod broker;
-mod certs;
-mod cli;
-mod grpc;
-mod metrics;
-mod peers;
-mod sd;
-mod server;
-mod settings;
-
 use clap::{Parser, Subcommand};
+use eps::{certs, cli, sd, server, Failure, EXIT_USAGE};
 use eps_core::logging::LogArgs;
 
 #[derive(Parser)]
@@ -134,20 +107,6 @@ enum ServerCommand {
     /// (colon-separated; *.yml files deep-merged in lexical order).
     Run,
 }
-
-/// Why a command did not succeed; [`main`] turns it into the exit status.
-#[derive(Debug)]
-pub enum Failure {
-    /// Bad settings, arguments or input, found before anything was done: exit 64 (EX_USAGE).
-    Usage(String),
-    /// The command ran and failed: exit 1.
-    Failed(String),
-    /// A server failed and logged why: exit 1.
-    Logged,
-}
-
-/// Exit status for [`Failure::Usage`].
-const EXIT_USAGE: u8 = 64;
 
 fn main() -> std::process::ExitCode {
     use std::process::ExitCode;

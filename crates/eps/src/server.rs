@@ -7,6 +7,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use eps_core::directory::Directory;
 use eps_core::http::RpcClient;
+use eps_core::link::Link;
 use eps_core::ops;
 use eps_core::tls::{self, TlsError};
 use tokio::net::TcpListener;
@@ -24,17 +25,33 @@ use crate::Failure;
 /// `eps server run`: loads the settings and serves until SIGINT or SIGTERM.
 pub fn main() -> Result<(), Failure> {
     let settings = crate::cli::load()?;
-    let prepared =
-        prepare(&settings).map_err(|e| Failure::Usage(format!("eps: bad settings: {e:#}")))?;
+    let bad = |e: anyhow::Error| Failure::Usage(format!("eps: bad settings: {e:#}"));
+    let prepared = prepare(&settings).map_err(bad)?;
+    let local = delivery_client(&settings).map_err(bad)?;
     let rt = eps_core::net::runtime(settings.worker_threads);
-    rt.block_on(run(settings, prepared)).map_err(|e| {
+    rt.block_on(run(settings, prepared, local)).map_err(|e| {
         tracing::error!("eps server failed: {e:#}");
         Failure::Logged
     })
 }
 
+/// The JSON-RPC client incoming calls are delivered with (`jsonrpc_client`), required of a
+/// server in its own process.
+fn delivery_client(s: &Settings) -> anyhow::Result<Link> {
+    let Some(c) = &s.jsonrpc_client else {
+        anyhow::bail!(
+            "jsonrpc_client: required: the URL of the local service incoming calls are \
+             delivered to (only an EPS server embedded in a proxy, `eps: {{embedded: ...}}` in \
+             the proxy's settings, goes without)"
+        );
+    };
+    let client = RpcClient::new(&c.url, c.tls.as_ref(), s.grpc_client.call_timeout)
+        .context("jsonrpc_client")?;
+    Ok(Link::Rpc(client))
+}
+
 /// Everything built from settings before any port is bound.
-struct Prepared {
+pub(crate) struct Prepared {
     directory: SharedDirectory,
     /// Set when the directory follows a directory server.
     follower: Option<Follower>,
@@ -42,10 +59,9 @@ struct Prepared {
     /// None for a server without a gRPC port (reached over reverse streams).
     grpc_tls: Option<Arc<rustls::ServerConfig>>,
     peer_tls: Arc<rustls::ClientConfig>,
-    local: RpcClient,
 }
 
-fn prepare(s: &Settings) -> anyhow::Result<Prepared> {
+pub(crate) fn prepare(s: &Settings) -> anyhow::Result<Prepared> {
     let (dir, follower) = match &s.directory {
         DirectorySettings::Files { path } => {
             (Directory::load_dir(path).context("directory")?, None)
@@ -84,19 +100,12 @@ fn prepare(s: &Settings) -> anyhow::Result<Prepared> {
     let peer_tls_settings = s.peer_tls().context("grpc_client.tls")?;
     check_own_name(&s.name, &peer_tls_settings.certificate).context("grpc_client.tls")?;
     let peer_tls = tls::client_config(peer_tls_settings, &[b"h2"]).context("grpc_client.tls")?;
-    let local = RpcClient::new(
-        &s.jsonrpc_client.url,
-        s.jsonrpc_client.tls.as_ref(),
-        s.grpc_client.call_timeout,
-    )
-    .context("jsonrpc_client")?;
     Ok(Prepared {
         directory,
         follower,
         jsonrpc_tls,
         grpc_tls,
         peer_tls,
-        local,
     })
 }
 
@@ -130,12 +139,67 @@ fn check_own_name(name: &str, cert: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run(s: Settings, mut p: Prepared) -> anyhow::Result<()> {
+/// `eps server run` after its settings were checked: a server, its operations listener, and
+/// the signals that reload the directory and stop the process.
+async fn run(s: Settings, p: Prepared, local: Link) -> anyhow::Result<()> {
+    let ops_listener = s.metrics.bind().await.map_err(anyhow::Error::msg)?;
+    let mut prometheus = prometheus_client::registry::Registry::default();
+    let shutdown = CancellationToken::new();
+    let running = start(&s, p, local, &mut prometheus, shutdown.clone()).await?;
+    ops::spawn(
+        ops_listener,
+        prometheus,
+        ops::ready_when_listening(),
+        &shutdown,
+    );
+    // Certificates, keys and CA files are re-read when they change and on SIGHUP.
+    tokio::spawn(tls::watch(shutdown.clone()));
+    eps_core::net::shutdown_signal().await;
+    tracing::info!(
+        grace_s = s.shutdown_grace_period.as_secs_f64(),
+        "shutting down: finishing calls in flight"
+    );
+    shutdown.cancel();
+    running.finish().await;
+    Ok(())
+}
+
+/// A started EPS server: its broker and the tasks that serve it until the shutdown token.
+pub(crate) struct Running {
+    pub broker: Arc<Broker>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    grace: std::time::Duration,
+}
+
+impl Running {
+    /// Waits for the calls in flight to finish once the shutdown token is cancelled, up to the
+    /// grace period.
+    pub async fn finish(self) {
+        let _ = tokio::time::timeout(self.grace, async {
+            for t in self.tasks {
+                let _ = t.await;
+            }
+        })
+        .await;
+    }
+}
+
+/// Binds the JSON-RPC and gRPC listeners and starts serving: calls of the local client go out
+/// through the broker, calls of peers are delivered over `local`. Metrics are registered in
+/// `prometheus`; the directory follows its files or its directory server. Everything stops
+/// when `shutdown` is cancelled.
+pub(crate) async fn start(
+    s: &Settings,
+    mut p: Prepared,
+    local: Link,
+    prometheus: &mut prometheus_client::registry::Registry,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Running> {
     // A follower first brings its copy up to date (bounded by its timeout), so that a server
     // started beside a running directory server routes by the current directory at once.
     if let Some(f) = &mut p.follower {
         f.catch_up(&p.directory).await;
-        check_own_entry(&s, &p.directory.load());
+        check_own_entry(s, &p.directory.load());
     }
     let rpc_listener = TcpListener::bind(s.jsonrpc_server.bind_address)
         .await
@@ -148,9 +212,7 @@ async fn run(s: Settings, mut p: Prepared) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    let ops_listener = s.metrics.bind().await.map_err(anyhow::Error::msg)?;
-    let mut prometheus = prometheus_client::registry::Registry::default();
-    let metrics = Metrics::new(&mut prometheus);
+    let metrics = Metrics::new(prometheus);
     let peers = Peers::new(
         p.peer_tls,
         p.directory.clone(),
@@ -158,15 +220,15 @@ async fn run(s: Settings, mut p: Prepared) -> anyhow::Result<()> {
         s.max_message_bytes(),
         metrics.reverse_streams.clone(),
     );
+    let delivers_to = local.url();
     let broker = Arc::new(Broker::new(
         s.name.clone(),
         p.directory.clone(),
         peers,
-        p.local,
+        local,
         s.grpc_client.call_timeout,
         metrics,
     ));
-    let shutdown = CancellationToken::new();
     let grpc_addr = match &grpc_listener {
         Some(l) => l.local_addr()?.to_string(),
         None => "none (reached over reverse streams)".to_string(),
@@ -176,85 +238,77 @@ async fn run(s: Settings, mut p: Prepared) -> anyhow::Result<()> {
         worker_threads = tokio::runtime::Handle::current().metrics().num_workers(),
         jsonrpc = %rpc_listener.local_addr()?,
         grpc = %grpc_addr,
-        delivers_to = %s.jsonrpc_client.url,
+        %delivers_to,
         operators = p.directory.load().len(),
         "EPS server ready"
     );
-    let rpc = tokio::spawn(eps_core::http::serve(
+    let mut tasks = vec![tokio::spawn(eps_core::http::serve(
         rpc_listener,
         p.jsonrpc_tls,
         s.jsonrpc_server.limits.clone(),
         Arc::new(LocalHandler(broker.clone())),
         shutdown.clone(),
-    ));
-    let grpc = match (grpc_listener, p.grpc_tls, &s.grpc_server) {
-        (Some(listener), Some(tls), Some(settings)) => Some(tokio::spawn(grpc::serve(
+    ))];
+    if let (Some(listener), Some(tls), Some(settings)) = (grpc_listener, p.grpc_tls, &s.grpc_server)
+    {
+        let serve = grpc::serve(
             listener,
             tls,
             settings.clone(),
             broker.clone(),
             p.directory.clone(),
             shutdown.clone(),
-        ))),
-        _ => None,
-    };
-    let reverse = tokio::spawn(grpc::hold_streams(
-        broker,
+        );
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = serve.await {
+                tracing::error!("gRPC server failed: {e}");
+            }
+        }));
+    }
+    tasks.push(tokio::spawn(grpc::hold_streams(
+        broker.clone(),
         p.directory.clone(),
         s.grpc_client.reverse_peers.clone(),
         shutdown.clone(),
-    ));
-    ops::spawn(
-        ops_listener,
-        prometheus,
-        ops::ready_when_listening(),
-        &shutdown,
-    );
-    // Certificates, keys and CA files are re-read when they change and on SIGHUP.
-    tokio::spawn(tls::watch(shutdown.clone()));
-    if let Some(f) = p.follower {
-        tokio::spawn(f.run(p.directory.clone(), shutdown.clone()));
-    }
-    match &s.directory {
-        DirectorySettings::Files { path } => wait_for_shutdown(&p.directory, path).await,
-        // The follower applies new records as they are appended: nothing to re-read.
-        DirectorySettings::Sd(_) => eps_core::net::shutdown_signal().await,
-    }
-    tracing::info!(
-        grace_s = s.shutdown_grace_period.as_secs_f64(),
-        "shutting down: finishing calls in flight"
-    );
-    shutdown.cancel();
-    let _ = tokio::time::timeout(s.shutdown_grace_period, async {
-        let _ = rpc.await;
-        if let Some(grpc) = grpc {
-            let _ = grpc.await;
+    )));
+    match (p.follower, &s.directory) {
+        (Some(f), _) => {
+            tokio::spawn(f.run(p.directory.clone(), shutdown.clone()));
         }
-        let _ = reverse.await;
+        (None, DirectorySettings::Files { path }) => {
+            tokio::spawn(watch_directory(p.directory.clone(), path.clone(), shutdown));
+        }
+        // A follower is made for every `sd` directory.
+        (None, DirectorySettings::Sd(_)) => {}
+    }
+    Ok(Running {
+        broker,
+        tasks,
+        grace: s.shutdown_grace_period,
     })
-    .await;
-    Ok(())
 }
 
-/// Resolves on SIGINT or SIGTERM. Re-reads the directory on SIGHUP and when its files changed
-/// and then stayed the same for one check (every [`tls::WATCH_INTERVAL`]); a bad one is logged
-/// and the current one kept.
-async fn wait_for_shutdown(directory: &SharedDirectory, path: &std::path::Path) {
+/// Until `shutdown`: re-reads the directory on SIGHUP and when its files changed and then stayed
+/// the same for one check (every [`tls::WATCH_INTERVAL`]); a bad one is logged and the current
+/// one kept.
+async fn watch_directory(
+    directory: SharedDirectory,
+    path: std::path::PathBuf,
+    shutdown: CancellationToken,
+) {
     use eps_core::files::dir_stamp;
     use tokio::signal::unix::{signal, SignalKind};
     let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
-    let stop = eps_core::net::shutdown_signal();
-    tokio::pin!(stop);
     let mut tick = tokio::time::interval(tls::WATCH_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut loaded = dir_stamp(path);
+    let mut loaded = dir_stamp(&path);
     let mut settling = None;
     loop {
         let why = tokio::select! {
-            _ = &mut stop => return,
+            _ = shutdown.cancelled() => return,
             _ = hup.recv() => "SIGHUP",
             _ = tick.tick() => {
-                let now = dir_stamp(path);
+                let now = dir_stamp(&path);
                 if now == loaded || settling.as_ref() != Some(&now) {
                     settling = (now != loaded).then_some(now);
                     continue;
@@ -262,9 +316,9 @@ async fn wait_for_shutdown(directory: &SharedDirectory, path: &std::path::Path) 
                 "files changed"
             }
         };
-        loaded = dir_stamp(path);
+        loaded = dir_stamp(&path);
         settling = None;
-        match Directory::load_dir(path) {
+        match Directory::load_dir(&path) {
             Ok(d) => {
                 tracing::info!(operators = d.len(), %why, "directory reloaded");
                 directory.store(d);

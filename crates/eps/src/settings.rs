@@ -34,7 +34,10 @@ pub struct Settings {
     pub name: String,
     pub directory: DirectorySettings,
     pub jsonrpc_server: JsonRpcServerSettings,
-    pub jsonrpc_client: JsonRpcClientSettings,
+    /// The local service incoming calls are delivered to. Required, except of a server embedded
+    /// in a proxy, which delivers to it in-process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jsonrpc_client: Option<JsonRpcClientSettings>,
     /// The gRPC port peers dial. A server behind a firewall has none: its directory entry has a
     /// `reverse_stream` channel and it opens reverse streams to its peers instead.
     #[serde(default)]
@@ -195,8 +198,10 @@ impl Settings {
         if self.grpc_client.call_timeout.is_zero() {
             return Err("grpc_client.call_timeout must be above 0".into());
         }
-        if self.jsonrpc_client.url.starts_with("https") && self.jsonrpc_client.tls.is_none() {
-            return Err("jsonrpc_client.tls is required for an https url".into());
+        if let Some(c) = &self.jsonrpc_client {
+            if c.url.starts_with("https") && c.tls.is_none() {
+                return Err("jsonrpc_client.tls is required for an https url".into());
+            }
         }
         if self.grpc_server.is_some() && self.grpc_client.max_message_bytes.is_some() {
             return Err(

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use eps_core::backoff::Backoff;
-use eps_core::http::RpcClient;
 use eps_core::jsonrpc;
+use eps_core::link::{InProcess, Link, Served};
 use eps_core::net::shutdown_signal;
 use eps_core::ops;
 use tokio::net::TcpListener;
@@ -117,19 +117,103 @@ fn bad(e: impl std::fmt::Display) -> anyhow::Error {
     BadSettings(e.to_string()).into()
 }
 
+/// What both roles build first: the link to their EPS server (starting it, when it is embedded)
+/// and their JSON-RPC listener's TLS.
 struct Common {
-    eps: RpcClient,
+    eps: Link,
+    /// The embedded EPS server's deliveries, connected once the role is built.
+    deliveries: Option<InProcess>,
+    embedded: Option<eps::embedded::Embedded>,
     rpc_tls: Option<Arc<rustls::ServerConfig>>,
 }
 
-fn common(s: &Settings) -> anyhow::Result<Common> {
-    let eps = RpcClient::new(&s.eps.url, s.eps.tls.as_ref(), s.eps.timeout)
+async fn common(
+    s: &Settings,
+    prometheus: &mut prometheus_client::registry::Registry,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Common> {
+    let rpc_tls = match &s.jsonrpc_server {
+        Some(rpc) => rpc
+            .tls_config()
+            .map_err(|e| bad(format!("jsonrpc_server.tls: {e}")))?,
+        None => None,
+    };
+    if let Some(dirs) = &s.eps.embedded {
+        let dirs: Vec<std::path::PathBuf> = dirs
+            .split(':')
+            .filter(|d| !d.is_empty())
+            .map(Into::into)
+            .collect();
+        let loaded = eps::embedded::load(&dirs).map_err(|e| bad(format!("eps.embedded: {e}")))?;
+        if loaded.name() != s.name {
+            return Err(bad(format!(
+                "eps.embedded: the EPS server's name is {:?}, this proxy's {:?}: a proxy embeds its own operator's server",
+                loaded.name(),
+                s.name
+            )));
+        }
+        let deliveries = InProcess::new("this proxy (in-process)", s.eps.timeout);
+        let (eps, embedded) = loaded
+            .start(deliveries.clone(), prometheus, shutdown.clone())
+            .await?;
+        return Ok(Common {
+            eps,
+            deliveries: Some(deliveries),
+            embedded: Some(embedded),
+            rpc_tls,
+        });
+    }
+    let url = s
+        .eps
+        .url
+        .as_deref()
+        .expect("settings checked: url or embedded");
+    let eps = eps_core::http::RpcClient::new(url, s.eps.tls.as_ref(), s.eps.timeout)
         .map_err(|e| bad(format!("eps: {e}")))?;
-    let rpc_tls = s
-        .jsonrpc_server
-        .tls_config()
-        .map_err(|e| bad(format!("jsonrpc_server.tls: {e}")))?;
-    Ok(Common { eps, rpc_tls })
+    Ok(Common {
+        eps: Link::Rpc(eps),
+        deliveries: None,
+        embedded: None,
+        rpc_tls,
+    })
+}
+
+impl Common {
+    /// Serves the role's JSON-RPC methods to its EPS server: on the `jsonrpc_server` listener,
+    /// or in-process to the embedded one. Gives the listener's task and where it listens.
+    async fn serve_rpc<H: eps_core::http::Handler>(
+        &mut self,
+        s: &Settings,
+        handler: Arc<H>,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<(Option<tokio::task::JoinHandle<()>>, String)> {
+        if let Some(d) = &self.deliveries {
+            d.connect(Arc::new(Served(handler)));
+            return Ok((None, "none (in-process)".into()));
+        }
+        let rpc = s.jsonrpc_server.as_ref().expect("settings checked");
+        let listener = bind(rpc.bind_address, "jsonrpc_server").await?;
+        let addr = listener.local_addr()?.to_string();
+        let task = tokio::spawn(eps_core::http::serve(
+            listener,
+            self.rpc_tls.take(),
+            rpc.limits.clone(),
+            handler,
+            shutdown.clone(),
+        ));
+        Ok((Some(task), addr))
+    }
+
+    /// After the role stopped: waits for its JSON-RPC listener, and lets the embedded EPS
+    /// server finish its calls in flight.
+    async fn finish(self, rpc: Option<tokio::task::JoinHandle<()>>) {
+        if let Some(rpc) = rpc {
+            let _ = rpc.await;
+        }
+        if let Some(e) = self.embedded {
+            e.finish().await;
+        }
+    }
 }
 
 async fn bind(addr: std::net::SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
@@ -144,36 +228,32 @@ async fn run_public(
     tracker: TaskTracker,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let c = common(s)?;
     let registry = Registry::open(&s.datastore).map_err(|e| bad(format!("datastore: {e}")))?;
     let mut prometheus = prometheus_client::registry::Registry::default();
+    let mut c = common(s, &mut prometheus, &shutdown).await?;
     let metrics = Arc::new(Metrics::new(&mut prometheus));
     let public = Arc::new(Public::new(p, registry, c.eps.clone(), metrics));
-    let rpc = bind(s.jsonrpc_server.bind_address, "jsonrpc_server").await?;
     let clients = bind(p.bind_address, "public.bind_address").await?;
     let internal = bind(p.internal_bind_address, "public.internal_bind_address").await?;
     let ops = bind_ops(s).await?;
+    let (rpc_task, jsonrpc) = c
+        .serve_rpc(s, Arc::new(PublicRpc(public.clone())), &shutdown)
+        .await?;
     tracing::info!(
         name = %s.name,
         worker_threads = tokio::runtime::Handle::current().metrics().num_workers(),
         public = %clients.local_addr()?,
         internal = %internal.local_addr()?,
-        jsonrpc = %rpc.local_addr()?,
+        %jsonrpc,
+        eps = %c.eps.url(),
         "public proxy ready"
     );
-    let rpc_task = tokio::spawn(eps_core::http::serve(
-        rpc,
-        c.rpc_tls,
-        s.jsonrpc_server.limits.clone(),
-        Arc::new(PublicRpc(public.clone())),
-        shutdown.clone(),
-    ));
     serve_ops(ops, prometheus, &c.eps, &shutdown);
     tokio::spawn(reload_on_hangup(None, shutdown.clone()));
     tokio::spawn(eps_core::tls::watch(shutdown.clone()));
-    tokio::spawn(wait_for_eps(c.eps, shutdown.clone()));
+    tokio::spawn(wait_for_eps(c.eps.clone(), shutdown.clone()));
     public.run(clients, internal, tracker, shutdown).await;
-    let _ = rpc_task.await;
+    c.finish(rpc_task).await;
     Ok(())
 }
 
@@ -183,7 +263,6 @@ async fn run_private(
     tracker: TaskTracker,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let c = common(s)?;
     let DatastoreSettings::File { path } = &s.datastore else {
         return Err(bad(
             "datastore: the private proxy keeps its announcements in a file",
@@ -191,29 +270,26 @@ async fn run_private(
     };
     let store = FileStore::open(path).map_err(|e| bad(format!("datastore: {e}")))?;
     let mut prometheus = prometheus_client::registry::Registry::default();
+    let mut c = common(s, &mut prometheus, &shutdown).await?;
     let metrics = Arc::new(Metrics::new(&mut prometheus));
     let private = Arc::new(Private::new(p, store, c.eps.clone(), metrics, tracker).map_err(bad)?);
-    let rpc = bind(s.jsonrpc_server.bind_address, "jsonrpc_server").await?;
     let ops = bind_ops(s).await?;
+    let (rpc_task, jsonrpc) = c
+        .serve_rpc(s, Arc::new(PrivateRpc(private.clone())), &shutdown)
+        .await?;
     tracing::info!(
         name = %s.name,
         worker_threads = tokio::runtime::Handle::current().metrics().num_workers(),
-        jsonrpc = %rpc.local_addr()?,
         internal_endpoint = %p.internal_endpoint,
+        %jsonrpc,
+        eps = %c.eps.url(),
         "private proxy ready"
     );
-    let rpc_task = tokio::spawn(eps_core::http::serve(
-        rpc,
-        c.rpc_tls,
-        s.jsonrpc_server.limits.clone(),
-        Arc::new(PrivateRpc(private.clone())),
-        shutdown.clone(),
-    ));
     serve_ops(ops, prometheus, &c.eps, &shutdown);
     tokio::spawn(reload_on_hangup(Some(private.clone()), shutdown.clone()));
     tokio::spawn(eps_core::tls::watch(shutdown.clone()));
     private.announcer(shutdown).await;
-    let _ = rpc_task.await;
+    c.finish(rpc_task).await;
     Ok(())
 }
 
@@ -261,7 +337,7 @@ async fn bind_ops(s: &Settings) -> anyhow::Result<Option<TcpListener>> {
 fn serve_ops(
     listener: Option<TcpListener>,
     prometheus: prometheus_client::registry::Registry,
-    eps: &RpcClient,
+    eps: &Link,
     shutdown: &CancellationToken,
 ) {
     let eps = eps.clone();
@@ -282,7 +358,7 @@ fn serve_ops(
 }
 
 /// Logs, at info, that the EPS server is awaited until it answers `_ping`.
-async fn wait_for_eps(eps: RpcClient, shutdown: CancellationToken) {
+async fn wait_for_eps(eps: Link, shutdown: CancellationToken) {
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(5));
     loop {
         match eps

@@ -12,8 +12,9 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use eps_core::backoff::Backoff;
-use eps_core::http::{CallError, Handler, Peer, RpcClient};
+use eps_core::http::{CallError, Handler, Peer};
 use eps_core::jsonrpc::{self, Outcome, Request, RpcError};
+use eps_core::link::Link;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use time::OffsetDateTime;
@@ -62,7 +63,7 @@ struct Wanted {
 
 pub struct Private {
     settings: PrivateSettings,
-    eps: RpcClient,
+    eps: Link,
     /// Announced from settings (re-read on SIGHUP); never stored.
     configured: Mutex<Vec<Wanted>>,
     /// Added at runtime; kept in the store.
@@ -93,7 +94,7 @@ impl Private {
     pub fn new(
         s: &PrivateSettings,
         store: FileStore,
-        eps: RpcClient,
+        eps: Link,
         metrics: Arc<Metrics>,
         tracker: TaskTracker,
     ) -> Result<Self, BadAnnouncement> {

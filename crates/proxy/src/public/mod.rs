@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use eps_core::http::RpcClient;
 use eps_core::jsonrpc;
+use eps_core::link::Link;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -99,16 +99,11 @@ pub struct Public {
     admission: Admission,
     /// Bounds on the rules announcements may set.
     domain_limits: DomainLimits,
-    eps: RpcClient,
+    eps: Link,
 }
 
 impl Public {
-    pub fn new(
-        s: &PublicSettings,
-        registry: Registry,
-        eps: RpcClient,
-        metrics: Arc<Metrics>,
-    ) -> Self {
+    pub fn new(s: &PublicSettings, registry: Registry, eps: Link, metrics: Arc<Metrics>) -> Self {
         Self {
             pending: dialback::Pending::new(s.limits.max_pending, metrics.pending.clone()),
             metrics,

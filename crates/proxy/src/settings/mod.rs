@@ -73,10 +73,12 @@ pub const DEFAULT_MAX_RELAYS: usize = 10_000;
 pub struct Settings {
     /// The operator name of this proxy (the same as its EPS server's).
     pub name: String,
-    /// How to reach this proxy's own EPS server.
+    /// How to reach this proxy's own EPS server: at `url`, or `embedded` in this process.
     pub eps: EpsClientSettings,
-    /// The JSON-RPC server the EPS server delivers calls to.
-    pub jsonrpc_server: JsonRpcServerSettings,
+    /// The JSON-RPC server the EPS server delivers calls to. Required with `eps.url`; an
+    /// embedded EPS server delivers in-process and needs none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jsonrpc_server: Option<JsonRpcServerSettings>,
     /// Where announcements are kept.
     pub datastore: DatastoreSettings,
     /// Prometheus metrics and health endpoints; off unless `metrics.bind_address` is set.
@@ -101,10 +103,18 @@ pub struct Settings {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct EpsClientSettings {
-    /// e.g. `https://127.0.0.1:5544/jsonrpc`.
-    pub url: String,
-    #[serde(default)]
+    /// The EPS server's JSON-RPC listener, e.g. `https://127.0.0.1:5544/jsonrpc`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// Client TLS for an `https` url.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsSettings>,
+    /// Run the EPS server inside this process instead, with the settings in these directories
+    /// (colon-separated, as in `EPS_SETTINGS`; `$DIR` is this file's directory). The local link
+    /// is then a function call both ways: no `url`, `tls` or `jsonrpc_server` here, and no
+    /// `jsonrpc_client` in the EPS server's settings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub embedded: Option<String>,
     /// Seconds a call through the EPS network may take.
     #[serde(default = "default_call_timeout", with = "secs")]
     pub timeout: Duration,
@@ -375,8 +385,32 @@ impl Settings {
         if self.name.is_empty() {
             return Err("name must not be empty".into());
         }
-        if self.eps.url.starts_with("https") && self.eps.tls.is_none() {
-            return Err("eps.tls is required for an https url".into());
+        match (&self.eps.url, &self.eps.embedded) {
+            (Some(_), Some(_)) => {
+                return Err("eps: give either `url` (an EPS server in its own process) or `embedded` (one inside this proxy), not both".into())
+            }
+            (None, None) => {
+                return Err("eps: give `url` (the EPS server's JSON-RPC listener) or `embedded` (the settings directories of an EPS server to run inside this proxy)".into())
+            }
+            (Some(url), None) => {
+                if url.starts_with("https") && self.eps.tls.is_none() {
+                    return Err("eps.tls is required for an https url".into());
+                }
+                if self.jsonrpc_server.is_none() {
+                    return Err("jsonrpc_server: required with eps.url: the EPS server delivers calls to this proxy there".into());
+                }
+            }
+            (None, Some(dirs)) => {
+                if dirs.split(':').all(str::is_empty) {
+                    return Err("eps.embedded: names no settings directory".into());
+                }
+                if self.eps.tls.is_some() {
+                    return Err("eps.tls: not used with eps.embedded (the link is in-process)".into());
+                }
+                if self.jsonrpc_server.is_some() {
+                    return Err("jsonrpc_server: not used with eps.embedded: the embedded EPS server delivers calls in-process".into());
+                }
+            }
         }
         if let DatastoreSettings::Redis(r) = &self.datastore {
             if !public {

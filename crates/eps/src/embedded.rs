@@ -1,0 +1,87 @@
+//! An EPS server inside another process, the proxy of its operator (`eps: {embedded: DIRS}` in
+//! the proxy's settings).
+//!
+//! It is the server of `eps server run`, with the same settings files, the same listeners (gRPC
+//! for peers, JSON-RPC for other local clients such as `eps call`) and the same directory
+//! handling. Only the local link to the proxy changes: both ways it is a function call
+//! ([`eps_core::link::Link::InProcess`]) instead of JSON-RPC over loopback TLS, which removes a
+//! TLS connection's records, an HTTP exchange and a process wake-up from every call between
+//! the two. The proxy's runtime, metrics listener, signals and shutdown serve both.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use eps_core::link::{InProcess, Link};
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::LocalHandler;
+use crate::server::{self, Prepared, Running};
+use crate::settings::Settings;
+
+/// Settings of an embedded EPS server, read and checked before anything is bound.
+pub struct Loaded {
+    settings: Settings,
+    prepared: Prepared,
+}
+
+/// Reads the EPS server settings in `dirs` (like `EPS_SETTINGS`) and checks them. The error
+/// names the file or key at fault.
+pub fn load(dirs: &[PathBuf]) -> Result<Loaded, String> {
+    let settings: Settings = eps_core::settings::load_dirs(dirs).map_err(|e| e.to_string())?;
+    settings.validate()?;
+    let prepared = server::prepare(&settings).map_err(|e| format!("{e:#}"))?;
+    if settings.jsonrpc_client.is_some() {
+        tracing::warn!("jsonrpc_client is not used by an embedded EPS server: it delivers to its proxy in-process");
+    }
+    if settings.metrics.bind_address.is_some() {
+        tracing::warn!("metrics.bind_address is not used by an embedded EPS server: its metrics are on the proxy's metrics listener");
+    }
+    if settings.worker_threads.is_some() {
+        tracing::warn!(
+            "worker_threads is not used by an embedded EPS server: it runs on the proxy's threads"
+        );
+    }
+    Ok(Loaded { settings, prepared })
+}
+
+/// A running embedded EPS server.
+pub struct Embedded {
+    running: Running,
+}
+
+impl Loaded {
+    /// This server's operator name (the proxy's must be the same).
+    pub fn name(&self) -> &str {
+        &self.settings.name
+    }
+
+    /// Binds the server's listeners and starts it. Calls from peers are delivered over
+    /// `deliveries` (connected by the proxy once it is built); the returned link is the proxy's
+    /// way into the EPS network. Everything stops when `shutdown` is cancelled.
+    pub async fn start(
+        self,
+        deliveries: InProcess,
+        prometheus: &mut prometheus_client::registry::Registry,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<(Link, Embedded)> {
+        let timeout = self.settings.grpc_client.call_timeout;
+        let running = server::start(
+            &self.settings,
+            self.prepared,
+            Link::InProcess(deliveries),
+            prometheus,
+            shutdown,
+        )
+        .await?;
+        let to_broker = InProcess::new("the embedded EPS server", timeout);
+        to_broker.connect(Arc::new(LocalHandler(running.broker.clone())));
+        Ok((Link::InProcess(to_broker), Embedded { running }))
+    }
+}
+
+impl Embedded {
+    /// Lets the calls in flight finish after the shutdown token, up to the server's grace period.
+    pub async fn finish(self) {
+        self.running.finish().await
+    }
+}
