@@ -42,7 +42,7 @@ pub struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "direct,haproxy,rathole,eps"
+        default_value = "direct,haproxy,rathole,eps,eps-embedded"
     )]
     pub systems: Vec<Kind>,
     /// Scenario groups to run, comma-separated: idle (idle_rss_per_conn), connect (connect_*,

@@ -183,6 +183,7 @@ fn color(system: &str) -> RGBColor {
         "haproxy" => RGBColor(31, 119, 180),
         "rathole" => RGBColor(255, 127, 14),
         "eps" => RGBColor(44, 160, 44),
+        "eps-embedded" => RGBColor(23, 190, 207),
         _ => RGBColor(148, 103, 189),
     }
 }

@@ -160,11 +160,13 @@ impl Report {
                 cells.join(" | ")
             ));
         }
-        md.push_str("\n## Targets (eps)\n\n| target | measured | result |\n|---|---|---|\n");
+        md.push_str(
+            "\n## Targets (eps)\n\n| target | form | measured | result |\n|---|---|---|---|\n",
+        );
         for t in crate::targets::evaluate(self) {
             md.push_str(&format!(
-                "| {} | {} | {} |\n",
-                t.name, t.measured, t.verdict
+                "| {} | {} | {} | {} |\n",
+                t.name, t.form, t.measured, t.verdict
             ));
         }
         if !self.notes.is_empty() {

@@ -54,9 +54,9 @@ pub async fn run(args: &Args, work: &Path) -> anyhow::Result<()> {
     }
     let mut report = Report::new(running.iter().map(|s| s.kind.name().into()).collect());
     report.notes = notes(&plan);
-    if running.iter().any(|s| s.kind == Kind::Eps) {
+    if running.iter().any(|s| s.kind.is_eps()) {
         report.notes.push(format!(
-            "eps: {} form; worker threads per process: {}.",
+            "eps: {} form; worker threads per process: {}. eps-embedded: the same, each EPS server inside its proxy's process.",
             if env.eps_dialed {
                 "dialed"
             } else {
@@ -130,9 +130,11 @@ pub async fn run(args: &Args, work: &Path) -> anyhow::Result<()> {
         for (i, s) in running.iter().enumerate() {
             scenarios::warm_up(&client, s.addr, plan.connect_clients).await;
             let profile = match &args.profile {
-                Some(dir) if round == 0 && s.kind == Kind::Eps => {
-                    Some(procs::Profile::start(dir, "", &s.pids)?)
-                }
+                Some(dir) if round == 0 && s.kind.is_eps() => Some(procs::Profile::start(
+                    dir,
+                    &format!("{}-", s.kind),
+                    &s.pids,
+                )?),
                 _ => None,
             };
             let before = s.cpu_secs()?;

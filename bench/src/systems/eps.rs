@@ -2,7 +2,8 @@
 //! free ports in the work folder: public proxy, private proxy and their two EPS servers, in front
 //! of the shared internal server. Limits are raised so that 5,000 idle relays fit. The private
 //! EPS server opens no gRPC port and holds a reverse stream to the public one (the firewalled
-//! form), unless `--eps-dialed`.
+//! form), unless `--eps-dialed`. `eps-embedded` is the same with each EPS server inside its
+//! proxy's process (`eps: {embedded: DIR}`, the same EPS settings without `jsonrpc_client`).
 //!
 //! Also the settings and start of any EPS server, which the RPC benchmark reuses.
 
@@ -40,9 +41,23 @@ pub fn start(env: &Env) -> anyhow::Result<System> {
     start_with(env, &Overrides::default())
 }
 
+/// eps with each EPS server inside its proxy's process.
+pub fn start_embedded(env: &Env) -> anyhow::Result<System> {
+    start_form(env, &Overrides::default(), true)
+}
+
 /// [`start`] with `o` merged over the public and private proxies' settings.
 pub fn start_with(env: &Env, o: &Overrides) -> anyhow::Result<System> {
-    let root = env.work.join(format!("eps{}", o.name));
+    start_form(env, o, false)
+}
+
+fn start_form(env: &Env, o: &Overrides, embedded: bool) -> anyhow::Result<System> {
+    let kind = if embedded {
+        Kind::EpsEmbedded
+    } else {
+        Kind::Eps
+    };
+    let root = env.work.join(format!("{kind}{}", o.name));
     let directory = root.join("directory");
     let (public, internal) = (free_addr()?, free_addr()?);
     let (public_rpc, private_rpc) = (free_addr()?, free_addr()?);
@@ -145,8 +160,38 @@ pub fn start_with(env: &Env, o: &Overrides) -> anyhow::Result<System> {
         public_settings["worker_threads"] = json!(n);
         private_settings["worker_threads"] = json!(n);
     }
-    let proxy = env.bin("proxy")?;
+    let eps_forms = [
+        (
+            "public-proxy-eps",
+            public_eps_settings,
+            &mut public_settings,
+        ),
+        (
+            "private-proxy-eps",
+            private_eps_settings,
+            &mut private_settings,
+        ),
+    ];
     let mut procs = Vec::new();
+    for (name, mut settings, proxy_settings) in eps_forms {
+        if !embedded {
+            let dir = write_settings(&root.join(name), "eps.yml", &settings)?;
+            procs.push(start_eps(env, name, &dir)?);
+            continue;
+        }
+        // The same server inside the proxy: no delivery URL, and the proxy no JSON-RPC
+        // listener; the `eps` section names the server's settings instead of its URL.
+        if let Some(s) = settings.as_object_mut() {
+            s.remove("jsonrpc_client");
+            s.remove("worker_threads");
+        }
+        let dir = write_settings(&root.join(name), "eps.yml", &settings)?;
+        proxy_settings["eps"] = json!({"embedded": dir});
+        if let Some(s) = proxy_settings.as_object_mut() {
+            s.remove("jsonrpc_server");
+        }
+    }
+    let proxy = env.bin("proxy")?;
     for (name, role, settings) in [
         ("public-proxy", "public", &public_settings),
         ("private-proxy", "private", &private_settings),
@@ -160,17 +205,10 @@ pub fn start_with(env: &Env, o: &Overrides) -> anyhow::Result<System> {
                 ("PROXY_SETTINGS", dir.as_os_str()),
                 ("RUST_LOG", RUST_LOG.as_ref()),
             ],
-            &env.log(name),
+            &env.log(&format!("{kind}-{name}")),
         )?);
     }
-    for (name, settings) in [
-        ("public-proxy-eps", &public_eps_settings),
-        ("private-proxy-eps", &private_eps_settings),
-    ] {
-        let dir = write_settings(&root.join(name), "eps.yml", settings)?;
-        procs.push(start_eps(env, name, &dir)?);
-    }
-    Ok(System::new(Kind::Eps, public, procs))
+    Ok(System::new(kind, public, procs))
 }
 
 /// The two listeners of an EPS server.

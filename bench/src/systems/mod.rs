@@ -6,7 +6,8 @@
 //!   certificates, binaries, free ports.
 //! - [`haproxy`]: HAProxy in TCP mode routing by SNI.
 //! - [`rathole`]: rathole server and client over its plain TCP transport.
-//! - [`eps`]: the demo's public proxy, private proxy and their two EPS servers.
+//! - [`eps`]: the demo's public proxy, private proxy and their two EPS servers; and `eps-embedded`,
+//!   the two proxies each running its EPS server in its own process (`eps: {embedded: ...}`).
 
 pub mod direct;
 pub mod eps;
@@ -38,10 +39,18 @@ pub enum Kind {
     Haproxy,
     Rathole,
     Eps,
+    /// eps with each EPS server inside its proxy's process.
+    EpsEmbedded,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 4] = [Kind::Direct, Kind::Haproxy, Kind::Rathole, Kind::Eps];
+    pub const ALL: [Kind; 5] = [
+        Kind::Direct,
+        Kind::Haproxy,
+        Kind::Rathole,
+        Kind::Eps,
+        Kind::EpsEmbedded,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -49,7 +58,15 @@ impl Kind {
             Kind::Haproxy => "haproxy",
             Kind::Rathole => "rathole",
             Kind::Eps => "eps",
+            Kind::EpsEmbedded => "eps-embedded",
         }
+    }
+}
+
+impl Kind {
+    /// One of eps's forms.
+    pub fn is_eps(self) -> bool {
+        matches!(self, Kind::Eps | Kind::EpsEmbedded)
     }
 }
 
@@ -65,7 +82,11 @@ impl FromStr for Kind {
         Kind::ALL
             .into_iter()
             .find(|k| k.name() == s)
-            .ok_or_else(|| format!("unknown system {s:?} (expected direct, haproxy, rathole, eps)"))
+            .ok_or_else(|| {
+                format!(
+                    "unknown system {s:?} (expected direct, haproxy, rathole, eps, eps-embedded)"
+                )
+            })
     }
 }
 
@@ -93,6 +114,7 @@ impl System {
             Kind::Haproxy => haproxy::start(env)?,
             Kind::Rathole => rathole::start(env)?,
             Kind::Eps => eps::start(env)?,
+            Kind::EpsEmbedded => eps::start_embedded(env)?,
         };
         system.wait_ready(client).await?;
         Ok(system)
