@@ -197,7 +197,7 @@ async fn harness_firewall_rules_do_what_they_say() {
 #[tokio::test(flavor = "multi_thread")]
 async fn baseline_grpc_server_mode_without_firewall() {
     let what = "baseline (gRPC server mode, no firewall)";
-    one_private_host("baseline", false, Mode::GrpcServer, what).await;
+    one_private_host("baseline", false, Mode::GrpcServer, false, what).await;
 }
 
 /// The premise: host B drops every new inbound connection, its EPS server holds a reverse
@@ -205,14 +205,35 @@ async fn baseline_grpc_server_mode_without_firewall() {
 /// the internal server's answer.
 #[tokio::test(flavor = "multi_thread")]
 async fn firewalled_private_side_serves_clients() {
-    one_private_host("firewalled", true, Mode::Reverse, "firewalled private host").await;
+    one_private_host(
+        "firewalled",
+        true,
+        Mode::Reverse,
+        false,
+        "firewalled private host",
+    )
+    .await;
+}
+
+/// The same with each EPS server inside its proxy's process: two processes per host, the private
+/// host still accepting no inbound connection.
+#[tokio::test(flavor = "multi_thread")]
+async fn firewalled_private_side_with_embedded_eps_servers() {
+    one_private_host(
+        "embedded",
+        true,
+        Mode::Reverse,
+        true,
+        "firewalled private host, EPS servers embedded",
+    )
+    .await;
 }
 
 /// The same topology with reverse streams and no firewall rule.
 #[tokio::test(flavor = "multi_thread")]
 async fn control_without_firewall() {
     let what = "no firewall (reverse streams)";
-    one_private_host("control", false, Mode::Reverse, what).await;
+    one_private_host("control", false, Mode::Reverse, false, what).await;
 }
 
 /// Host A and two firewalled private hosts of one operator (reverse streams, default
@@ -228,6 +249,7 @@ async fn two_firewalled_private_hosts(label: &str) -> Option<Hosts> {
             firewall: true,
             mode: Mode::Reverse,
             keepalive: None,
+            embedded: false,
         },
     );
     h.start_all().await;
@@ -237,7 +259,7 @@ async fn two_firewalled_private_hosts(label: &str) -> Option<Hosts> {
 /// Host A and one private host (`firewall` on it or not, its EPS server in `mode`): GET, POST
 /// and 2,000 requests, 25 in parallel, through the public proxy, all answered; `what` labels
 /// the printed time.
-async fn one_private_host(label: &str, firewall: bool, mode: Mode, what: &str) {
+async fn one_private_host(label: &str, firewall: bool, mode: Mode, embedded: bool, what: &str) {
     if !netns_supported(label) {
         return;
     }
@@ -248,6 +270,7 @@ async fn one_private_host(label: &str, firewall: bool, mode: Mode, what: &str) {
             firewall,
             mode,
             keepalive: None,
+            embedded,
         },
     );
     h.start_all().await;

@@ -77,6 +77,9 @@ pub struct Options {
     pub mode: Mode,
     /// `keepalive_interval` and `keepalive_timeout` of every EPS server (client and server side).
     pub keepalive: Option<(Duration, Duration)>,
+    /// Each EPS server inside its proxy's process (`eps: {embedded: ...}`, the same EPS
+    /// settings): two processes on A, two on each private host.
+    pub embedded: bool,
 }
 
 /// A private host: its namespace, link to A and three processes.
@@ -111,6 +114,19 @@ impl PrivateHost {
             .matches("connection closed")
             .count()
     }
+}
+
+/// Lays `eps: {embedded: EPS_DIR}` over the proxy's settings in `proxy_dir`, and drops the
+/// local JSON-RPC link it no longer needs.
+fn embed(proxy_dir: &std::path::Path, eps_dir: &std::path::Path) {
+    std::fs::write(
+        proxy_dir.join("zz-embedded.yml"),
+        format!(
+            "eps: {{url: null, tls: null, embedded: {}}}\njsonrpc_server: null\n",
+            eps_dir.display()
+        ),
+    )
+    .expect("writing zz-embedded.yml");
 }
 
 /// Host A, the private hosts, and what they share (certificates, directory, logs).
@@ -255,6 +271,12 @@ impl Hosts {
         dir.write_yaml("public/proxy/proxy.yml", &public_proxy);
         public_settings.insert(Role::PublicProxy, dir.join("public/proxy"));
         public_settings.insert(Role::PublicEps, public_eps.write(&dir.join("public/eps")));
+        if options.embedded {
+            embed(
+                &public_settings[&Role::PublicProxy],
+                &public_settings[&Role::PublicEps],
+            );
+        }
         for host in &mut privates {
             let private_proxy = proxy_settings(
                 &pki,
@@ -272,6 +294,12 @@ impl Hosts {
                 Role::PrivateEps,
                 private_eps.write(&dir.join(format!("{}/eps", host.label))),
             );
+            if options.embedded {
+                embed(
+                    &host.settings[&Role::PrivateProxy],
+                    &host.settings[&Role::PrivateEps],
+                );
+            }
         }
 
         Self {
@@ -289,6 +317,9 @@ impl Hosts {
     /// Starts the public proxy and the public EPS server and waits until both listen.
     pub async fn start_public(&mut self) {
         for role in [Role::PublicProxy, Role::PublicEps] {
+            if role == Role::PublicEps && self.options.embedded {
+                continue;
+            }
             let log = self.dir.join(format!("a-{}.log", role.name()));
             let proc = match role {
                 Role::PublicProxy => self.public_ns.start(
@@ -317,7 +348,11 @@ impl Hosts {
     /// each listens, in [`Mode::Reverse`] until the EPS server's reverse stream is open, and
     /// until the proxy's announcements are accepted.
     pub async fn start_private(&mut self, i: usize) {
+        let embedded = self.options.embedded;
         for role in [Role::InternalServer, Role::PrivateEps, Role::PrivateProxy] {
+            if role == Role::PrivateEps && embedded {
+                continue;
+            }
             let host = &self.privates[i];
             let log = self.dir.join(format!("{}-{}.log", host.label, role.name()));
             let name = format!("{}-{}", host.label, role.name());
@@ -352,7 +387,13 @@ impl Hosts {
             host.proc_mut(role)
                 .wait_for_log(role.ready_line(), PROCESS_WAIT)
                 .await;
-            if role == Role::PrivateEps && self.options.mode == Mode::Reverse {
+            // An embedded EPS server logs into its proxy's log.
+            let eps_role = if embedded {
+                Role::PrivateProxy
+            } else {
+                Role::PrivateEps
+            };
+            if role == eps_role && self.options.mode == Mode::Reverse {
                 host.proc_mut(role)
                     .wait_for_log(REVERSE_STREAM_OPEN, PROCESS_WAIT)
                     .await;
@@ -374,7 +415,11 @@ impl Hosts {
         }
         if self.options.mode == Mode::Reverse {
             let want = self.privates.len();
-            let eps = self.public_proc(Role::PublicEps);
+            let eps = self.public_proc(if self.options.embedded {
+                Role::PublicProxy
+            } else {
+                Role::PublicEps
+            });
             assert!(
                 eps_tests::wait_until(PROCESS_WAIT, || async {
                     eps.run_log().matches(REVERSE_STREAM_ACCEPTED).count() >= want
