@@ -703,6 +703,46 @@ async fn settings_check_names_file_and_key() {
         err.contains(&bad.display().to_string()) && err.contains("cal_timeout"),
         "{err}"
     );
+
+    // A proxy with its EPS server embedded: its check reads the EPS server's settings too, and
+    // names the bad key there; `eps server run` on settings without `jsonrpc_client` (which
+    // only an embedded server may leave out) stops with exit 64 naming it.
+    let embed = |eps_dirs: &str| {
+        t.dir.write_yaml(
+            "embedded/zz.yml",
+            &json!({"eps": {"url": null, "tls": null, "embedded": eps_dirs},
+                    "jsonrpc_server": null}),
+        )
+    };
+    embed(&public_eps.display().to_string());
+    let embedded = t.dir.join("embedded");
+    let out = proxy(&[&public, &embedded], &["settings", "check", "public"], &[]).await;
+    let merged = merged_settings(&out, "proxy settings check public, EPS server embedded");
+    assert!(merged["eps"]["embedded"].is_string(), "{merged}");
+    embed(&dirs.to_string_lossy());
+    let out = proxy(&[&public, &embedded], &["settings", "check", "public"], &[]).await;
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    let err = stderr(&out);
+    assert!(
+        err.contains("eps.embedded") && err.contains("cal_timeout"),
+        "{err}"
+    );
+    let no_delivery = t.dir.mkdir("no-delivery");
+    t.dir
+        .write_yaml("no-delivery/zz.yml", &json!({"jsonrpc_client": null}));
+    let dirs = std::env::join_paths([&public_eps, &no_delivery]).expect("no ':'");
+    let out = run(
+        &bin_path("eps"),
+        &["server", "run"],
+        &[("EPS_SETTINGS", dirs.as_os_str())],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    assert!(
+        stderr(&out).contains("jsonrpc_client: required"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 /// The README's two-host settings (`settings/examples/two-hosts`) are valid as shipped, once

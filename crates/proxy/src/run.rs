@@ -41,10 +41,37 @@ fn load(role: Role) -> Result<Settings, RunError> {
     Ok(settings)
 }
 
-/// `proxy settings check ROLE`: the merged settings as YAML (secrets masked), if they are good.
+/// `proxy settings check ROLE`: the merged settings as YAML (secrets masked), if they are good,
+/// the settings of an embedded EPS server (`eps.embedded`) included.
 pub fn check(role: Role) -> Result<String, RunError> {
     let s = load(role)?;
+    if s.eps.embedded.is_some() {
+        load_embedded(&s).map_err(|e| RunError::BadSettings(e.to_string()))?;
+    }
     Ok(serde_yaml_ng::to_string(&s).expect("settings serialize"))
+}
+
+/// Reads and checks the settings of the EPS server named by `eps.embedded` (its directory, TLS
+/// files, its name against the proxy's); binds nothing.
+fn load_embedded(s: &Settings) -> anyhow::Result<eps::embedded::Loaded> {
+    let dirs: Vec<std::path::PathBuf> = s
+        .eps
+        .embedded
+        .as_deref()
+        .unwrap_or_default()
+        .split(':')
+        .filter(|d| !d.is_empty())
+        .map(Into::into)
+        .collect();
+    let loaded = eps::embedded::load(&dirs).map_err(|e| bad(format!("eps.embedded: {e}")))?;
+    if loaded.name() != s.name {
+        return Err(bad(format!(
+            "eps.embedded: the EPS server's name is {:?}, this proxy's {:?}: a proxy embeds its own operator's server",
+            loaded.name(),
+            s.name
+        )));
+    }
+    Ok(loaded)
 }
 
 /// Loads settings for the role and runs it until SIGINT or SIGTERM.
@@ -138,20 +165,8 @@ async fn common(
             .map_err(|e| bad(format!("jsonrpc_server.tls: {e}")))?,
         None => None,
     };
-    if let Some(dirs) = &s.eps.embedded {
-        let dirs: Vec<std::path::PathBuf> = dirs
-            .split(':')
-            .filter(|d| !d.is_empty())
-            .map(Into::into)
-            .collect();
-        let loaded = eps::embedded::load(&dirs).map_err(|e| bad(format!("eps.embedded: {e}")))?;
-        if loaded.name() != s.name {
-            return Err(bad(format!(
-                "eps.embedded: the EPS server's name is {:?}, this proxy's {:?}: a proxy embeds its own operator's server",
-                loaded.name(),
-                s.name
-            )));
-        }
+    if s.eps.embedded.is_some() {
+        let loaded = load_embedded(s)?;
         let deliveries = InProcess::new("this proxy (in-process)", s.eps.timeout);
         let (eps, embedded) = loaded
             .start(deliveries.clone(), prometheus, shutdown.clone())
