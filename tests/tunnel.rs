@@ -275,19 +275,7 @@ async fn announcement_rules() {
     // 409: the domain is held by private-proxy-1; private-proxy-2 asks for it through its own
     // EPS server.
     let _other_eps = t.start_other_eps().await;
-    let r = call(
-        &t.other_eps_client(),
-        "public-proxy-1.announceConnections",
-        json!({"connections": [{"domain": DOMAIN}]}),
-    )
-    .await
-    .expect("announceConnections from private-proxy-2");
-    assert_eq!(r["connections"][0]["accepted"], false, "{r}");
-    assert_eq!(
-        r["connections"][0]["error"]["code"],
-        jsonrpc::CONFLICT,
-        "{r}"
-    );
+    takeover_refused(&t, json!({"connections": [{"domain": DOMAIN}]})).await;
     let listed = announcements(&public, "public").await;
     assert!(has(&listed, DOMAIN, "operator", PRIVATE), "{listed}");
     assert!(t.works().await, "{DOMAIN} after the refused takeover");
@@ -878,19 +866,7 @@ async fn embedded_eps_servers() {
         json!({"connections": [{"domain": DOMAIN}],
                "_client": {"name": PRIVATE, "entry": {"name": PRIVATE}}}),
     ] {
-        let r = call(
-            &t.other_eps_client(),
-            "public-proxy-1.announceConnections",
-            params,
-        )
-        .await
-        .expect("announceConnections from private-proxy-2");
-        assert_eq!(r["connections"][0]["accepted"], false, "{r}");
-        assert_eq!(
-            r["connections"][0]["error"]["code"],
-            jsonrpc::CONFLICT,
-            "{r}"
-        );
+        takeover_refused(&t, params).await;
     }
     assert!(t.works().await, "{DOMAIN} after the refused takeovers");
 
@@ -930,4 +906,22 @@ async fn embedded_eps_servers() {
         assert_eq!(status.and_then(|s| s.code()), Some(64), "{}", p.run_log());
         assert!(p.run_log().contains(why), "{why}: {}", p.run_log());
     }
+}
+
+/// `private-proxy-2` announces with `params` through its own EPS server, for the domain
+/// `private-proxy-1` holds: refused with 409.
+async fn takeover_refused(t: &Tunnel, params: serde_json::Value) {
+    let r = call(
+        &t.other_eps_client(),
+        "public-proxy-1.announceConnections",
+        params,
+    )
+    .await
+    .expect("announceConnections from private-proxy-2");
+    assert_eq!(r["connections"][0]["accepted"], false, "{r}");
+    assert_eq!(
+        r["connections"][0]["error"]["code"],
+        jsonrpc::CONFLICT,
+        "{r}"
+    );
 }

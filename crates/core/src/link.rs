@@ -22,7 +22,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::value::RawValue;
 
-use crate::http::{CallError, Handler, Peer, RpcClient};
+use crate::http::{decode, CallError, Handler, Peer, RpcClient};
 use crate::jsonrpc::{self, Outcome, Request};
 
 /// A future that answers one call.
@@ -128,8 +128,7 @@ impl Link {
         method: &str,
         params: &P,
     ) -> Result<R, CallError> {
-        let raw = self.call_raw(method, &jsonrpc::to_raw(params)).await?;
-        serde_json::from_str(raw.get()).map_err(|e| CallError::Decode(e.to_string()))
+        decode(&self.call_raw(method, &jsonrpc::to_raw(params)).await?)
     }
 
     /// Calls `method` with raw params under the link's own deadline.
@@ -138,10 +137,11 @@ impl Link {
         method: &str,
         params: &RawValue,
     ) -> Result<Box<RawValue>, CallError> {
-        match self {
-            Link::Rpc(c) => c.call_raw(method, params).await,
-            Link::InProcess(l) => l.call(method, params, l.timeout).await,
-        }
+        let deadline = match self {
+            Link::Rpc(c) => c.timeout(),
+            Link::InProcess(l) => l.timeout,
+        };
+        self.call_with_deadline(method, params, deadline).await
     }
 
     /// Like [`call_raw`](Self::call_raw) with an explicit deadline.

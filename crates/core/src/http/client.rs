@@ -135,6 +135,11 @@ impl RpcClient {
         self
     }
 
+    /// The deadline of calls made without one.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// The URL this client calls.
     pub fn url(&self) -> String {
         self.url.to_string()
@@ -146,8 +151,7 @@ impl RpcClient {
         method: &str,
         params: &P,
     ) -> Result<R, CallError> {
-        let raw = self.call_raw(method, &jsonrpc::to_raw(params)).await?;
-        serde_json::from_str(raw.get()).map_err(|e| CallError::Decode(e.to_string()))
+        decode(&self.call_raw(method, &jsonrpc::to_raw(params)).await?)
     }
 
     /// Calls `method` with raw params and returns the raw result.
@@ -217,6 +221,11 @@ impl RpcClient {
             }),
         }
     }
+}
+
+/// A raw result as the type the caller expects.
+pub(crate) fn decode<R: DeserializeOwned>(raw: &RawValue) -> Result<R, CallError> {
+    serde_json::from_str(raw.get()).map_err(|e| CallError::Decode(e.to_string()))
 }
 
 /// An error and its sources, joined by ": ".

@@ -4,6 +4,7 @@
 mod client;
 mod server;
 
+pub(crate) use client::decode;
 pub use client::{error_chain, CallError, ClientError, RpcClient};
 pub use server::{
     secs, serve, Handler, JsonRpcServerSettings, Peer, ServerLimits, DEFAULT_HEADER_TIMEOUT,
