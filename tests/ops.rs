@@ -745,6 +745,65 @@ async fn settings_check_names_file_and_key() {
     );
 }
 
+/// The README's three-process demo: `settings/dev/roles/embedded/` laid over the demo's proxy
+/// settings gives proxies that embed their EPS servers, and both pass `proxy settings check`
+/// (which reads the embedded server's settings too) once `eps certs` has made the PKI.
+#[tokio::test(flavor = "multi_thread")]
+async fn dev_embedded_overlay_settings_check() {
+    let dir = TestDir::new("ops-dev-embedded");
+    let dev = Path::new(env!("CARGO_MANIFEST_DIR")).join("../settings/dev");
+    let copy = dir.mkdir("dev");
+    for sub in [
+        "directory",
+        "roles/public-proxy-1",
+        "roles/private-proxy-1",
+        "roles/public-proxy-eps-1",
+        "roles/private-proxy-eps-1",
+        "roles/embedded/public-proxy-1",
+        "roles/embedded/public-proxy-1/eps",
+        "roles/embedded/private-proxy-1",
+        "roles/embedded/private-proxy-1/eps",
+    ] {
+        let to = copy.join(sub);
+        std::fs::create_dir_all(&to).expect("mkdir");
+        for f in std::fs::read_dir(dev.join(sub)).expect("a dev settings folder") {
+            let f = f.expect("a file").path();
+            if f.extension().is_some_and(|e| e == "yml" || e == "json") {
+                std::fs::copy(&f, to.join(f.file_name().unwrap())).expect("copy");
+            }
+        }
+    }
+    let (certs, directory) = (copy.join("certs"), copy.join("directory"));
+    let out = run(
+        &bin_path("eps"),
+        &[
+            "certs",
+            "--certs-dir",
+            certs.to_str().unwrap(),
+            "--directory-dir",
+            directory.to_str().unwrap(),
+        ],
+        &[],
+    )
+    .await;
+    assert_success(&out, "eps certs for the dev settings");
+    for (role, name) in [("public", PUBLIC), ("private", PRIVATE)] {
+        let demo = copy.join(format!("roles/{name}"));
+        let overlay = copy.join(format!("roles/embedded/{name}"));
+        let out = proxy(&[&demo, &overlay], &["settings", "check", role], &[]).await;
+        let merged = merged_settings(&out, &format!("proxy settings check {role}, embedded"));
+        assert_eq!(merged["name"], name, "{merged}");
+        assert!(merged["eps"]["embedded"].is_string(), "{merged}");
+        assert!(merged["eps"]["url"].is_null(), "{merged}");
+        assert!(merged["jsonrpc_server"].is_null(), "{merged}");
+        assert!(
+            !stderr(&out).contains("WARN"),
+            "the overlay leaves no unused EPS setting: {}",
+            stderr(&out)
+        );
+    }
+}
+
 /// The README's two-host settings (`settings/examples/two-hosts`) are valid as shipped, once
 /// `eps certs` has made their PKI as the README says: each role's `settings check` passes (also
 /// with the access-policy example of `settings/examples/policy` merged over it), the private
