@@ -56,15 +56,17 @@ impl Loaded {
     }
 
     /// Binds the server's listeners and starts it. Calls from peers are delivered over
-    /// `deliveries` (connected by the proxy once it is built); the returned link is the proxy's
-    /// way into the EPS network. Everything stops when `shutdown` is cancelled.
+    /// `deliveries`; `to_server`, the proxy's way into the EPS network, is connected to the
+    /// server here. Both links may have been handed out before (the proxy is built with them);
+    /// connecting the proxy's end of `deliveries` before this call means that no call finds
+    /// either end missing. Everything stops when `shutdown` is cancelled.
     pub async fn start(
         self,
         deliveries: InProcess,
+        to_server: &InProcess,
         prometheus: &mut prometheus_client::registry::Registry,
         shutdown: CancellationToken,
-    ) -> anyhow::Result<(Link, Embedded)> {
-        let timeout = self.settings.grpc_client.call_timeout;
+    ) -> anyhow::Result<Embedded> {
         let running = server::start(
             &self.settings,
             self.prepared,
@@ -73,9 +75,13 @@ impl Loaded {
             shutdown,
         )
         .await?;
-        let to_broker = InProcess::new("the embedded EPS server", timeout);
-        to_broker.connect(Arc::new(LocalHandler(running.broker.clone())));
-        Ok((Link::InProcess(to_broker), Embedded { running }))
+        to_server.connect(Arc::new(LocalHandler(running.broker.clone())));
+        Ok(Embedded { running })
+    }
+
+    /// The deadline of calls through the server (`grpc_client.call_timeout`).
+    pub fn call_timeout(&self) -> std::time::Duration {
+        self.settings.grpc_client.call_timeout
     }
 }
 

@@ -144,21 +144,27 @@ fn bad(e: impl std::fmt::Display) -> anyhow::Error {
     BadSettings(e.to_string()).into()
 }
 
-/// What both roles build first: the link to their EPS server (starting it, when it is embedded)
-/// and their JSON-RPC listener's TLS.
+/// What both roles build first: the link to their EPS server, and their JSON-RPC listener's
+/// TLS. An embedded EPS server is loaded here and started by [`Common::serve_rpc`], once the
+/// role that receives its deliveries exists.
 struct Common {
     eps: Link,
-    /// The embedded EPS server's deliveries, connected once the role is built.
-    deliveries: Option<InProcess>,
-    embedded: Option<eps::embedded::Embedded>,
+    embedded: Option<Embedding>,
     rpc_tls: Option<Arc<rustls::ServerConfig>>,
 }
 
-async fn common(
-    s: &Settings,
-    prometheus: &mut prometheus_client::registry::Registry,
-    shutdown: &CancellationToken,
-) -> anyhow::Result<Common> {
+/// An embedded EPS server and the two in-process links to it, before and after it starts.
+struct Embedding {
+    /// Settings read and checked, until the server starts.
+    loaded: Option<eps::embedded::Loaded>,
+    /// Its deliveries to this proxy.
+    deliveries: InProcess,
+    /// This proxy's calls into it (the `eps` link).
+    to_server: InProcess,
+    running: Option<eps::embedded::Embedded>,
+}
+
+fn common(s: &Settings) -> anyhow::Result<Common> {
     let rpc_tls = match &s.jsonrpc_server {
         Some(rpc) => rpc
             .tls_config()
@@ -167,14 +173,15 @@ async fn common(
     };
     if s.eps.embedded.is_some() {
         let loaded = load_embedded(s)?;
-        let deliveries = InProcess::new("this proxy (in-process)", s.eps.timeout);
-        let (eps, embedded) = loaded
-            .start(deliveries.clone(), prometheus, shutdown.clone())
-            .await?;
+        let to_server = InProcess::new("the embedded EPS server", loaded.call_timeout());
         return Ok(Common {
-            eps,
-            deliveries: Some(deliveries),
-            embedded: Some(embedded),
+            eps: Link::InProcess(to_server.clone()),
+            embedded: Some(Embedding {
+                loaded: Some(loaded),
+                deliveries: InProcess::new("this proxy (in-process)", s.eps.timeout),
+                to_server,
+                running: None,
+            }),
             rpc_tls,
         });
     }
@@ -187,7 +194,6 @@ async fn common(
         .map_err(|e| bad(format!("eps: {e}")))?;
     Ok(Common {
         eps: Link::Rpc(eps),
-        deliveries: None,
         embedded: None,
         rpc_tls,
     })
@@ -195,15 +201,27 @@ async fn common(
 
 impl Common {
     /// Serves the role's JSON-RPC methods to its EPS server: on the `jsonrpc_server` listener,
-    /// or in-process to the embedded one. Gives the listener's task and where it listens.
+    /// or in-process to the embedded one, which starts now (its listeners bound, its metrics
+    /// registered in `prometheus`). Gives the listener's task and where it listens.
     async fn serve_rpc<H: eps_core::http::Handler>(
         &mut self,
         s: &Settings,
         handler: Arc<H>,
+        prometheus: &mut prometheus_client::registry::Registry,
         shutdown: &CancellationToken,
     ) -> anyhow::Result<(Option<tokio::task::JoinHandle<()>>, String)> {
-        if let Some(d) = &self.deliveries {
-            d.connect(Arc::new(Served(handler)));
+        if let Some(e) = &mut self.embedded {
+            e.deliveries.connect(Arc::new(Served(handler)));
+            let loaded = e.loaded.take().expect("started once");
+            let running = loaded
+                .start(
+                    e.deliveries.clone(),
+                    &e.to_server,
+                    prometheus,
+                    shutdown.clone(),
+                )
+                .await?;
+            e.running = Some(running);
             return Ok((None, "none (in-process)".into()));
         }
         let rpc = s.jsonrpc_server.as_ref().expect("settings checked");
@@ -225,8 +243,8 @@ impl Common {
         if let Some(rpc) = rpc {
             let _ = rpc.await;
         }
-        if let Some(e) = self.embedded {
-            e.finish().await;
+        if let Some(running) = self.embedded.and_then(|e| e.running) {
+            running.finish().await;
         }
     }
 }
@@ -243,16 +261,21 @@ async fn run_public(
     tracker: TaskTracker,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let mut c = common(s)?;
     let registry = Registry::open(&s.datastore).map_err(|e| bad(format!("datastore: {e}")))?;
     let mut prometheus = prometheus_client::registry::Registry::default();
-    let mut c = common(s, &mut prometheus, &shutdown).await?;
     let metrics = Arc::new(Metrics::new(&mut prometheus));
     let public = Arc::new(Public::new(p, registry, c.eps.clone(), metrics));
     let clients = bind(p.bind_address, "public.bind_address").await?;
     let internal = bind(p.internal_bind_address, "public.internal_bind_address").await?;
     let ops = bind_ops(s).await?;
     let (rpc_task, jsonrpc) = c
-        .serve_rpc(s, Arc::new(PublicRpc(public.clone())), &shutdown)
+        .serve_rpc(
+            s,
+            Arc::new(PublicRpc(public.clone())),
+            &mut prometheus,
+            &shutdown,
+        )
         .await?;
     tracing::info!(
         name = %s.name,
@@ -278,6 +301,7 @@ async fn run_private(
     tracker: TaskTracker,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let mut c = common(s)?;
     let DatastoreSettings::File { path } = &s.datastore else {
         return Err(bad(
             "datastore: the private proxy keeps its announcements in a file",
@@ -285,12 +309,16 @@ async fn run_private(
     };
     let store = FileStore::open(path).map_err(|e| bad(format!("datastore: {e}")))?;
     let mut prometheus = prometheus_client::registry::Registry::default();
-    let mut c = common(s, &mut prometheus, &shutdown).await?;
     let metrics = Arc::new(Metrics::new(&mut prometheus));
     let private = Arc::new(Private::new(p, store, c.eps.clone(), metrics, tracker).map_err(bad)?);
     let ops = bind_ops(s).await?;
     let (rpc_task, jsonrpc) = c
-        .serve_rpc(s, Arc::new(PrivateRpc(private.clone())), &shutdown)
+        .serve_rpc(
+            s,
+            Arc::new(PrivateRpc(private.clone())),
+            &mut prometheus,
+            &shutdown,
+        )
         .await?;
     tracing::info!(
         name = %s.name,
