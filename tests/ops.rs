@@ -731,18 +731,20 @@ async fn settings_check_names_file_and_key() {
     t.dir
         .write_yaml("no-delivery/zz.yml", &json!({"jsonrpc_client": null}));
     let dirs = std::env::join_paths([&public_eps, &no_delivery]).expect("no ':'");
-    let out = run(
-        &bin_path("eps"),
-        &["server", "run"],
-        &[("EPS_SETTINGS", dirs.as_os_str())],
-    )
-    .await;
-    assert_eq!(out.status.code(), Some(64), "{out:?}");
-    assert!(
-        stderr(&out).contains("jsonrpc_client: required"),
-        "{}",
-        stderr(&out)
-    );
+    for command in [&["server", "run"][..], &["settings", "check"]] {
+        let out = run(
+            &bin_path("eps"),
+            command,
+            &[("EPS_SETTINGS", dirs.as_os_str())],
+        )
+        .await;
+        assert_eq!(out.status.code(), Some(64), "{command:?}: {out:?}");
+        assert!(
+            stderr(&out).contains("jsonrpc_client: required"),
+            "{command:?}: {}",
+            stderr(&out)
+        );
+    }
 }
 
 /// The README's three-process demo: `settings/dev/roles/embedded/` laid over the demo's proxy

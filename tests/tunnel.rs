@@ -870,15 +870,26 @@ async fn embedded_eps_servers() {
     }
     assert!(t.works().await, "{DOMAIN} after the refused takeovers");
 
-    // SIGTERM stops the private proxy and its EPS server: exit 0, and the embedded server's
-    // JSON-RPC port is free again.
-    let private_rpc = t.private_eps.jsonrpc_addr;
+    // SIGTERM stops the private proxy and its EPS server with it (exit 0): the public side's
+    // server sees the reverse stream the private one held end.
+    assert!(!t
+        .proc(Role::PublicProxy)
+        .log()
+        .contains("reverse stream ended"));
     let status = t
         .proc_mut(Role::PrivateProxy)
         .stop(Duration::from_secs(15))
         .await;
     assert_eq!(status.and_then(|s| s.code()), Some(0));
-    std::net::TcpListener::bind(private_rpc).expect("the embedded server's port is released");
+    let public = t.proc(Role::PublicProxy);
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            public.log().contains("reverse stream ended")
+        })
+        .await,
+        "{}",
+        public.log()
+    );
 
     // Both forms at once, and another operator's EPS server, are refused (exit 64) with the
     // setting named.

@@ -10,7 +10,10 @@
 //!   left (`docs/architecture.md` §11).
 //!
 //! Both forms give the same errors for the same situations ([`CallError`]), so that callers
-//! (retries, "not delivered" marks, timeouts) behave alike.
+//! (retries, "not delivered" marks, timeouts) behave alike, and the in-process form keeps the
+//! bounds the JSON-RPC listener sets by default: params of at most
+//! [`DEFAULT_MAX_BODY_BYTES`] (413), at most [`DEFAULT_MAX_CONNECTIONS`] calls at once (more
+//! wait, under their deadline), and a handler that panics fails its own call only (-32603).
 
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -22,8 +25,13 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::value::RawValue;
 
-use crate::http::{decode, CallError, Handler, Peer, RpcClient};
-use crate::jsonrpc::{self, Outcome, Request};
+use futures_util::FutureExt as _;
+use tokio::sync::Semaphore;
+
+use crate::http::{
+    decode, CallError, Handler, Peer, RpcClient, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CONNECTIONS,
+};
+use crate::jsonrpc::{self, Outcome, Request, RpcError};
 
 /// A future that answers one call.
 pub type Answer<'a> = Pin<Box<dyn Future<Output = Outcome> + Send + 'a>>;
@@ -73,6 +81,8 @@ pub struct InProcess {
     /// What the link reaches, for messages: e.g. `in-process EPS server`.
     name: &'static str,
     target: Arc<OnceLock<Arc<dyn LocalService>>>,
+    /// Calls at once, as the JSON-RPC listener's `max_connections`.
+    in_flight: Arc<Semaphore>,
     timeout: Duration,
 }
 
@@ -82,6 +92,7 @@ impl InProcess {
         Self {
             name,
             target: Arc::new(OnceLock::new()),
+            in_flight: Arc::new(Semaphore::new(DEFAULT_MAX_CONNECTIONS)),
             timeout,
         }
     }
@@ -103,7 +114,30 @@ impl InProcess {
                 reason: "not started yet".into(),
             });
         };
-        match tokio::time::timeout(deadline, service.call(method, params)).await {
+        if params.get().len() > DEFAULT_MAX_BODY_BYTES {
+            return Err(CallError::Rpc(RpcError::new(
+                jsonrpc::TOO_LARGE,
+                format!(
+                    "{}: params of {} bytes, over the limit of {DEFAULT_MAX_BODY_BYTES}",
+                    self.name,
+                    params.get().len()
+                ),
+            )));
+        }
+        let call = async {
+            let _permit = self.in_flight.acquire().await.expect("never closed");
+            match std::panic::AssertUnwindSafe(service.call(method, params))
+                .catch_unwind()
+                .await
+            {
+                Ok(outcome) => outcome,
+                Err(_) => Err(RpcError::new(
+                    jsonrpc::INTERNAL_ERROR,
+                    format!("{}: the handler of {method:?} failed", self.name),
+                )),
+            }
+        };
+        match tokio::time::timeout(deadline, call).await {
             Ok(outcome) => outcome.map_err(CallError::Rpc),
             Err(_) => Err(CallError::Timeout {
                 url: self.name.into(),
@@ -161,7 +195,8 @@ impl Link {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::jsonrpc::RpcError;
+    use crate::http::ServerLimits;
+    use tokio_util::sync::CancellationToken;
 
     struct Echo;
 
@@ -173,34 +208,87 @@ mod tests {
                     tokio::time::sleep(Duration::from_secs(5)).await;
                     Ok(jsonrpc::to_raw(&"late"))
                 }
+                "panic" => panic!("the handler's bug"),
                 m => Err(RpcError::method_not_found(format!("no method {m:?}"))),
             }
         }
     }
 
+    /// The error kind and JSON-RPC code of an outcome, to compare the two links by.
+    fn shape(r: &Result<Box<RawValue>, CallError>) -> String {
+        match r {
+            Ok(v) => format!("ok {}", v.get()),
+            Err(CallError::Rpc(e)) => format!("rpc {}", e.code),
+            Err(CallError::Timeout { .. }) => "timeout".into(),
+            Err(CallError::NotDelivered { .. }) => "not delivered".into(),
+            Err(e) => format!("other: {e}"),
+        }
+    }
+
+    /// The same calls over JSON-RPC to a listener and in-process to the same handler give the
+    /// same outcomes: results, the handler's errors, timeouts, oversized params, and "not
+    /// delivered" for a listener that is gone and a link not connected yet.
     #[tokio::test]
     async fn in_process_calls_answer_like_rpc_ones() {
-        let link = InProcess::new("in-process test service", Duration::from_secs(1));
-        let l = Link::InProcess(link.clone());
-        let before = l
-            .call::<_, serde_json::Value>("echo", &serde_json::json!({"a": 1}))
-            .await;
-        assert!(
-            matches!(&before, Err(CallError::NotDelivered { reason, .. }) if reason == "not started yet"),
-            "{before:?}"
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn(crate::http::serve(
+            listener,
+            None,
+            ServerLimits::default(),
+            Arc::new(Echo),
+            shutdown.clone(),
+        ));
+        let timeout = Duration::from_secs(2);
+        let rpc = Link::Rpc(RpcClient::new(&url, None, timeout).unwrap());
+        let in_process = InProcess::new("in-process test service", timeout);
+        let local = Link::InProcess(in_process.clone());
+
+        let echo = jsonrpc::to_raw(&serde_json::json!({"a": 1}));
+        assert_eq!(shape(&local.call_raw("echo", &echo).await), "not delivered");
+        in_process.connect(Arc::new(Served(Arc::new(Echo))));
+
+        let big = jsonrpc::to_raw(&"x".repeat(DEFAULT_MAX_BODY_BYTES + 1));
+        let cases: [(&str, &RawValue, Duration); 4] = [
+            ("echo", &echo, timeout),
+            ("nope", &echo, timeout),
+            ("slow", &echo, Duration::from_millis(50)),
+            ("echo", &big, timeout),
+        ];
+        for (method, params, deadline) in cases {
+            let over_rpc = rpc.call_with_deadline(method, params, deadline).await;
+            let here = local.call_with_deadline(method, params, deadline).await;
+            assert_eq!(shape(&here), shape(&over_rpc), "{method}");
+        }
+        assert_eq!(
+            shape(&local.call_raw("nope", &echo).await),
+            format!("rpc {}", jsonrpc::METHOD_NOT_FOUND)
         );
-        link.connect(Arc::new(Served(Arc::new(Echo))));
-        let echoed: serde_json::Value = l.call("echo", &serde_json::json!({"a": 1})).await.unwrap();
-        assert_eq!(echoed, serde_json::json!({"a": 1}));
-        let missing = l.call::<_, serde_json::Value>("nope", &()).await;
-        assert!(
-            matches!(&missing, Err(CallError::Rpc(e)) if e.code == jsonrpc::METHOD_NOT_FOUND),
-            "{missing:?}"
+        assert_eq!(
+            shape(&local.call_raw("echo", &big).await),
+            format!("rpc {}", jsonrpc::TOO_LARGE)
         );
-        let late = l
-            .call_with_deadline("slow", &jsonrpc::to_raw(&()), Duration::from_millis(50))
-            .await;
-        assert!(matches!(&late, Err(CallError::Timeout { .. })), "{late:?}");
-        assert_eq!(l.url(), "in-process test service");
+
+        // A handler that panics fails its own call; the link goes on.
+        assert_eq!(
+            shape(&local.call_raw("panic", &echo).await),
+            format!("rpc {}", jsonrpc::INTERNAL_ERROR)
+        );
+        assert_eq!(shape(&local.call_raw("echo", &echo).await), r#"ok {"a":1}"#);
+        let typed: serde_json::Value = local
+            .call("echo", &serde_json::json!({"b": 2}))
+            .await
+            .unwrap();
+        assert_eq!(typed, serde_json::json!({"b": 2}));
+        assert_eq!(local.url(), "in-process test service");
+
+        shutdown.cancel();
+        server.await.unwrap();
+        assert_eq!(
+            shape(&rpc.call_raw("echo", &echo).await),
+            "not delivered",
+            "the listener is gone"
+        );
     }
 }

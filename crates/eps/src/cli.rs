@@ -22,6 +22,9 @@ pub fn load() -> Result<Settings, Failure> {
 /// `eps settings check`: validates and prints the merged settings, secrets masked.
 pub fn settings_check() -> Result<(), Failure> {
     let s = load()?;
+    // What `eps server run` needs beyond what an embedded server needs.
+    s.delivery()
+        .map_err(|e| Failure::Usage(format!("eps: bad settings: {e}")))?;
     load_directory(&s).map_err(|e| Failure::Usage(format!("eps: bad directory: {e:#}")))?;
     print!(
         "{}",
@@ -32,7 +35,7 @@ pub fn settings_check() -> Result<(), Failure> {
 
 /// The directory as the server would start with it: the record files, or the verified local
 /// copy of a directory server's chain.
-fn load_directory(s: &Settings) -> anyhow::Result<Directory> {
+pub(crate) fn load_directory(s: &Settings) -> anyhow::Result<Directory> {
     match &s.directory {
         DirectorySettings::Files { path } => Ok(Directory::load_dir(path)?),
         DirectorySettings::Sd(f) => Ok(crate::sd::follow::read_copy(f)?.directory().clone()),

@@ -24,12 +24,28 @@ pub struct Loaded {
     prepared: Prepared,
 }
 
-/// Reads the EPS server settings in `dirs` (like `EPS_SETTINGS`) and checks them. The error
-/// names the file or key at fault.
+/// Reads the EPS server settings in `dirs` (like `EPS_SETTINGS`), checks them, and loads what
+/// the server needs before it binds (directory, TLS material). The error names the file or key
+/// at fault.
 pub fn load(dirs: &[PathBuf]) -> Result<Loaded, String> {
+    let settings = read(dirs)?;
+    let prepared = server::prepare(&settings).map_err(|e| format!("{e:#}"))?;
+    Ok(Loaded { settings, prepared })
+}
+
+/// What `proxy settings check` runs: the settings in `dirs` and their directory, checked as
+/// `eps settings check` checks them (a followed directory's copy is only read: no file is
+/// written); gives the server's operator name.
+pub fn check(dirs: &[PathBuf]) -> Result<String, String> {
+    let settings = read(dirs)?;
+    crate::cli::load_directory(&settings).map_err(|e| format!("bad directory: {e:#}"))?;
+    Ok(settings.name)
+}
+
+/// The settings in `dirs`, checked; warns of those an embedded server does not use.
+fn read(dirs: &[PathBuf]) -> Result<Settings, String> {
     let settings: Settings = eps_core::settings::load_dirs(dirs).map_err(|e| e.to_string())?;
     settings.validate()?;
-    let prepared = server::prepare(&settings).map_err(|e| format!("{e:#}"))?;
     if settings.jsonrpc_client.is_some() {
         tracing::warn!("jsonrpc_client is not used by an embedded EPS server: it delivers to its proxy in-process");
     }
@@ -41,7 +57,7 @@ pub fn load(dirs: &[PathBuf]) -> Result<Loaded, String> {
             "worker_threads is not used by an embedded EPS server: it runs on the proxy's threads"
         );
     }
-    Ok(Loaded { settings, prepared })
+    Ok(settings)
 }
 
 /// A running embedded EPS server.
@@ -79,7 +95,7 @@ impl Loaded {
         Ok(Embedded { running })
     }
 
-    /// The deadline of calls through the server (`grpc_client.call_timeout`).
+    /// The deadline of the server's deliveries to the proxy (`grpc_client.call_timeout`).
     pub fn call_timeout(&self) -> std::time::Duration {
         self.settings.grpc_client.call_timeout
     }

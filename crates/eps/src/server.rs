@@ -38,13 +38,7 @@ pub fn main() -> Result<(), Failure> {
 /// The JSON-RPC client incoming calls are delivered with (`jsonrpc_client`), required of a
 /// server in its own process.
 fn delivery_client(s: &Settings) -> anyhow::Result<Link> {
-    let Some(c) = &s.jsonrpc_client else {
-        anyhow::bail!(
-            "jsonrpc_client: required: the URL of the local service incoming calls are \
-             delivered to (only an EPS server embedded in a proxy, `eps: {{embedded: ...}}` in \
-             the proxy's settings, goes without)"
-        );
-    };
+    let c = s.delivery().map_err(anyhow::Error::msg)?;
     let client = RpcClient::new(&c.url, c.tls.as_ref(), s.grpc_client.call_timeout)
         .context("jsonrpc_client")?;
     Ok(Link::Rpc(client))
@@ -142,10 +136,11 @@ fn check_own_name(name: &str, cert: &std::path::Path) -> anyhow::Result<()> {
 /// `eps server run` after its settings were checked: a server, its operations listener, and
 /// the signals that reload the directory and stop the process.
 async fn run(s: Settings, p: Prepared, local: Link) -> anyhow::Result<()> {
-    let ops_listener = s.metrics.bind().await.map_err(anyhow::Error::msg)?;
     let mut prometheus = prometheus_client::registry::Registry::default();
     let shutdown = CancellationToken::new();
     let running = start(&s, p, local, &mut prometheus, shutdown.clone()).await?;
+    // Bound after the server's own listeners, as ever: /readyz answers once they listen.
+    let ops_listener = s.metrics.bind().await.map_err(anyhow::Error::msg)?;
     ops::spawn(
         ops_listener,
         prometheus,

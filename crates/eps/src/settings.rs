@@ -185,6 +185,17 @@ fn default_max_message_bytes() -> usize {
 
 impl Settings {
     /// Checks what serde cannot: values that parse but make no sense.
+    /// Where a server in its own process delivers calls: `jsonrpc_client`, which only a server
+    /// embedded in a proxy goes without.
+    pub fn delivery(&self) -> Result<&JsonRpcClientSettings, String> {
+        self.jsonrpc_client.as_ref().ok_or_else(|| {
+            "jsonrpc_client: required: the URL of the local service incoming calls are \
+             delivered to (only an EPS server embedded in a proxy, `eps: {embedded: ...}` in \
+             the proxy's settings, goes without)"
+                .to_string()
+        })
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         if self.name.is_empty() || self.name.contains('.') {
             return Err(format!(

@@ -42,35 +42,46 @@ fn load(role: Role) -> Result<Settings, RunError> {
 }
 
 /// `proxy settings check ROLE`: the merged settings as YAML (secrets masked), if they are good,
-/// the settings of an embedded EPS server (`eps.embedded`) included.
+/// the settings of an embedded EPS server (`eps.embedded`) included. Writes no file.
 pub fn check(role: Role) -> Result<String, RunError> {
     let s = load(role)?;
     if s.eps.embedded.is_some() {
-        load_embedded(&s).map_err(|e| RunError::BadSettings(e.to_string()))?;
+        let name = eps::embedded::check(&embedded_dirs(&s))
+            .map_err(|e| RunError::BadSettings(format!("eps.embedded: {e}")))?;
+        same_operator(&s, &name).map_err(|e| RunError::BadSettings(e.to_string()))?;
     }
     Ok(serde_yaml_ng::to_string(&s).expect("settings serialize"))
 }
 
-/// Reads and checks the settings of the EPS server named by `eps.embedded` (its directory, TLS
-/// files, its name against the proxy's); binds nothing.
-fn load_embedded(s: &Settings) -> anyhow::Result<eps::embedded::Loaded> {
-    let dirs: Vec<std::path::PathBuf> = s
-        .eps
+/// The settings directories of the embedded EPS server (`eps.embedded`, colon-separated).
+fn embedded_dirs(s: &Settings) -> Vec<std::path::PathBuf> {
+    s.eps
         .embedded
         .as_deref()
         .unwrap_or_default()
         .split(':')
         .filter(|d| !d.is_empty())
         .map(Into::into)
-        .collect();
-    let loaded = eps::embedded::load(&dirs).map_err(|e| bad(format!("eps.embedded: {e}")))?;
-    if loaded.name() != s.name {
+        .collect()
+}
+
+/// A proxy embeds its own operator's EPS server.
+fn same_operator(s: &Settings, eps_name: &str) -> anyhow::Result<()> {
+    if eps_name != s.name {
         return Err(bad(format!(
-            "eps.embedded: the EPS server's name is {:?}, this proxy's {:?}: a proxy embeds its own operator's server",
-            loaded.name(),
+            "eps.embedded: the EPS server's name is {eps_name:?}, this proxy's {:?}: a proxy embeds its own operator's server",
             s.name
         )));
     }
+    Ok(())
+}
+
+/// Reads and checks the settings of the EPS server named by `eps.embedded` and loads what it
+/// needs to start (directory, TLS files); binds nothing.
+fn load_embedded(s: &Settings) -> anyhow::Result<eps::embedded::Loaded> {
+    let loaded =
+        eps::embedded::load(&embedded_dirs(s)).map_err(|e| bad(format!("eps.embedded: {e}")))?;
+    same_operator(s, loaded.name())?;
     Ok(loaded)
 }
 
@@ -173,12 +184,15 @@ fn common(s: &Settings) -> anyhow::Result<Common> {
     };
     if s.eps.embedded.is_some() {
         let loaded = load_embedded(s)?;
-        let to_server = InProcess::new("the embedded EPS server", loaded.call_timeout());
+        // The proxy's calls keep `eps.timeout`, as over JSON-RPC; the server's deliveries its
+        // `grpc_client.call_timeout` (the broker also passes it with each one).
+        let to_server = InProcess::new("the embedded EPS server", s.eps.timeout);
+        let deliveries = InProcess::new("this proxy (in-process)", loaded.call_timeout());
         return Ok(Common {
             eps: Link::InProcess(to_server.clone()),
             embedded: Some(Embedding {
                 loaded: Some(loaded),
-                deliveries: InProcess::new("this proxy (in-process)", s.eps.timeout),
+                deliveries,
                 to_server,
                 running: None,
             }),
