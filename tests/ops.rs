@@ -753,42 +753,23 @@ async fn settings_check_names_file_and_key() {
 #[tokio::test(flavor = "multi_thread")]
 async fn dev_embedded_overlay_settings_check() {
     let dir = TestDir::new("ops-dev-embedded");
-    let dev = Path::new(env!("CARGO_MANIFEST_DIR")).join("../settings/dev");
     let copy = dir.mkdir("dev");
-    for sub in [
-        "directory",
-        "roles/public-proxy-1",
-        "roles/private-proxy-1",
-        "roles/public-proxy-eps-1",
-        "roles/private-proxy-eps-1",
-        "roles/embedded/public-proxy-1",
-        "roles/embedded/public-proxy-1/eps",
-        "roles/embedded/private-proxy-1",
-        "roles/embedded/private-proxy-1/eps",
-    ] {
-        let to = copy.join(sub);
-        std::fs::create_dir_all(&to).expect("mkdir");
-        for f in std::fs::read_dir(dev.join(sub)).expect("a dev settings folder") {
-            let f = f.expect("a file").path();
-            if f.extension().is_some_and(|e| e == "yml" || e == "json") {
-                std::fs::copy(&f, to.join(f.file_name().unwrap())).expect("copy");
-            }
-        }
-    }
-    let (certs, directory) = (copy.join("certs"), copy.join("directory"));
-    let out = run(
-        &bin_path("eps"),
+    settings_copy_with_pki(
+        "settings/dev",
+        &copy,
         &[
-            "certs",
-            "--certs-dir",
-            certs.to_str().unwrap(),
-            "--directory-dir",
-            directory.to_str().unwrap(),
+            "directory",
+            "roles/public-proxy-1",
+            "roles/private-proxy-1",
+            "roles/public-proxy-eps-1",
+            "roles/private-proxy-eps-1",
+            "roles/embedded/public-proxy-1",
+            "roles/embedded/public-proxy-1/eps",
+            "roles/embedded/private-proxy-1",
+            "roles/embedded/private-proxy-1/eps",
         ],
-        &[],
     )
     .await;
-    assert_success(&out, "eps certs for the dev settings");
     for (role, name) in [("public", PUBLIC), ("private", PRIVATE)] {
         let demo = copy.join(format!("roles/{name}"));
         let overlay = copy.join(format!("roles/embedded/{name}"));
@@ -813,38 +794,19 @@ async fn dev_embedded_overlay_settings_check() {
 #[tokio::test(flavor = "multi_thread")]
 async fn two_host_example_settings_check() {
     let dir = TestDir::new("ops-two-hosts");
-    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../settings/examples/two-hosts");
     let copy = dir.mkdir("two-hosts");
-    for sub in [
-        "directory",
-        "public-eps",
-        "public-proxy",
-        "private-eps",
-        "private-proxy",
-    ] {
-        let to = copy.join(sub);
-        std::fs::create_dir_all(&to).expect("mkdir");
-        for f in std::fs::read_dir(examples.join(sub)).expect("an example folder") {
-            let f = f.expect("a file").path();
-            if f.extension().is_some_and(|e| e == "yml" || e == "json") {
-                std::fs::copy(&f, to.join(f.file_name().unwrap())).expect("copy");
-            }
-        }
-    }
-    let (certs, directory) = (copy.join("certs"), copy.join("directory"));
-    let out = run(
-        &bin_path("eps"),
+    settings_copy_with_pki(
+        "settings/examples/two-hosts",
+        &copy,
         &[
-            "certs",
-            "--certs-dir",
-            certs.to_str().unwrap(),
-            "--directory-dir",
-            directory.to_str().unwrap(),
+            "directory",
+            "public-eps",
+            "public-proxy",
+            "private-eps",
+            "private-proxy",
         ],
-        &[],
     )
     .await;
-    assert_success(&out, "eps certs for the example");
     for (role, name) in [("public", PUBLIC), ("private", PRIVATE)] {
         let out = eps(&copy.join(format!("{role}-eps")), &["settings", "check"]).await;
         let merged = merged_settings(&out, &format!("eps settings check ({role})"));
@@ -859,7 +821,8 @@ async fn two_host_example_settings_check() {
         let merged = merged_settings(&out, &format!("proxy settings check {role}"));
         assert_eq!(merged["name"], name, "{merged}");
         // The README's access-policy example, merged over the role's settings.
-        let policy = examples.join(format!("../policy/{role}-proxy"));
+        let policy = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join(format!("../settings/examples/policy/{role}-proxy"));
         let out = proxy(&[&dirs[0], &policy], &["settings", "check", role], &[]).await;
         let merged = merged_settings(&out, &format!("proxy settings check {role} with policy"));
         let rules = if role == "public" {
@@ -1185,4 +1148,35 @@ async fn slow_download(
         }
         body += r as u64;
     }
+}
+
+/// Copies the `*.yml` and `*.json` files of each folder `subs` of the repository's `from`
+/// (e.g. `settings/dev`) to the same place under `to`, and makes their PKI there with
+/// `eps certs` (`to/certs`, pins in `to/directory`), as the README has users do.
+async fn settings_copy_with_pki(from: &str, to: &Path, subs: &[&str]) {
+    let from = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(from);
+    for sub in subs {
+        let dest = to.join(sub);
+        std::fs::create_dir_all(&dest).expect("mkdir");
+        for f in std::fs::read_dir(from.join(sub)).expect("a settings folder") {
+            let f = f.expect("a file").path();
+            if f.extension().is_some_and(|e| e == "yml" || e == "json") {
+                std::fs::copy(&f, dest.join(f.file_name().unwrap())).expect("copy");
+            }
+        }
+    }
+    let (certs, directory) = (to.join("certs"), to.join("directory"));
+    let out = run(
+        &bin_path("eps"),
+        &[
+            "certs",
+            "--certs-dir",
+            certs.to_str().unwrap(),
+            "--directory-dir",
+            directory.to_str().unwrap(),
+        ],
+        &[],
+    )
+    .await;
+    assert_success(&out, "eps certs for the copied settings");
 }
