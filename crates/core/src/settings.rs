@@ -106,14 +106,19 @@ struct SettingsFile {
     doc: Value,
 }
 
+/// The directories of a colon-separated list, as `EPS_SETTINGS` and `eps.embedded` name them
+/// (empty entries skipped).
+pub fn dir_list(raw: &str) -> Vec<PathBuf> {
+    raw.split(':')
+        .filter(|s| !s.is_empty())
+        .map(PathBuf::from)
+        .collect()
+}
+
 /// Loads settings from the directories named by the environment variable `var`.
 pub fn load_from_env<T: DeserializeOwned>(var: &str) -> Result<T, SettingsError> {
     let raw = std::env::var(var).map_err(|_| SettingsError::NotSet(var.to_string()))?;
-    let dirs: Vec<PathBuf> = raw
-        .split(':')
-        .filter(|s| !s.is_empty())
-        .map(PathBuf::from)
-        .collect();
+    let dirs = dir_list(&raw);
     if dirs.is_empty() {
         return Err(SettingsError::NotSet(var.to_string()));
     }

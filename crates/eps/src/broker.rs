@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use eps_core::directory::{AccessError, Directory, Entry};
 use eps_core::http::{CallError, Handler, Peer};
 use eps_core::jsonrpc::{self, params, Outcome, Request, RpcError, PING};
-use eps_core::link::{Answer, Link, LocalService};
+use eps_core::link::Link;
 use serde_json::json;
 use serde_json::value::RawValue;
 
@@ -238,18 +238,5 @@ pub struct LocalHandler(pub std::sync::Arc<Broker>);
 impl Handler for LocalHandler {
     async fn call(&self, req: Request, _peer: Peer) -> Outcome {
         self.0.outgoing(req).await
-    }
-}
-
-/// The embedding proxy's calls into the EPS network: the same path as [`LocalHandler`]'s, without
-/// the JSON-RPC listener in between.
-impl LocalService for LocalHandler {
-    fn call<'a>(&'a self, method: &'a str, params: &'a RawValue) -> Answer<'a> {
-        Box::pin(self.0.outgoing(Request {
-            jsonrpc: "2.0".into(),
-            method: method.into(),
-            params: Some(params.to_owned()),
-            id: None,
-        }))
     }
 }

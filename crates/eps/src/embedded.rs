@@ -11,7 +11,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use eps_core::link::{InProcess, Link};
+use eps_core::link::{InProcess, Link, Served};
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::LocalHandler;
@@ -91,7 +91,10 @@ impl Loaded {
             shutdown,
         )
         .await?;
-        to_server.connect(Arc::new(LocalHandler(running.broker.clone())));
+        // The broker's JSON-RPC handler, as the listener calls it.
+        to_server.connect(Arc::new(Served(Arc::new(LocalHandler(
+            running.broker.clone(),
+        )))));
         Ok(Embedded { running })
     }
 

@@ -55,14 +55,7 @@ pub fn check(role: Role) -> Result<String, RunError> {
 
 /// The settings directories of the embedded EPS server (`eps.embedded`, colon-separated).
 fn embedded_dirs(s: &Settings) -> Vec<std::path::PathBuf> {
-    s.eps
-        .embedded
-        .as_deref()
-        .unwrap_or_default()
-        .split(':')
-        .filter(|d| !d.is_empty())
-        .map(Into::into)
-        .collect()
+    eps_core::settings::dir_list(s.eps.embedded.as_deref().unwrap_or_default())
 }
 
 /// A proxy embeds its own operator's EPS server.

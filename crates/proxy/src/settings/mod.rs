@@ -401,7 +401,7 @@ impl Settings {
                 }
             }
             (None, Some(dirs)) => {
-                if dirs.split(':').all(str::is_empty) {
+                if eps_core::settings::dir_list(dirs).is_empty() {
                     return Err("eps.embedded: names no settings directory".into());
                 }
                 if self.eps.tls.is_some() {
