@@ -707,15 +707,9 @@ async fn settings_check_names_file_and_key() {
     // A proxy with its EPS server embedded: its check reads the EPS server's settings too, and
     // names the bad key there; `eps server run` on settings without `jsonrpc_client` (which
     // only an embedded server may leave out) stops with exit 64 naming it.
-    let embed = |eps_dirs: &str| {
-        t.dir.write_yaml(
-            "embedded/zz.yml",
-            &json!({"eps": {"url": null, "tls": null, "embedded": eps_dirs},
-                    "jsonrpc_server": null}),
-        )
-    };
+    let embedded = t.dir.mkdir("embedded");
+    let embed = |eps_dirs: &str| eps_tests::tunnel::embed_eps(&embedded, eps_dirs);
     embed(&public_eps.display().to_string());
-    let embedded = t.dir.join("embedded");
     let out = proxy(&[&public, &embedded], &["settings", "check", "public"], &[]).await;
     let merged = merged_settings(&out, "proxy settings check public, EPS server embedded");
     assert!(merged["eps"]["embedded"].is_string(), "{merged}");

@@ -172,6 +172,21 @@ impl Instances {
         works_at(&self.t, self.b_public, sni).await
     }
 
+    /// `domain`, announced through instance `at` (`"A"` or `"B"`), is routed by the other one
+    /// once it has followed Redis (within [`RECOVERY`]), and by `at` itself at once.
+    async fn routed_at_both(&self, domain: &str, at: &str) {
+        let (a, b) = (self.t.public_addr, self.b_public);
+        let (near, far, other) = if at == "A" { (a, b, "B") } else { (b, a, "A") };
+        assert!(
+            wait_until(RECOVERY, || works_at(&self.t, far, domain)).await,
+            "{domain}, announced at {at}, is not routed at {other}"
+        );
+        assert!(
+            works_at(&self.t, near, domain).await,
+            "{domain} is not routed at {at}"
+        );
+    }
+
     /// How many announcements Redis holds (`HLEN` of the store's hash).
     async fn stored(&self) -> Option<i64> {
         self.redis[0]

@@ -815,11 +815,7 @@ async fn embedded_eps_servers() {
         (Role::PrivateProxy, Role::PrivateEps),
     ] {
         let eps_dir = t.settings_dir(eps).display().to_string();
-        std::fs::write(
-            t.settings_dir(proxy).join("zz-embedded.yml"),
-            format!("eps: {{url: null, tls: null, embedded: {eps_dir}}}\njsonrpc_server: null\n"),
-        )
-        .unwrap();
+        eps_tests::tunnel::embed_eps(t.settings_dir(proxy), &eps_dir);
     }
     for role in [Role::InternalServer, Role::PublicProxy, Role::PrivateProxy] {
         t.start(role);

@@ -21,8 +21,8 @@ use std::time::Duration;
 
 use eps_tests::netns::{drop_new_inbound, link, Link, Netns, NsClient};
 use eps_tests::tunnel::{
-    internal_server_env, private_role, proxy_settings, Role, DOMAIN, PRIVATE, PROCESS_WAIT, PUBLIC,
-    SUCCESS, TUNNEL_WAIT,
+    embed_eps, internal_server_env, private_role, proxy_settings, Role, DOMAIN, PRIVATE,
+    PROCESS_WAIT, PUBLIC, SUCCESS, TUNNEL_WAIT,
 };
 use eps_tests::{
     bin_path, client_tls_without_cert, json, operator_records, record, write_records, EpsConfig,
@@ -114,19 +114,6 @@ impl PrivateHost {
             .matches("connection closed")
             .count()
     }
-}
-
-/// Lays `eps: {embedded: EPS_DIR}` over the proxy's settings in `proxy_dir`, and drops the
-/// local JSON-RPC link it no longer needs.
-fn embed(proxy_dir: &std::path::Path, eps_dir: &std::path::Path) {
-    std::fs::write(
-        proxy_dir.join("zz-embedded.yml"),
-        format!(
-            "eps: {{url: null, tls: null, embedded: {}}}\njsonrpc_server: null\n",
-            eps_dir.display()
-        ),
-    )
-    .expect("writing zz-embedded.yml");
 }
 
 /// Host A, the private hosts, and what they share (certificates, directory, logs).
@@ -272,9 +259,9 @@ impl Hosts {
         public_settings.insert(Role::PublicProxy, dir.join("public/proxy"));
         public_settings.insert(Role::PublicEps, public_eps.write(&dir.join("public/eps")));
         if options.embedded {
-            embed(
+            embed_eps(
                 &public_settings[&Role::PublicProxy],
-                &public_settings[&Role::PublicEps],
+                &public_settings[&Role::PublicEps].display().to_string(),
             );
         }
         for host in &mut privates {
@@ -295,9 +282,9 @@ impl Hosts {
                 private_eps.write(&dir.join(format!("{}/eps", host.label))),
             );
             if options.embedded {
-                embed(
+                embed_eps(
                     &host.settings[&Role::PrivateProxy],
-                    &host.settings[&Role::PrivateEps],
+                    &host.settings[&Role::PrivateEps].display().to_string(),
                 );
             }
         }

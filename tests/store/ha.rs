@@ -212,11 +212,7 @@ async fn cluster_routes_announcements_made_at_either_instance() {
     call(&private, "announceConnection", json!({"domain": at_a}))
         .await
         .expect("announcing at A");
-    assert!(
-        wait_until(RECOVERY, || c.b_works_for(at_a)).await,
-        "{at_a}, announced at A, is not routed at B"
-    );
-    assert!(c.t.works_for(at_a).await, "{at_a} is not routed at A");
+    c.routed_at_both(at_a, "A").await;
 
     // The public EPS server now delivers to B: the next announcement is made at B.
     let eps_dir = c.t.settings_dir(Role::PublicEps).to_path_buf();
@@ -243,11 +239,7 @@ async fn cluster_routes_announcements_made_at_either_instance() {
         !c.t.proc(Role::PublicProxy).run_log().contains(at_b),
         "A took the announcement of {at_b}; it was meant for B"
     );
-    assert!(
-        wait_until(RECOVERY, || c.t.works_for(at_b)).await,
-        "{at_b}, announced at B, is not routed at A"
-    );
-    assert!(c.b_works_for(at_b).await, "{at_b} is not routed at B");
+    c.routed_at_both(at_b, "B").await;
 
     // One primary holds the hash; the other nodes redirect (MOVED; a replica too, since
     // clients read from primaries unless they ask otherwise).
@@ -324,11 +316,7 @@ async fn cluster_routes_announcements_made_at_either_instance() {
         c.redis[holder].says(&replication, "role:slave").await,
         "the old primary did not come back as a replica"
     );
-    assert!(
-        wait_until(RECOVERY, || c.t.works_for(after)).await,
-        "{after} is not routed at A"
-    );
-    assert!(c.b_works_for(after).await, "{after} is not routed at B");
+    c.routed_at_both(after, "B").await;
     listed_at_both(&c, &[DOMAIN, at_a, at_b, after]).await;
     println!(
         "cluster failover (min_replicas 1): the hash's primary killed with -9; its replica \
@@ -396,11 +384,7 @@ async fn redis_over_tls_with_the_operators_ca() {
     call(&private, "announceConnection", json!({"domain": fresh}))
         .await
         .expect("announcing through A over TLS");
-    assert!(
-        wait_until(RECOVERY, || c.b_works_for(fresh)).await,
-        "{fresh} is not routed at B"
-    );
-    assert!(c.t.works_for(fresh).await, "{fresh} is not routed at A");
+    c.routed_at_both(fresh, "A").await;
 
     // A third instance trusting another CA: it starts (routing from memory), never follows
     // Redis, and says that Redis's certificate is not trusted.
@@ -474,11 +458,7 @@ async fn sentinel_over_tls() {
     )
     .await
     .expect("announcing through A, Sentinel and primary over TLS");
-    assert!(
-        wait_until(RECOVERY, || c.b_works_for(fresh)).await,
-        "{fresh} is not routed at B"
-    );
-    assert!(c.t.works_for(fresh).await, "{fresh} is not routed at A");
+    c.routed_at_both(fresh, "A").await;
     drop(sentinel);
 }
 
@@ -533,9 +513,5 @@ async fn redis_tls_files_rotate_without_a_restart() {
         "no announcement accepted after the rotation:\n{log}"
     );
     assert!(log.contains("Redis TLS files reloaded"), "{log}");
-    assert!(
-        wait_until(RECOVERY, || c.b_works_for(after)).await,
-        "{after} is not routed at B"
-    );
-    assert!(c.t.works_for(after).await, "{after} is not routed at A");
+    c.routed_at_both(after, "A").await;
 }

@@ -592,3 +592,18 @@ pub fn parse_response(buf: &[u8]) -> std::io::Result<Option<Reply>> {
         body: body.to_vec(),
     }))
 }
+
+/// Lays `eps: {embedded: EPS_DIRS}` over the proxy's settings in `proxy_dir`
+/// (`zz-embedded.yml`), and drops the local JSON-RPC link the proxy then no longer needs:
+/// the proxy runs the EPS server of `eps_dirs` (colon-separated) in its own process.
+pub fn embed_eps(proxy_dir: &std::path::Path, eps_dirs: &str) {
+    let overlay = serde_json::json!({
+        "eps": {"url": null, "tls": null, "embedded": eps_dirs},
+        "jsonrpc_server": null,
+    });
+    std::fs::write(
+        proxy_dir.join("zz-embedded.yml"),
+        serde_json::to_string(&overlay).expect("JSON"),
+    )
+    .expect("writing zz-embedded.yml");
+}
