@@ -7,7 +7,7 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use rustls::client::Resumption;
@@ -30,6 +30,18 @@ const READ_BUFFER: usize = 256 * 1024;
 pub const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub type Conn = TlsStream<TcpStream>;
+
+/// How long each phase of a small exchange took.
+#[derive(Debug, Clone, Copy)]
+pub struct Phases {
+    /// `connect()` until the TCP connection is established (the proxy's accept queue).
+    pub tcp: Duration,
+    /// ClientHello sent until the server's Finished is in (TLS 1.3: one round trip to the
+    /// internal server, and whatever the system does before the ClientHello reaches it).
+    pub handshake: Duration,
+    /// `GET /` sent until the whole answer is in: one more round trip.
+    pub request: Duration,
+}
 
 #[derive(Clone)]
 pub struct Client {
@@ -68,15 +80,29 @@ impl Client {
     /// A new connection, `GET /` and its whole answer (`{"message": "success"}`), under
     /// [`EXCHANGE_TIMEOUT`].
     pub async fn small_exchange(&self, addr: SocketAddr) -> anyhow::Result<()> {
+        self.timed_exchange(addr).await.map(|_| ())
+    }
+
+    /// [`small_exchange`](Self::small_exchange), timed in its three phases.
+    pub async fn timed_exchange(&self, addr: SocketAddr) -> anyhow::Result<Phases> {
         let work = async {
-            let mut conn = self.connect(addr).await?;
+            let t0 = Instant::now();
+            let tcp = TcpStream::connect(addr).await?;
+            tcp.set_nodelay(true)?;
+            let t1 = Instant::now();
+            let mut conn = self.connector.connect(self.name.clone(), tcp).await?;
+            let t2 = Instant::now();
             let body = get(&mut conn, "/").await?;
             anyhow::ensure!(
                 body.starts_with(b"{\"message\""),
                 "unexpected answer {:?}",
                 String::from_utf8_lossy(&body)
             );
-            Ok(())
+            Ok(Phases {
+                tcp: t1 - t0,
+                handshake: t2 - t1,
+                request: t2.elapsed(),
+            })
         };
         tokio::time::timeout(EXCHANGE_TIMEOUT, work)
             .await

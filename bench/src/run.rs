@@ -179,8 +179,9 @@ pub async fn run(args: &Args, work: &Path) -> anyhow::Result<()> {
     // One client at a time: the latency each system adds, without queueing for the CPU.
     for s in running.iter().filter(|_| wants(Group::Connect)) {
         scenarios::warm_up(&client, s.addr, 1).await;
-        let t = scenarios::connect(&client, s.addr, plan.connections_1, 1).await;
+        let (t, phases) = scenarios::connect_one_by_one(&client, s.addr, plan.connections_1).await;
         let (p50, p99, name) = (t.quantile(0.5), t.quantile(0.99), s.kind.name());
+        phase_note(&mut report, &s.kind.to_string(), &phases);
         report.push("connect1_p50", name, p50);
         report.push("connect1_p99", name, p99);
         failures(&mut report, "connect1", s, &t, plan.connections_1);
@@ -194,11 +195,18 @@ pub async fn run(args: &Args, work: &Path) -> anyhow::Result<()> {
     ];
     for (scenario, conns, bytes) in downloads.into_iter().filter(|_| wants(Group::Throughput)) {
         let mut got: Vec<Vec<f64>> = running.iter().map(|_| Vec::new()).collect();
+        let mut cpu: Vec<Vec<f64>> = running.iter().map(|s| vec![0.0; s.pids.len()]).collect();
+        let mut moved = vec![0.0; running.len()];
         for round in 0..plan.rounds {
             let mut rates = Vec::new();
             for (i, s) in running.iter().enumerate() {
+                let before = s.cpu_secs()?;
                 match scenarios::throughput(&client, s.addr, conns, bytes).await {
                     Ok(mib) => {
+                        for ((acc, a), b) in cpu[i].iter_mut().zip(s.cpu_secs()?).zip(before) {
+                            *acc += a - b;
+                        }
+                        moved[i] += (conns as u64 * bytes) as f64 / scenarios::MIB;
                         rates.push(format!("{} {}", s.kind, num(mib)));
                         got[i].push(mib);
                     }
@@ -212,7 +220,22 @@ pub async fn run(args: &Args, work: &Path) -> anyhow::Result<()> {
             }
             progress.round(scenario, round, plan.rounds, "MiB/s", &rates);
         }
-        for (s, values) in running.iter().zip(got) {
+        for (((s, values), cpu), mib) in running.iter().zip(got).zip(cpu).zip(moved) {
+            if mib > 0.0 && !s.pids.is_empty() {
+                let per_mib = |secs: f64| format!("{:.0}", secs * 1e6 / mib);
+                let parts: Vec<String> = s
+                    .pids
+                    .iter()
+                    .zip(&cpu)
+                    .map(|((name, _), secs)| format!("{name} {}", per_mib(*secs)))
+                    .collect();
+                report.notes.push(format!(
+                    "{scenario} on {}: CPU µs per MiB relayed, by process: {} (sum {}).",
+                    s.kind,
+                    parts.join(", "),
+                    per_mib(cpu.iter().sum())
+                ));
+            }
             let line = match scenarios::median(&values) {
                 Some(mib) => {
                     report.push(scenario, s.kind.name(), mib);
@@ -340,7 +363,8 @@ async fn terminated(
         );
         progress.line(report, "connect_*_terminated", Kind::Eps, Ok(line));
         scenarios::warm_up(client, eps.addr, 1).await;
-        let t = scenarios::connect(client, eps.addr, plan.connections_1, 1).await;
+        let (t, phases) = scenarios::connect_one_by_one(client, eps.addr, plan.connections_1).await;
+        phase_note(report, "eps, TLS ended at the private proxy", &phases);
         let (p50, p99) = (t.quantile(0.5), t.quantile(0.99));
         report.push("connect1_p50_terminated", "eps", p50);
         report.push("connect1_p99_terminated", "eps", p99);
@@ -427,6 +451,16 @@ fn cpu_note(report: &mut Report, s: &System, used: &[f64], n: usize, what: &str)
         parts.join(", ")
     ));
     per_conn(used.iter().sum())
+}
+
+/// Notes the median of each phase of a system's `connect1` exchanges.
+fn phase_note(report: &mut Report, on: &str, p: &scenarios::PhaseMedians) {
+    report.notes.push(format!(
+        "connect1 on {on}: median ms of TCP connect {}, TLS handshake {}, request {}.",
+        num(p.tcp),
+        num(p.handshake),
+        num(p.request)
+    ));
 }
 
 /// Round `round` of `rounds`' share of `total`.

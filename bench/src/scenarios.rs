@@ -14,7 +14,7 @@ use crate::client::Client;
 use crate::systems::System;
 use crate::{procs, rpc};
 
-const MIB: f64 = 1024.0 * 1024.0;
+pub const MIB: f64 = 1024.0 * 1024.0;
 /// Connections opened at once while setting up the idle ones.
 const IDLE_OPENERS: usize = 50;
 /// Time the idle connections get to be closed by the system before the next measurement...
@@ -185,6 +185,50 @@ pub async fn connect(client: &Client, addr: SocketAddr, n: usize, clients: usize
         }
     })
     .await
+}
+
+/// `connect1_*`: `n` new connections opened one after the other (after [`warm_up`]), each timed
+/// in its phases too.
+pub async fn connect_one_by_one(
+    client: &Client,
+    addr: SocketAddr,
+    n: usize,
+) -> (Timed, PhaseMedians) {
+    let mut timed = Timed::default();
+    let mut phases: [Vec<f64>; 3] = Default::default();
+    let start = Instant::now();
+    for _ in 0..n {
+        match client.timed_exchange(addr).await {
+            Ok(p) => {
+                timed.samples_ms.push(ms(p.tcp + p.handshake + p.request));
+                for (v, d) in phases.iter_mut().zip([p.tcp, p.handshake, p.request]) {
+                    v.push(ms(d));
+                }
+            }
+            Err(e) => {
+                timed.errors += 1;
+                timed.first_error.get_or_insert_with(|| format!("{e:#}"));
+            }
+        }
+    }
+    timed.elapsed = start.elapsed();
+    timed.rate = timed.samples_ms.len() as f64 / timed.elapsed.as_secs_f64();
+    let [tcp, handshake, request] = phases.map(|v| median(&v).unwrap_or(f64::NAN));
+    (
+        timed,
+        PhaseMedians {
+            tcp,
+            handshake,
+            request,
+        },
+    )
+}
+
+/// The median of each phase of [`connect_one_by_one`]'s exchanges, in ms.
+pub struct PhaseMedians {
+    pub tcp: f64,
+    pub handshake: f64,
+    pub request: f64,
 }
 
 /// What `idle_rss_per_conn` found.
