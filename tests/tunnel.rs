@@ -771,22 +771,22 @@ async fn worker_threads_setting() {
         Role::PublicEps,
         Role::PrivateEps,
     ];
+    // The proxies set to one thread, the public EPS server to two, the private one left at
+    // its default (one).
     let mut t = Tunnel::new("threads");
-    for role in SERVING {
-        std::fs::write(
-            t.settings_dir(role).join("zz-threads.yml"),
-            "worker_threads: 1\n",
-        )
-        .unwrap();
+    for (role, setting) in [
+        (Role::PublicProxy, "worker_threads: 1\n"),
+        (Role::PrivateProxy, "worker_threads: 1\n"),
+        (Role::PublicEps, "worker_threads: 2\n"),
+    ] {
+        std::fs::write(t.settings_dir(role).join("zz-threads.yml"), setting).unwrap();
     }
     t.start_all().await;
-    assert!(
-        t.works().await,
-        "the tunnel works with one worker thread each"
-    );
-    for role in SERVING {
+    assert!(t.works().await, "the tunnel works with these thread counts");
+    for (role, threads) in SERVING.into_iter().zip([1, 1, 2, 1]) {
         let log = t.proc(role).log();
-        assert!(log.contains("worker_threads=1"), "{}: {log}", role.name());
+        let want = format!("worker_threads={threads}");
+        assert!(log.contains(&want), "{}: {want} in {log}", role.name());
     }
     // Zero is refused before anything is bound, with the setting named.
     std::fs::write(

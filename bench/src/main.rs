@@ -71,7 +71,8 @@ pub struct Args {
     #[arg(long)]
     pub eps_dialed: bool,
     /// `worker_threads` of each eps process, the RPC scenario's EPS servers included (default:
-    /// one per CPU core, as every system here).
+    /// each process's own: one per CPU core for a proxy, as every system here, one for an EPS
+    /// server).
     #[arg(long, value_name = "N")]
     pub eps_worker_threads: Option<std::num::NonZeroUsize>,
     /// Record a profile with call graphs (`perf record`) of each eps process during the connect

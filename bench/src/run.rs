@@ -63,7 +63,7 @@ pub async fn run(args: &Args, work: &Path) -> anyhow::Result<()> {
                 "firewalled"
             },
             env.eps_worker_threads
-                .map_or("one per core".to_string(), |n| n.to_string()),
+                .map_or("one per core (a proxy), one (an EPS server)".to_string(), |n| n.to_string()),
         ));
     }
     let wants = |g: Group| args.scenarios.contains(&g);

@@ -28,7 +28,10 @@ pub fn main() -> Result<(), Failure> {
     let bad = |e: anyhow::Error| Failure::Usage(format!("eps: bad settings: {e:#}"));
     let prepared = prepare(&settings).map_err(bad)?;
     let local = delivery_client(&settings).map_err(bad)?;
-    let rt = eps_core::net::runtime(settings.worker_threads);
+    let threads = settings
+        .worker_threads
+        .unwrap_or(crate::settings::DEFAULT_WORKER_THREADS);
+    let rt = eps_core::net::runtime(Some(threads));
     rt.block_on(run(settings, prepared, local)).map_err(|e| {
         tracing::error!("eps server failed: {e:#}");
         Failure::Logged
