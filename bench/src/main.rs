@@ -9,7 +9,9 @@
 //! - [`report`]: `latest.json` and `latest.md`; [`targets`]: the targets; [`plot`]: the PNG.
 //! - [`run`]: one run, start to report; [`procs`]: child processes, killed however it ends.
 //! - [`refusals`]: the CPU a refused client costs the public proxy, by reason.
+//! - [`breakdown`]: what a `--profile` recording says each process spent its CPU on.
 
+mod breakdown;
 mod client;
 mod plot;
 mod procs;
@@ -75,9 +77,11 @@ pub struct Args {
     /// server).
     #[arg(long, value_name = "N")]
     pub eps_worker_threads: Option<std::num::NonZeroUsize>,
-    /// Record a profile with call graphs (`perf record`) of each eps process during the connect
-    /// scenario's first round, into DIR/<process>.data; read one with `perf report -i FILE`. Sampling
-    /// costs the profiled processes CPU: compare CPU figures from runs without it.
+    /// Record a profile with call graphs (`perf record`) of each process of every system but
+    /// direct during the connect scenario's first round, into DIR/<system>-<process>.data, and
+    /// note what each spent its CPU per connection on (by work for eps, by system call or library
+    /// for all); read one further with `perf report -i FILE`. Sampling costs the profiled
+    /// processes CPU: compare CPU figures from runs without it.
     #[arg(long, value_name = "DIR")]
     pub profile: Option<PathBuf>,
 }

@@ -1,9 +1,10 @@
 //! One run: start the systems, run every scenario against each (one progress line per scenario
 //! and system), write the report.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use crate::breakdown::Breakdown;
 use crate::client::{Client, TERMINATED_SNI};
 use crate::report::{num, Report};
 use crate::scenarios::{self, Plan, Timed};
@@ -124,23 +125,27 @@ pub async fn run(args: &Args, work: &Path) -> anyhow::Result<()> {
     // Connect: the connections split over the rounds, samples and time added up per system.
     let mut connect: Vec<Timed> = running.iter().map(|_| Timed::default()).collect();
     let mut cpu: Vec<Vec<f64>> = running.iter().map(|s| vec![0.0; s.pids.len()]).collect();
+    let mut profiles: Vec<Vec<PathBuf>> = running.iter().map(|_| Vec::new()).collect();
     for round in (0..plan.rounds).filter(|_| wants(Group::Connect)) {
         let n = share(plan.connections, plan.rounds, round);
         let mut rates = Vec::new();
         for (i, s) in running.iter().enumerate() {
             scenarios::warm_up(&client, s.addr, plan.connect_clients).await;
-            let profile = match &args.profile {
-                Some(dir) if round == 0 && s.kind.is_eps() => Some(procs::Profile::start(
-                    dir,
-                    &format!("{}-", s.kind),
-                    &s.pids,
-                )?),
-                _ => None,
-            };
+            let profile =
+                match &args.profile {
+                    Some(dir) if round == 0 && s.kind != Kind::Direct => Some(
+                        procs::Profile::start(dir, &format!("{}-", s.kind), &s.pids)?,
+                    ),
+                    _ => None,
+                };
             let before = s.cpu_secs()?;
             let t = scenarios::connect(&client, s.addr, n, plan.connect_clients).await;
             if let Some(p) = profile {
-                let files: Vec<String> = p.stop().iter().map(|f| f.display().to_string()).collect();
+                profiles[i] = p.stop();
+                let files: Vec<String> = profiles[i]
+                    .iter()
+                    .map(|f| f.display().to_string())
+                    .collect();
                 println!("==> profiles: {}", files.join(", "));
             }
             for ((acc, a), b) in cpu[i].iter_mut().zip(s.cpu_secs()?).zip(before) {
@@ -151,13 +156,15 @@ pub async fn run(args: &Args, work: &Path) -> anyhow::Result<()> {
         }
         progress.round("connect", round, plan.rounds, "conn/s", &rates);
     }
-    for ((s, t), cpu) in running
+    for (((s, t), cpu), profiled) in running
         .iter()
         .zip(connect)
         .zip(cpu)
+        .zip(profiles)
         .filter(|_| wants(Group::Connect))
     {
         let total = cpu_note(&mut report, s, &cpu, t.samples_ms.len(), "");
+        profile_notes(&mut report, s, &cpu, t.samples_ms.len(), &profiled);
         report.push("connect_cpu_us", s.kind.name(), total);
         let (p50, p99) = (t.quantile(0.5), t.quantile(0.99));
         let name = s.kind.name();
@@ -451,6 +458,34 @@ fn cpu_note(report: &mut Report, s: &System, used: &[f64], n: usize, what: &str)
         parts.join(", ")
     ));
     per_conn(used.iter().sum())
+}
+
+/// Notes what each profiled process of `s` spent its CPU per connection on (`--profile`):
+/// `used` is its CPU in seconds over `n` connections, `files` its recordings, in `s.pids` order.
+fn profile_notes(report: &mut Report, s: &System, used: &[f64], n: usize, files: &[PathBuf]) {
+    for (((name, _), secs), file) in s.pids.iter().zip(used).zip(files) {
+        let us = secs * 1e6 / n.max(1) as f64;
+        match Breakdown::of(file) {
+            Ok(b) if b.samples > 0 => {
+                // The work is told apart by eps's own function names; the others get the leaf.
+                let work = if s.kind.is_eps() {
+                    format!(" By work: {}.", Breakdown::line(&b.work, b.samples, us))
+                } else {
+                    String::new()
+                };
+                report.notes.push(format!(
+                    "connect on {}, {name}: its CPU µs per connection split by the shares of its profile (first round, {} samples).{work} By what the innermost frames did: {}.",
+                    s.kind,
+                    b.samples,
+                    Breakdown::line(&b.doing, b.samples, us)
+                ));
+            }
+            Ok(_) => {}
+            Err(e) => report
+                .notes
+                .push(format!("profile {}: {e:#}", file.display())),
+        }
+    }
 }
 
 /// Notes the median of each phase of a system's `connect1` exchanges.
