@@ -124,6 +124,29 @@ impl Client {
     }
 }
 
+/// `GET path` over plain HTTP/1.0 (a metrics listener); the whole answer's body.
+pub async fn plain_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+    let work = async {
+        let mut s = TcpStream::connect(addr).await?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+            .await?;
+        let mut answer = Vec::new();
+        s.read_to_end(&mut answer).await?;
+        let answer = String::from_utf8(answer).context("answer is not UTF-8")?;
+        let (head, body) = answer
+            .split_once("\r\n\r\n")
+            .context("answer without a head")?;
+        anyhow::ensure!(
+            head.starts_with("HTTP/1.") && head.contains(" 200 "),
+            "answer {head:?}"
+        );
+        Ok(body.to_string())
+    };
+    tokio::time::timeout(EXCHANGE_TIMEOUT, work)
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer from {addr} within {EXCHANGE_TIMEOUT:?}"))?
+}
+
 /// Sends `GET path` and reads the whole (small) body.
 async fn get(conn: &mut Conn, path: &str) -> anyhow::Result<Vec<u8>> {
     let (len, mut body) = request(conn, path).await?;

@@ -186,9 +186,11 @@ pub async fn run(args: &Args, work: &Path) -> anyhow::Result<()> {
     // One client at a time: the latency each system adds, without queueing for the CPU.
     for s in running.iter().filter(|_| wants(Group::Connect)) {
         scenarios::warm_up(&client, s.addr, 1).await;
+        let before = dial_back_wait(s).await;
         let (t, phases) = scenarios::connect_one_by_one(&client, s.addr, plan.connections_1).await;
+        let waited = mean_since(before, dial_back_wait(s).await);
         let (p50, p99, name) = (t.quantile(0.5), t.quantile(0.99), s.kind.name());
-        phase_note(&mut report, &s.kind.to_string(), &phases);
+        phase_note(&mut report, &s.kind.to_string(), &phases, waited);
         report.push("connect1_p50", name, p50);
         report.push("connect1_p99", name, p99);
         failures(&mut report, "connect1", s, &t, plan.connections_1);
@@ -370,8 +372,15 @@ async fn terminated(
         );
         progress.line(report, "connect_*_terminated", Kind::Eps, Ok(line));
         scenarios::warm_up(client, eps.addr, 1).await;
+        let before = dial_back_wait(eps).await;
         let (t, phases) = scenarios::connect_one_by_one(client, eps.addr, plan.connections_1).await;
-        phase_note(report, "eps, TLS ended at the private proxy", &phases);
+        let waited = mean_since(before, dial_back_wait(eps).await);
+        phase_note(
+            report,
+            "eps, TLS ended at the private proxy",
+            &phases,
+            waited,
+        );
         let (p50, p99) = (t.quantile(0.5), t.quantile(0.99));
         report.push("connect1_p50_terminated", "eps", p50);
         report.push("connect1_p99_terminated", "eps", p99);
@@ -488,10 +497,29 @@ fn profile_notes(report: &mut Report, s: &System, used: &[f64], n: usize, files:
     }
 }
 
-/// Notes the median of each phase of a system's `connect1` exchanges.
-fn phase_note(report: &mut Report, on: &str, p: &scenarios::PhaseMedians) {
+/// eps's public-proxy `dial_back_seconds` so far (sum, count), if the system has it.
+async fn dial_back_wait(s: &System) -> Option<(f64, f64)> {
+    s.metrics?;
+    s.histogram("dial_back_seconds").await.ok()
+}
+
+/// The mean in ms of a histogram's observations between two reads (sum, count).
+fn mean_since(before: Option<(f64, f64)>, after: Option<(f64, f64)>) -> Option<f64> {
+    let ((s0, n0), (s1, n1)) = (before?, after?);
+    (n1 > n0).then(|| (s1 - s0) * 1e3 / (n1 - n0))
+}
+
+/// Notes the median of each phase of a system's `connect1` exchanges, and for eps the mean
+/// time its public proxy waited for the dial-back (`waited`, ms).
+fn phase_note(report: &mut Report, on: &str, p: &scenarios::PhaseMedians, waited: Option<f64>) {
+    let waited = waited.map_or(String::new(), |ms| {
+        format!(
+            " Inside the handshake, the public proxy waited {} ms on average from the ClientHello to the private proxy's data connection (dial_back_seconds).",
+            num(ms)
+        )
+    });
     report.notes.push(format!(
-        "connect1 on {on}: median ms of TCP connect {}, TLS handshake {}, request {}.",
+        "connect1 on {on}: median ms of TCP connect {}, TLS handshake {}, request {}.{waited}",
         num(p.tcp),
         num(p.handshake),
         num(p.request)

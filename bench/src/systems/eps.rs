@@ -61,6 +61,7 @@ fn start_form(env: &Env, o: &Overrides, embedded: bool) -> anyhow::Result<System
     let directory = root.join("directory");
     let (public, internal) = (free_addr()?, free_addr()?);
     let (public_rpc, private_rpc) = (free_addr()?, free_addr()?);
+    let metrics = free_addr()?;
     let public_eps = EpsAddrs::new()?;
     let private_eps = EpsAddrs::new()?;
 
@@ -101,6 +102,8 @@ fn start_form(env: &Env, o: &Overrides, embedded: bool) -> anyhow::Result<System
         "name": PUBLIC,
         "eps": {"url": public_eps.url(), "tls": tls(PUBLIC, false)},
         "jsonrpc_server": {"bind_address": public_rpc.to_string(), "tls": tls(PUBLIC, true)},
+        // Its histograms split connect1's handshake (the dial-back wait).
+        "metrics": {"bind_address": metrics.to_string()},
         "datastore": {"type": "file",
                       "settings": {"path": root.join("data/public/announcements.json")}},
         "public": {
@@ -208,7 +211,9 @@ fn start_form(env: &Env, o: &Overrides, embedded: bool) -> anyhow::Result<System
             &env.log(&format!("{kind}-{name}")),
         )?);
     }
-    Ok(System::new(kind, public, procs))
+    let mut system = System::new(kind, public, procs);
+    system.metrics = Some(metrics);
+    Ok(system)
 }
 
 /// The two listeners of an EPS server.

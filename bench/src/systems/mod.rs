@@ -20,7 +20,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
-use anyhow::bail;
+use anyhow::{bail, Context};
 
 use crate::client::Client;
 use crate::procs::{self, Proc};
@@ -99,6 +99,8 @@ pub struct System {
     pub pids: Vec<(String, u32)>,
     /// Processes started for this system; stopped when it is dropped.
     procs: Vec<Proc>,
+    /// eps: the public proxy's metrics listener (`/metrics`).
+    pub metrics: Option<SocketAddr>,
 }
 
 impl System {
@@ -110,6 +112,7 @@ impl System {
                 addr: env.server_addr,
                 pids: vec![("internal-server".into(), env.server_pid)],
                 procs: Vec::new(),
+                metrics: None,
             },
             Kind::Haproxy => haproxy::start(env)?,
             Kind::Rathole => rathole::start(env)?,
@@ -140,7 +143,24 @@ impl System {
                 .map(|p| (p.name().to_string(), p.pid()))
                 .collect(),
             procs,
+            metrics: None,
         }
+    }
+
+    /// The sum (seconds) and count so far of eps's public-proxy histogram `eps_proxy_<name>`.
+    pub async fn histogram(&self, name: &str) -> anyhow::Result<(f64, f64)> {
+        let Some(addr) = self.metrics else {
+            bail!("{} has no metrics listener", self.kind);
+        };
+        let text = crate::client::plain_get(addr, "/metrics").await?;
+        let value = |suffix: &str| -> anyhow::Result<f64> {
+            let key = format!("eps_proxy_{name}_{suffix} ");
+            text.lines()
+                .find_map(|l| l.strip_prefix(&key))
+                .and_then(|v| v.trim().parse().ok())
+                .with_context(|| format!("no {key}in /metrics"))
+        };
+        Ok((value("sum")?, value("count")?))
     }
 
     /// Waits until `GET /` through the system answers; fails early when a process exits.
