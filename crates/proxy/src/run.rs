@@ -82,27 +82,32 @@ fn load_embedded(s: &Settings) -> anyhow::Result<eps::embedded::Loaded> {
 pub fn main(role: Role) -> Result<(), RunError> {
     let settings = load(role)?;
     let rt = eps_core::net::runtime(settings.worker_threads);
+    let grace = settings.shutdown_grace_period;
     let result = rt.block_on(async {
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
-        let run = async {
+        // The role runs as a task of its own, on the runtime's worker threads: with one thread
+        // per core, a future left in `block_on` would run on this thread instead, and every
+        // accepted client would cross to a worker (a futex wake-up for this thread, and another
+        // for the worker that runs the client).
+        let (t, stop) = (tracker.clone(), shutdown.clone());
+        let run = tokio::spawn(async move {
             match settings.validate(role).map_err(bad)? {
-                RoleSettings::Public(p) => {
-                    run_public(&settings, p, tracker.clone(), shutdown.clone()).await
-                }
-                RoleSettings::Private(p) => {
-                    run_private(&settings, p, tracker.clone(), shutdown.clone()).await
-                }
+                RoleSettings::Public(p) => run_public(&settings, p, t, stop).await,
+                RoleSettings::Private(p) => run_private(&settings, p, t, stop).await,
             }
+        });
+        let ended = |r: Result<anyhow::Result<()>, tokio::task::JoinError>| {
+            r.unwrap_or_else(|e| Err(anyhow::anyhow!("the proxy's main task failed: {e}")))
         };
         tokio::pin!(run);
         tokio::select! {
-            r = &mut run => return r,
+            r = &mut run => return ended(r),
             _ = shutdown_signal() => {}
         }
-        // `run` is polled while draining: its accept loops must see the cancellation and drop
+        // `run` goes on while draining: its accept loops must see the cancellation and drop
         // their listeners, so that new clients are refused instead of waiting in the backlog.
-        let drained = drain(&settings, &tracker, &shutdown);
+        let drained = drain(grace, &tracker, &shutdown);
         tokio::pin!(drained);
         tokio::select! {
             _ = &mut drained => {
@@ -119,8 +124,7 @@ pub fn main(role: Role) -> Result<(), RunError> {
 }
 
 /// Stops accepting and lets relays finish, up to the grace period or a second signal.
-async fn drain(s: &Settings, tracker: &TaskTracker, shutdown: &CancellationToken) {
-    let grace = s.shutdown_grace_period;
+async fn drain(grace: Duration, tracker: &TaskTracker, shutdown: &CancellationToken) {
     tracing::info!(
         relays = tracker.len(),
         grace_s = grace.as_secs_f64(),
