@@ -147,8 +147,8 @@ pub async fn serve<F, Fut>(
 
 /// The runtime a process serves on: `worker_threads` threads, or one per CPU core (tokio's
 /// default). One thread is tokio's current-thread scheduler, which has no work stealing to pay
-/// for: on a host where several eps processes share a few cores, it spends about a sixth less
-/// CPU per new connection than two threads each (bench/README.md, "Levers measured").
+/// for: on a host where several eps processes share a few cores, it spends an eighth to a sixth
+/// less CPU per new connection than two threads each (bench/README.md, "Levers measured").
 pub fn runtime(worker_threads: Option<std::num::NonZeroUsize>) -> tokio::runtime::Runtime {
     let mut b = match worker_threads {
         Some(n) if n.get() == 1 => tokio::runtime::Builder::new_current_thread(),
