@@ -306,6 +306,55 @@ async fn health_and_readiness() {
     );
 }
 
+/// A proxy whose stderr is a pipe nobody reads any more (a log shipper or terminal gone) goes on
+/// relaying, and still drains and exits 0 on SIGTERM: a log line that cannot be written is
+/// dropped instead of failing the task that logged it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_log_pipe_without_reader_stops_nothing() {
+    /// Kills the proxy if the test fails before it exits.
+    struct Child(std::process::Child);
+    impl Drop for Child {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut t = Tunnel::new("ops-logpipe");
+    t.start_all().await;
+    // The public proxy again, by itself: its stderr a pipe whose read end is closed once it
+    // serves.
+    t.proc_mut(Role::PublicProxy).stop(REACT).await;
+    let mut proxy = Child(
+        std::process::Command::new(bin_path("proxy"))
+            .args(["run", "public"])
+            .env("PROXY_SETTINGS", t.settings_dir(Role::PublicProxy))
+            .env("RUST_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("starting the public proxy"),
+    );
+    assert!(
+        t.wait_tunnel(TUNNEL_WAIT).await.is_some(),
+        "the tunnel through the restarted public proxy"
+    );
+    drop(proxy.0.stderr.take());
+    // Every relayed connection now logs into the closed pipe.
+    for i in 0..3 {
+        assert!(t.works().await, "request {i} after its log pipe closed");
+    }
+    signal(proxy.0.id(), libc::SIGTERM);
+    let exited = wait_until(REACT, || {
+        let status = proxy.0.try_wait().expect("try_wait");
+        async move { status.is_some() }
+    })
+    .await;
+    assert!(exited, "no exit within {REACT:?} of SIGTERM");
+    let status = proxy.0.wait().expect("exit status");
+    assert!(status.success(), "exit after SIGTERM: {status}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_lets_a_download_finish() {
     /// The download: 16 MiB read at 4 MiB/s, about 4 s.

@@ -32,10 +32,14 @@ impl LogArgs {
 pub fn init_with(default_filter: &str, format: LogFormat) {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    // A line that cannot be written (stderr a pipe whose reader is gone) is dropped. Reporting
+    // the failure would print to stderr again, which panics (`eprintln!`) and with it the task
+    // that logged: a proxy would then stop relaying or shutting down because its log went away.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(true)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .log_internal_errors(false);
     let _ = match format {
         LogFormat::Text => builder
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
