@@ -17,7 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::client::{Client, SNI};
 use crate::procs;
 use crate::systems::eps::Overrides;
-use crate::systems::{free_addr, Env, System};
+use crate::systems::{Env, System};
 
 /// Connections flooding at once.
 const FLOODERS: usize = 32;
@@ -130,11 +130,11 @@ pub async fn run(env: &Env, client: &Client, n: usize) -> anyhow::Result<Vec<Mea
         },
     ];
     let mut out = Vec::new();
-    for mut setup in setups {
-        let metrics = free_addr()?;
-        let public = setup.overrides.public.get_or_insert_with(|| json!({}));
-        eps_core::settings::merge(public, json!({"metrics": {"bind_address": metrics}}));
+    for setup in setups {
         let system = System::start_eps_with(env, client, &setup.overrides).await?;
+        let metrics = system
+            .metrics
+            .context("the public proxy has no metrics listener")?;
         let pid = system
             .pids
             .iter()
@@ -254,13 +254,7 @@ fn client_hello(sni: &str) -> anyhow::Result<Vec<u8>> {
 
 /// `eps_proxy_connections_refused_total{reason}` of the proxy serving metrics on `addr`.
 async fn refused_count(addr: SocketAddr, reason: &str) -> anyhow::Result<u64> {
-    let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await?;
-    let mut text = String::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut text))
-        .await
-        .context("metrics timed out")??;
+    let text = crate::client::plain_get(addr, "/metrics").await?;
     let series = format!("eps_proxy_connections_refused_total{{reason=\"{reason}\"}} ");
     Ok(text
         .lines()
