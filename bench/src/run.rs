@@ -499,7 +499,6 @@ fn profile_notes(report: &mut Report, s: &System, used: &[f64], n: usize, files:
 
 /// eps's public-proxy `dial_back_seconds` so far (sum, count), if the system has it.
 async fn dial_back_wait(s: &System) -> Option<(f64, f64)> {
-    s.metrics?;
     s.histogram("dial_back_seconds").await.ok()
 }
 

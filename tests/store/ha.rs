@@ -349,6 +349,14 @@ async fn cluster_down_routes_from_memory_and_recovers() {
     ride_out_outage(c, "Cluster").await;
 }
 
+/// A Redis server's TLS from the test's PKI, asking its clients for certificates.
+fn redis_server_tls(t: &Tunnel) -> TlsSettings {
+    TlsSettings {
+        verify_client: true,
+        ..t.pki.issue_server("redis", &[])
+    }
+}
+
 /// TLS to Redis: a server on a TLS port only, asking for client certificates; both instances
 /// follow it with the CA file and the client certificate their settings name, and announcements
 /// route. An instance trusting another CA says why it cannot reach Redis; one naming a CA file
@@ -356,10 +364,7 @@ async fn cluster_down_routes_from_memory_and_recovers() {
 #[tokio::test(flavor = "multi_thread")]
 async fn redis_over_tls_with_the_operators_ca() {
     let t = Tunnel::new("store-tls");
-    let server = TlsSettings {
-        verify_client: true,
-        ..t.pki.issue_server("redis", &[])
-    };
+    let server = redis_server_tls(&t);
     let redis = Redis::start_tls(&t.dir.join("redis"), t.dir.join("redis.log"), &server).await;
     let settings = |ca: &std::path::Path| {
         json!({
@@ -424,10 +429,7 @@ async fn redis_over_tls_with_the_operators_ca() {
 #[tokio::test(flavor = "multi_thread")]
 async fn sentinel_over_tls() {
     let t = Tunnel::new("store-sentinel-tls");
-    let server = TlsSettings {
-        verify_client: true,
-        ..t.pki.issue_server("redis", &[])
-    };
+    let server = redis_server_tls(&t);
     let primary = Redis::start_tls(&t.dir.join("redis"), t.dir.join("redis.log"), &server).await;
     let sentinel = Sentinel::start_tls(
         &t.dir.join("sentinel"),
@@ -468,10 +470,7 @@ async fn sentinel_over_tls() {
 #[tokio::test(flavor = "multi_thread")]
 async fn redis_tls_files_rotate_without_a_restart() {
     let t = Tunnel::new("store-tls-rotate");
-    let server = TlsSettings {
-        verify_client: true,
-        ..t.pki.issue_server("redis", &[])
-    };
+    let server = redis_server_tls(&t);
     let ca = t.dir.join("redis-ca.crt");
     std::fs::copy(t.pki.root(), &ca).unwrap();
     let redis = Redis::start_tls(&t.dir.join("redis"), t.dir.join("redis.log"), &server).await;
